@@ -1,0 +1,556 @@
+//! Resource types (`Program`, `Group`, `Host`) and their YAML/JSON documents.
+//!
+//! Spec keys are supervisord's own option names, so a user who knows supervisor knows Corral.
+//! An option left out (`None`) means supervisord's default; the renderer writes that default
+//! out explicitly (see `render`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// The only API version Corral speaks today.
+pub const API_VERSION: &str = "corral.dev/v1";
+
+/// The kinds of resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Program,
+    Group,
+    Host,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Program => "Program",
+            Kind::Group => "Group",
+            Kind::Host => "Host",
+        }
+    }
+
+    /// Parses a `kind:` value; the error names the accepted kinds.
+    pub fn parse(s: &str) -> Result<Kind, String> {
+        match s {
+            "Program" => Ok(Kind::Program),
+            "Group" => Ok(Kind::Group),
+            "Host" => Ok(Kind::Host),
+            other => Err(format!("unknown kind {other:?} (expected Program, Group or Host)")),
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `metadata` of every resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Bumped by the controller whenever the spec changes; 0 until stored.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// The etcd mod revision of the stored object, for optimistic concurrency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_version: Option<String>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// Desired runtime state of a program's processes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    #[default]
+    Running,
+    Stopped,
+}
+
+/// supervisord's `autorestart`: `true`, `false` or `unexpected`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AutoRestart {
+    Always,
+    Never,
+    Unexpected,
+}
+
+impl AutoRestart {
+    /// The INI spelling.
+    pub fn as_ini(self) -> &'static str {
+        match self {
+            AutoRestart::Always => "true",
+            AutoRestart::Never => "false",
+            AutoRestart::Unexpected => "unexpected",
+        }
+    }
+}
+
+impl Serialize for AutoRestart {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AutoRestart::Always => s.serialize_bool(true),
+            AutoRestart::Never => s.serialize_bool(false),
+            AutoRestart::Unexpected => s.serialize_str("unexpected"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AutoRestart {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = AutoRestart;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("true, false or \"unexpected\"")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AutoRestart, E> {
+                Ok(if v { AutoRestart::Always } else { AutoRestart::Never })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<AutoRestart, E> {
+                match v {
+                    "unexpected" => Ok(AutoRestart::Unexpected),
+                    "true" => Ok(AutoRestart::Always),
+                    "false" => Ok(AutoRestart::Never),
+                    other => Err(E::invalid_value(de::Unexpected::Str(other), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A byte count, written as a number or with supervisord's suffixes (`50MB`, `1GB`, `512KB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    /// Parses supervisord's `byte_size`: digits with an optional, case-insensitive KB/MB/GB.
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let lower = s.to_ascii_lowercase();
+        let (digits, mult) = match lower.len().checked_sub(2).map(|i| lower.split_at(i)) {
+            Some((d, "kb")) => (d, 1u64 << 10),
+            Some((d, "mb")) => (d, 1 << 20),
+            Some((d, "gb")) => (d, 1 << 30),
+            _ => (lower.as_str(), 1),
+        };
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{s:?} is not a byte size (a number, optionally with KB, MB or GB)"));
+        }
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl Serialize for ByteSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a byte count such as 1048576 or \"50MB\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::invalid_value(de::Unexpected::Signed(v), &self))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// How a spec change rolls out across hosts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// How many hosts may be updating (and so possibly not ready) at once. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<i64>,
+}
+
+macro_rules! program_spec {
+    ($( $(#[$doc:meta])* $field:ident : $ty:ty ),* $(,)?) => {
+        /// `Program.spec`: placement, desired state and every supervisord 4.2 `[program:x]`
+        /// option under its own name.
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ProgramSpec {
+            /// Host labels that must all match; `{}` selects every host.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub selector: Option<BTreeMap<String, String>>,
+            /// Explicit host names, instead of a selector.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub hosts: Option<Vec<String>>,
+            /// Desired runtime state; `running` unless said otherwise.
+            #[serde(default, skip_serializing_if = "is_running")]
+            pub state: DesiredState,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub rollout: Option<RolloutSpec>,
+            /// Restart marker: changing it restarts the program everywhere, rolling, without
+            /// changing its rendered config (`corral restart` sets it to a timestamp).
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub restarted_at: Option<String>,
+            /// supervisord `command` (required).
+            pub command: String,
+            $( $(#[$doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*
+        }
+
+        /// The supervisord option names that `ProgramSpec` carries, `command` first.
+        pub const PROGRAM_OPTIONS: &[&str] = &["command", $( stringify!($field) ),*];
+    };
+}
+
+program_spec! {
+    process_name: String,
+    numprocs: i64,
+    numprocs_start: i64,
+    priority: i64,
+    autostart: bool,
+    autorestart: AutoRestart,
+    startsecs: i64,
+    startretries: i64,
+    exitcodes: Vec<i64>,
+    stopsignal: String,
+    stopwaitsecs: i64,
+    stopasgroup: bool,
+    killasgroup: bool,
+    user: String,
+    redirect_stderr: bool,
+    stdout_logfile: String,
+    stdout_logfile_maxbytes: ByteSize,
+    stdout_logfile_backups: i64,
+    stdout_capture_maxbytes: ByteSize,
+    stdout_events_enabled: bool,
+    stdout_syslog: bool,
+    stderr_logfile: String,
+    stderr_logfile_maxbytes: ByteSize,
+    stderr_logfile_backups: i64,
+    stderr_capture_maxbytes: ByteSize,
+    stderr_events_enabled: bool,
+    stderr_syslog: bool,
+    environment: BTreeMap<String, String>,
+    directory: String,
+    /// Octal, as a string (`"022"`): YAML would read a bare 022 as decimal.
+    umask: String,
+    serverurl: String,
+}
+
+fn is_running(s: &DesiredState) -> bool {
+    *s == DesiredState::Running
+}
+
+/// `Group.spec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Member program names.
+    pub programs: Vec<String>,
+    /// supervisord group priority (only meaningful for native groups). Default 999.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i64>,
+    /// Render as a supervisord `[group:x]` section. Then a change to one member restarts every
+    /// member on that host, as supervisord decides "changed" per group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub native: bool,
+}
+
+/// `Host.spec`: nothing the user sets today; labels live in metadata.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {}
+
+/// `Host.status`: what the agent reports about its host.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervisord_version: Option<String>,
+    #[serde(default)]
+    pub ready: bool,
+}
+
+macro_rules! resource {
+    ($(#[$doc:meta])* $name:ident, $kind:expr, $spec:ty, $status:ty) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase")]
+        pub struct $name {
+            pub api_version: String,
+            pub kind: Kind,
+            pub metadata: Metadata,
+            pub spec: $spec,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        impl $name {
+            /// A resource of this kind with the current API version.
+            pub fn new(metadata: Metadata, spec: $spec) -> Self {
+                $name { api_version: API_VERSION.to_string(), kind: $kind, metadata, spec, status: None }
+            }
+        }
+    };
+}
+
+resource!(
+    /// A program to run under supervisord on the hosts it selects.
+    Program, Kind::Program, ProgramSpec, serde_json::Value
+);
+resource!(
+    /// A set of programs addressed together (`corral restart myapp:`).
+    Group, Kind::Group, GroupSpec, serde_json::Value
+);
+resource!(
+    /// A host running an agent.
+    Host, Kind::Host, HostSpec, HostStatus
+);
+
+/// Any resource, as read from a document.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Resource {
+    Program(Program),
+    Group(Group),
+    Host(Host),
+}
+
+impl Resource {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Resource::Program(_) => Kind::Program,
+            Resource::Group(_) => Kind::Group,
+            Resource::Host(_) => Kind::Host,
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Resource::Program(p) => &p.metadata,
+            Resource::Group(g) => &g.metadata,
+            Resource::Host(h) => &h.metadata,
+        }
+    }
+}
+
+/// Reads a document field by field so that `spec` is parsed straight into the type its `kind`
+/// names. Unlike serde's internally tagged enums this keeps line and column in errors; the one
+/// cost is that `kind` must come before `spec`, as it does in every kubectl-style document.
+impl<'de> Deserialize<'de> for Resource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(ResourceVisitor)
+    }
+}
+
+struct ResourceVisitor;
+
+enum AnySpec {
+    Program(ProgramSpec),
+    Group(GroupSpec),
+    Host(HostSpec),
+}
+
+impl<'de> Visitor<'de> for ResourceVisitor {
+    type Value = Resource;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a Corral resource (apiVersion, kind, metadata, spec)")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Resource, A::Error> {
+        let mut api_version: Option<String> = None;
+        let mut kind: Option<Kind> = None;
+        let mut metadata: Option<Metadata> = None;
+        let mut spec: Option<AnySpec> = None;
+        let mut status: Option<serde_json::Value> = None;
+        let mut host_status: Option<HostStatus> = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "apiVersion" => {
+                    let v: String = map.next_value()?;
+                    if v != API_VERSION {
+                        return Err(de::Error::custom(format!(
+                            "apiVersion {v:?} is not supported (expected {API_VERSION:?})"
+                        )));
+                    }
+                    api_version = Some(v);
+                }
+                "kind" => {
+                    let v: String = map.next_value()?;
+                    kind = Some(Kind::parse(&v).map_err(de::Error::custom)?);
+                }
+                "metadata" => metadata = Some(map.next_value()?),
+                "spec" => {
+                    spec = Some(match kind {
+                        Some(Kind::Program) => AnySpec::Program(map.next_value()?),
+                        Some(Kind::Group) => AnySpec::Group(map.next_value()?),
+                        Some(Kind::Host) => AnySpec::Host(map.next_value()?),
+                        None => return Err(de::Error::custom("`kind` must come before `spec`")),
+                    })
+                }
+                "status" => match kind {
+                    Some(Kind::Host) => host_status = Some(map.next_value()?),
+                    Some(_) => status = Some(map.next_value()?),
+                    None => {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                },
+                other => {
+                    return Err(de::Error::unknown_field(
+                        other,
+                        &["apiVersion", "kind", "metadata", "spec", "status"],
+                    ));
+                }
+            }
+        }
+        let api_version = api_version.ok_or_else(|| de::Error::missing_field("apiVersion"))?;
+        let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
+        let metadata = metadata.ok_or_else(|| de::Error::missing_field("metadata"))?;
+        Ok(match (kind, spec) {
+            (Kind::Program, Some(AnySpec::Program(spec))) => {
+                Resource::Program(Program { api_version, kind, metadata, spec, status })
+            }
+            (Kind::Group, Some(AnySpec::Group(spec))) => {
+                Resource::Group(Group { api_version, kind, metadata, spec, status })
+            }
+            (Kind::Host, spec) => {
+                let spec = match spec {
+                    Some(AnySpec::Host(s)) => s,
+                    _ => HostSpec::default(),
+                };
+                Resource::Host(Host { api_version, kind, metadata, spec, status: host_status })
+            }
+            _ => return Err(de::Error::missing_field("spec")),
+        })
+    }
+}
+
+/// A document that could not be read, with where it went wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{source_name}: {message}")]
+pub struct ParseError {
+    /// File name or `-`.
+    pub source_name: String,
+    /// The parser's message, which carries line and column.
+    pub message: String,
+}
+
+/// Parses one YAML stream of `---`-separated documents (JSON is YAML too).
+///
+/// Empty documents are skipped.
+///
+/// # Errors
+/// The first document that does not parse, with its line and column.
+pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ParseError> {
+    let docs: Vec<Option<Resource>> = serde_saphyr::from_multiple(text).map_err(|e| ParseError {
+        source_name: source_name.to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(docs.into_iter().flatten().collect())
+}
+
+/// Parses one JSON resource, as the API receives it; the error names the field path.
+///
+/// # Errors
+/// What serde_json says, prefixed with the path of the offending field.
+pub fn parse_json(text: &str) -> Result<Resource, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEB: &str = "apiVersion: corral.dev/v1\nkind: Program\nmetadata:\n  name: web\n  labels: {app: shop}\nspec:\n  selector: {role: app}\n  command: /usr/bin/python3 -m http.server\n  numprocs: 2\n  process_name: '%(program_name)s_%(process_num)02d'\n  stdout_logfile_maxbytes: 10MB\n  autorestart: unexpected\n  environment: {PYTHONPATH: /opt/app}\n";
+
+    #[test]
+    fn reads_a_program_document() {
+        let docs = parse_documents("t.yaml", WEB).expect("parses");
+        let [Resource::Program(p)] = docs.as_slice() else { panic!("{docs:?}") };
+        assert_eq!(p.metadata.name, "web");
+        assert_eq!(p.spec.numprocs, Some(2));
+        assert_eq!(p.spec.stdout_logfile_maxbytes, Some(ByteSize(10 << 20)));
+        assert_eq!(p.spec.autorestart, Some(AutoRestart::Unexpected));
+        assert_eq!(p.spec.state, DesiredState::Running);
+    }
+
+    #[test]
+    fn reads_several_documents_of_several_kinds() {
+        let text = format!("{WEB}---\napiVersion: corral.dev/v1\nkind: Group\nmetadata: {{name: shop}}\nspec: {{programs: [web], native: true}}\n---\n");
+        let docs = parse_documents("t.yaml", &text).expect("parses");
+        assert_eq!(docs.iter().map(Resource::kind).collect::<Vec<_>>(), [Kind::Program, Kind::Group]);
+    }
+
+    #[track_caller]
+    fn refused(text: &str, needle: &str) {
+        let err = parse_documents("t.yaml", text).expect_err("must be refused").to_string();
+        assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+    }
+
+    #[test]
+    fn unknown_fields_kinds_and_versions_are_errors_with_positions() {
+        refused(&WEB.replace("numprocs: 2", "numprocz: 2"), "unknown field `numprocz`");
+        refused(&WEB.replace("numprocs: 2", "numprocz: 2"), "line 9");
+        refused(&WEB.replace("kind: Program", "kind: Pod"), "unknown kind \"Pod\"");
+        refused(&WEB.replace("corral.dev/v1", "v1"), "apiVersion \"v1\" is not supported");
+        refused(&WEB.replace("  name: web\n", "  name: web\n  color: red\n"), "unknown field `color`");
+        refused("apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: a}\n", "missing field `spec`");
+        refused("apiVersion: corral.dev/v1\nmetadata: {name: a}\nspec: {command: x}\n", "`kind` must come before `spec`");
+        refused(&WEB.replace("10MB", "10XB"), "not a byte size");
+        refused(&WEB.replace("autorestart: unexpected", "autorestart: sometimes"), "sometimes");
+    }
+
+    #[test]
+    fn json_errors_name_the_field_path() {
+        let err = parse_json(r#"{"apiVersion":"corral.dev/v1","kind":"Program","metadata":{"name":"a"},"spec":{"command":"x","startsecs":"soon"}}"#)
+            .expect_err("refused");
+        assert!(err.starts_with("spec.startsecs:"), "{err}");
+    }
+
+    #[test]
+    fn a_program_round_trips_through_json() {
+        let docs = parse_documents("t.yaml", WEB).expect("parses");
+        let json = serde_json::to_string(&docs[0]).expect("serializes");
+        assert_eq!(parse_json(&json).expect("parses back"), docs[0]);
+    }
+
+    #[test]
+    fn byte_sizes_follow_supervisord() {
+        assert_eq!(ByteSize::parse("50MB"), Ok(ByteSize(50 << 20)));
+        assert_eq!(ByteSize::parse("1kb"), Ok(ByteSize(1024)));
+        assert_eq!(ByteSize::parse("0"), Ok(ByteSize(0)));
+        assert!(ByteSize::parse("MB").is_err());
+        assert!(ByteSize::parse("-1MB").is_err());
+        assert!(ByteSize::parse("99999999999999999999GB").is_err());
+    }
+}
