@@ -1,1 +1,3 @@
-//! x
+//! Corral's per-host agent. Today: the supervisord XML-RPC driver that reconciliation uses.
+
+pub mod supervisor;

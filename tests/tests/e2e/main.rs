@@ -1,0 +1,6 @@
+//! End-to-end tests against real servers, one module per area.
+
+mod conformance;
+mod etcd_kit;
+mod render_roundtrip;
+mod supervisor_rpc;
