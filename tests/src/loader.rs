@@ -21,13 +21,13 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Starts the loader (needs `python3` and Debian's `supervisor` package).
+    /// Starts the loader (needs Debian's `/usr/bin/python3` and Debian's `supervisor` package).
     ///
     /// # Errors
     /// If it cannot be started.
     pub fn start() -> anyhow::Result<Loader> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("support/supervisord_load.py");
-        let mut child = Command::new("python3")
+        let mut child = Command::new("/usr/bin/python3")
             .arg(&script)
             .env(LOADER_ENV.0, LOADER_ENV.1)
             .stdin(Stdio::piped())
