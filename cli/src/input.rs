@@ -24,12 +24,20 @@ fn expand(arg: &str) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Every resource in the given `-f` arguments, in order with the file it came from, and the parse error of every file
-/// that does not parse (all of them, not just the first).
+/// What a set of `-f` arguments holds.
+#[derive(Debug, Default)]
+pub struct Documents {
+    /// Each resource with the name of the file it came from, in order.
+    pub resources: Vec<(String, Resource)>,
+    /// The parse error of every file that does not parse (all of them, not just the first).
+    pub errors: Vec<String>,
+}
+
+/// Reads every resource in the given `-f` arguments.
 ///
 /// # Errors
 /// A file or directory that cannot be read.
-pub fn read_resources(args: &[String]) -> anyhow::Result<(Vec<(String, Resource)>, Vec<String>)> {
+pub fn read_resources(args: &[String]) -> anyhow::Result<Documents> {
     let mut resources = Vec::new();
     let mut errors = Vec::new();
     for arg in args {
@@ -53,5 +61,5 @@ pub fn read_resources(args: &[String]) -> anyhow::Result<(Vec<(String, Resource)
             }
         }
     }
-    Ok((resources, errors))
+    Ok(Documents { resources, errors })
 }

@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use corral_proto::import::{Placement, import as import_conf};
-use corral_proto::{Resource, group_file_name, program_file_name, render_group, render_program, validate_group, validate_program};
+use corral_proto::{
+    Resource, group_file_name, program_file_name, render_group, render_program, validate_group, validate_program,
+};
 
 use crate::input::read_resources;
 
@@ -20,7 +22,8 @@ fn refuse(errors: &[String]) -> ExitCode {
 
 /// Validates everything, then renders; nothing is printed unless all of it is valid.
 pub fn render(files: &[String]) -> anyhow::Result<ExitCode> {
-    let (resources, mut errors) = read_resources(files)?;
+    let docs = read_resources(files)?;
+    let (resources, mut errors) = (docs.resources, docs.errors);
     let mut out = Vec::new();
     for (source, r) in resources {
         match r {
@@ -39,7 +42,10 @@ pub fn render(files: &[String]) -> anyhow::Result<ExitCode> {
     if !errors.is_empty() {
         return Ok(refuse(&errors));
     }
-    let text: Vec<String> = out.into_iter().map(|(file, body)| format!("; ==> {file} <==\n{body}")).collect();
+    let text: Vec<String> = out
+        .into_iter()
+        .map(|(file, body)| format!("; ==> {file} <==\n{body}"))
+        .collect();
     print!("{}", text.join("\n"));
     Ok(ExitCode::SUCCESS)
 }
@@ -48,7 +54,9 @@ fn parse_selector(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
     s.split(',')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
-            let (k, v) = kv.split_once('=').with_context(|| format!("--selector: {kv:?} is not key=value"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--selector: {kv:?} is not key=value"))?;
             Ok((k.to_string(), v.to_string()))
         })
         .collect()
@@ -61,7 +69,9 @@ pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> 
         (_, Some(h)) => Placement::Hosts(h.split(',').filter(|h| !h.is_empty()).map(String::from).collect()),
         (Some(s), None) => Placement::Selector(parse_selector(s)?),
         (None, None) => {
-            eprintln!("note: imported programs select every host (selector: {{}}); use --selector or --hosts to narrow");
+            eprintln!(
+                "note: imported programs select every host (selector: {{}}); use --selector or --hosts to narrow"
+            );
             Placement::Selector(BTreeMap::new())
         }
     };
@@ -86,7 +96,10 @@ pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> 
         let text = std::fs::read_to_string(&file).with_context(|| format!("read {}", file.display()))?;
         // supervisord's %(here)s is the file's directory as an absolute, normalised path.
         let abs = std::fs::canonicalize(&file).with_context(|| format!("resolve {}", file.display()))?;
-        let here = abs.parent().map(|d| d.display().to_string()).unwrap_or_else(|| "/".into());
+        let here = abs
+            .parent()
+            .map(|d| d.display().to_string())
+            .unwrap_or_else(|| "/".into());
         match import_conf(&text, &here, &placement) {
             Ok(imported) => {
                 for s in imported.skipped {

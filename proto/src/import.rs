@@ -8,8 +8,7 @@ use std::collections::BTreeMap;
 
 use crate::ini::{self, Section};
 use crate::resource::{
-    AutoRestart, ByteSize, Group, GroupSpec, Metadata, PROGRAM_OPTIONS, Program, ProgramSpec,
-    Resource,
+    AutoRestart, ByteSize, Group, GroupSpec, Metadata, PROGRAM_OPTIONS, Program, ProgramSpec, Resource,
 };
 use crate::validate::check_name;
 
@@ -94,29 +93,52 @@ fn program(section: &Section, name: &str, here: &str, placement: &Placement) -> 
         errors.push(format!("[{}]: has no command", section.name));
     }
     if errors.is_empty() {
-        Ok(Program::new(Metadata { name: name.to_string(), ..Default::default() }, spec))
+        Ok(Program::new(
+            Metadata {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec,
+        ))
     } else {
         Err(errors)
     }
 }
 
 fn group(section: &Section, name: &str) -> Result<Group, Vec<String>> {
-    let mut spec = GroupSpec { native: true, ..Default::default() };
+    let mut spec = GroupSpec {
+        native: true,
+        ..Default::default()
+    };
     let mut errors = Vec::new();
     for (key, value, line) in &section.entries {
         match key.as_str() {
             "programs" => {
-                spec.programs = value.split(',').map(str::trim).filter(|p| !p.is_empty()).map(String::from).collect();
+                spec.programs = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect();
             }
             "priority" => match int(value) {
                 Ok(p) => spec.priority = Some(p),
                 Err(e) => errors.push(format!("[{}] line {line}: priority: {e}", section.name)),
             },
-            other => errors.push(format!("[{}] line {line}: {other:?} is not a [group:x] option", section.name)),
+            other => errors.push(format!(
+                "[{}] line {line}: {other:?} is not a [group:x] option",
+                section.name
+            )),
         }
     }
     if errors.is_empty() {
-        Ok(Group::new(Metadata { name: name.to_string(), ..Default::default() }, spec))
+        Ok(Group::new(
+            Metadata {
+                name: name.to_string(),
+                ..Default::default()
+            },
+            spec,
+        ))
     } else {
         Err(errors)
     }
@@ -167,13 +189,18 @@ mod tests {
         let text = "[supervisord]\nlogfile=/tmp/x\n[program:celery-worker]\ncommand=%(here)s/bin/celery worker\nnumprocs=2\nprocess_name=%(program_name)s_%(process_num)02d\nautorestart=true\nstdout_logfile_maxbytes=10MB\nenvironment=A=\"1\",B=\"x,y\"\nstopasgroup=yes\n[group:app]\nprograms=celery-worker, beat\npriority=10\n";
         let got = import(text, "/srv", &Placement::Selector(BTreeMap::new())).expect("imports");
         assert_eq!(got.skipped.len(), 1);
-        let [Resource::Program(p), Resource::Group(g)] = got.resources.as_slice() else { panic!("{:?}", got.resources) };
+        let [Resource::Program(p), Resource::Group(g)] = got.resources.as_slice() else {
+            panic!("{:?}", got.resources)
+        };
         assert_eq!(p.spec.command, "/srv/bin/celery worker");
         assert_eq!(p.spec.numprocs, Some(2));
         assert_eq!(p.spec.autorestart, Some(AutoRestart::Always));
         assert_eq!(p.spec.stdout_logfile_maxbytes, Some(ByteSize(10 << 20)));
         assert_eq!(p.spec.stopasgroup, Some(true));
-        assert_eq!(p.spec.environment.as_ref().and_then(|e| e.get("B")).map(String::as_str), Some("x,y"));
+        assert_eq!(
+            p.spec.environment.as_ref().and_then(|e| e.get("B")).map(String::as_str),
+            Some("x,y")
+        );
         assert_eq!(g.spec.programs, ["celery-worker", "beat"]);
         assert_eq!(g.spec.priority, Some(10));
         assert!(g.spec.native);
@@ -181,7 +208,8 @@ mod tests {
 
     #[test]
     fn reports_every_bad_option_with_its_line() {
-        let text = "[program:a]\ncommand=x\nnumprocs=many\nbogus=1\n[program:Bad.Name]\ncommand=x\n[program:b]\nautostart=1\n";
+        let text =
+            "[program:a]\ncommand=x\nnumprocs=many\nbogus=1\n[program:Bad.Name]\ncommand=x\n[program:b]\nautostart=1\n";
         let errs = import(text, "/", &Placement::Hosts(vec!["h".into()])).expect_err("refused");
         assert_eq!(errs.len(), 4, "{errs:#?}");
         assert!(errs[0].contains("line 3") && errs[0].contains("not an integer"));

@@ -16,7 +16,11 @@ pub struct Section {
 impl Section {
     /// The value supervisord would use for `key` (the last one given).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.iter().rev().find(|(k, _, _)| k == key).map(|(_, v, _)| v.as_str())
+        self.entries
+            .iter()
+            .rev()
+            .find(|(k, _, _)| k == key)
+            .map(|(_, v, _)| v.as_str())
     }
 }
 
@@ -79,7 +83,11 @@ pub fn parse(text: &str) -> Result<Vec<Section>, IniError> {
             current = Some(match sections.iter().position(|s| s.name == name) {
                 Some(i) => i,
                 None => {
-                    sections.push(Section { name, line: lineno, entries: Vec::new() });
+                    sections.push(Section {
+                        name,
+                        line: lineno,
+                        entries: Vec::new(),
+                    });
                     sections.len() - 1
                 }
             });
@@ -87,10 +95,16 @@ pub fn parse(text: &str) -> Result<Vec<Section>, IniError> {
             continue;
         }
         let Some(s) = current else {
-            return Err(IniError { line: lineno, message: "option outside of any [section]".into() });
+            return Err(IniError {
+                line: lineno,
+                message: "option outside of any [section]".into(),
+            });
         };
         let Some(pos) = value.find(['=', ':']) else {
-            return Err(IniError { line: lineno, message: format!("{value:?} is not a key=value line") });
+            return Err(IniError {
+                line: lineno,
+                message: format!("{value:?} is not a key=value line"),
+            });
         };
         let key = value[..pos].trim().to_ascii_lowercase();
         let val = value[pos + 1..].trim().to_string();
@@ -168,7 +182,9 @@ pub fn environment_pairs(value: &str) -> Result<Vec<(String, String)>, String> {
             after
                 .find(')')
                 .and_then(|close| {
-                    after[close + 1..].find(|c: char| c.is_ascii_alphabetic()).map(|conv| close + 2 + conv)
+                    after[close + 1..]
+                        .find(|c: char| c.is_ascii_alphabetic())
+                        .map(|conv| close + 2 + conv)
                 })
                 .unwrap_or(after.len())
         } else {
@@ -233,7 +249,13 @@ mod tests {
     #[test]
     fn environment_is_split_as_supervisord_splits_it() {
         let got = environment_pairs("A=\"1,2\",B=plain,C='q',D=\"%(ENV_HOME)s/x\",E=%(program_name)s").expect("parses");
-        let want = [("A", "1,2"), ("B", "plain"), ("C", "q"), ("D", "%(ENV_HOME)s/x"), ("E", "%(program_name)s")];
+        let want = [
+            ("A", "1,2"),
+            ("B", "plain"),
+            ("C", "q"),
+            ("D", "%(ENV_HOME)s/x"),
+            ("E", "%(program_name)s"),
+        ];
         assert_eq!(got, want.map(|(k, v)| (k.to_string(), v.to_string())));
         assert!(environment_pairs("A=\"unclosed").is_err());
         assert!(environment_pairs("A=").is_err());

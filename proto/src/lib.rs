@@ -4,23 +4,17 @@
 //! Architecture Invariant: this crate does no I/O. Everything here is a function of its
 //! arguments, so the agent, the controller and the CLI agree on what a spec means.
 
-pub mod ini;
 pub mod import;
+pub mod ini;
 pub mod render;
 pub mod resource;
 pub mod signal;
 pub mod template;
 pub mod validate;
 
-pub use render::{
-    ManagedFile, group_file_name, managed_file_kind, program_file_name, render_group,
-    render_program,
-};
+pub use render::{ManagedFile, group_file_name, managed_file_kind, program_file_name, render_group, render_program};
 pub use resource::{
-    API_VERSION, AutoRestart, ByteSize, DesiredState, Group, GroupSpec, Host, HostSpec,
-    HostStatus, Kind, Metadata, ParseError, Program, ProgramSpec, Resource, RolloutSpec,
-    parse_documents, parse_json,
+    API_VERSION, AutoRestart, ByteSize, DesiredState, Group, GroupSpec, Host, HostSpec, HostStatus, Kind, Metadata,
+    ParseError, Program, ProgramSpec, Resource, RolloutSpec, parse_documents, parse_json,
 };
-pub use validate::{
-    FieldError, Valid, ValidationErrors, validate_group, validate_host, validate_program,
-};
+pub use validate::{FieldError, Valid, ValidationErrors, validate_group, validate_host, validate_program};

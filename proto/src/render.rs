@@ -72,15 +72,33 @@ pub fn render_program(p: &Valid<Program>) -> String {
     out.push('\n');
     let _ = writeln!(out, "[program:{}]", p.metadata.name);
     line(&mut out, "command", &s.command);
-    line(&mut out, "process_name", s.process_name.as_deref().unwrap_or(DEFAULT_PROCESS_NAME));
+    line(
+        &mut out,
+        "process_name",
+        s.process_name.as_deref().unwrap_or(DEFAULT_PROCESS_NAME),
+    );
     line(&mut out, "numprocs", s.numprocs.unwrap_or(1));
     line(&mut out, "numprocs_start", s.numprocs_start.unwrap_or(0));
     line(&mut out, "priority", s.priority.unwrap_or(999));
-    line(&mut out, "autostart", bool_str(s.autostart.unwrap_or(true) && s.state == DesiredState::Running));
-    line(&mut out, "autorestart", s.autorestart.unwrap_or(AutoRestart::Unexpected).as_ini());
+    line(
+        &mut out,
+        "autostart",
+        bool_str(s.autostart.unwrap_or(true) && s.state == DesiredState::Running),
+    );
+    line(
+        &mut out,
+        "autorestart",
+        s.autorestart.unwrap_or(AutoRestart::Unexpected).as_ini(),
+    );
     line(&mut out, "startsecs", s.startsecs.unwrap_or(1));
     line(&mut out, "startretries", s.startretries.unwrap_or(3));
-    let codes: Vec<String> = s.exitcodes.as_deref().unwrap_or(&[0]).iter().map(i64::to_string).collect();
+    let codes: Vec<String> = s
+        .exitcodes
+        .as_deref()
+        .unwrap_or(&[0])
+        .iter()
+        .map(i64::to_string)
+        .collect();
     line(&mut out, "exitcodes", codes.join(","));
     let sig = s.stopsignal.as_deref().and_then(signal::canonical).unwrap_or("TERM");
     line(&mut out, "stopsignal", sig);
@@ -91,10 +109,30 @@ pub fn render_program(p: &Valid<Program>) -> String {
     if let Some(user) = &s.user {
         line(&mut out, "user", user);
     }
-    line(&mut out, "redirect_stderr", bool_str(s.redirect_stderr.unwrap_or(false)));
+    line(
+        &mut out,
+        "redirect_stderr",
+        bool_str(s.redirect_stderr.unwrap_or(false)),
+    );
     for (stream, logfile, maxbytes, backups, capture, events, syslog) in [
-        ("stdout", &s.stdout_logfile, s.stdout_logfile_maxbytes, s.stdout_logfile_backups, s.stdout_capture_maxbytes, s.stdout_events_enabled, s.stdout_syslog),
-        ("stderr", &s.stderr_logfile, s.stderr_logfile_maxbytes, s.stderr_logfile_backups, s.stderr_capture_maxbytes, s.stderr_events_enabled, s.stderr_syslog),
+        (
+            "stdout",
+            &s.stdout_logfile,
+            s.stdout_logfile_maxbytes,
+            s.stdout_logfile_backups,
+            s.stdout_capture_maxbytes,
+            s.stdout_events_enabled,
+            s.stdout_syslog,
+        ),
+        (
+            "stderr",
+            &s.stderr_logfile,
+            s.stderr_logfile_maxbytes,
+            s.stderr_logfile_backups,
+            s.stderr_capture_maxbytes,
+            s.stderr_events_enabled,
+            s.stderr_syslog,
+        ),
     ] {
         let logfile = match logfile.as_deref() {
             None => "AUTO".to_string(),
@@ -102,10 +140,22 @@ pub fn render_program(p: &Valid<Program>) -> String {
             Some(v) => v.to_string(),
         };
         line(&mut out, &format!("{stream}_logfile"), logfile);
-        line(&mut out, &format!("{stream}_logfile_maxbytes"), maxbytes.map_or(50 << 20, |b| b.0));
+        line(
+            &mut out,
+            &format!("{stream}_logfile_maxbytes"),
+            maxbytes.map_or(50 << 20, |b| b.0),
+        );
         line(&mut out, &format!("{stream}_logfile_backups"), backups.unwrap_or(10));
-        line(&mut out, &format!("{stream}_capture_maxbytes"), capture.map_or(0, |b| b.0));
-        line(&mut out, &format!("{stream}_events_enabled"), bool_str(events.unwrap_or(false)));
+        line(
+            &mut out,
+            &format!("{stream}_capture_maxbytes"),
+            capture.map_or(0, |b| b.0),
+        );
+        line(
+            &mut out,
+            &format!("{stream}_events_enabled"),
+            bool_str(events.unwrap_or(false)),
+        );
         line(&mut out, &format!("{stream}_syslog"), bool_str(syslog.unwrap_or(false)));
     }
     if let Some(env) = s.environment.as_ref().filter(|e| !e.is_empty()) {
@@ -163,5 +213,9 @@ pub fn process_names(p: &Program, host_node_name: &str, group_name: &str) -> Res
 
 /// supervisorctl's `group:process` name for a process (just `process` when they are equal).
 pub fn namespec(group: &str, process: &str) -> String {
-    if group == process { process.to_string() } else { format!("{group}:{process}") }
+    if group == process {
+        process.to_string()
+    } else {
+        format!("{group}:{process}")
+    }
 }

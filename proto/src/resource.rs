@@ -143,7 +143,9 @@ impl ByteSize {
             _ => (lower.as_str(), 1),
         };
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("{s:?} is not a byte size (a number, optionally with KB, MB or GB)"));
+            return Err(format!(
+                "{s:?} is not a byte size (a number, optionally with KB, MB or GB)"
+            ));
         }
         digits
             .parse::<u64>()
@@ -335,6 +337,10 @@ resource!(
 /// Any resource, as read from a document.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a handful of resources per command; boxing would only add noise"
+)]
 pub enum Resource {
     Program(Program),
     Group(Group),
@@ -370,6 +376,7 @@ impl<'de> Deserialize<'de> for Resource {
 
 struct ResourceVisitor;
 
+#[allow(clippy::large_enum_variant, reason = "lives for one document parse")]
 enum AnySpec {
     Program(ProgramSpec),
     Group(GroupSpec),
@@ -433,18 +440,32 @@ impl<'de> Visitor<'de> for ResourceVisitor {
         let kind = kind.ok_or_else(|| de::Error::missing_field("kind"))?;
         let metadata = metadata.ok_or_else(|| de::Error::missing_field("metadata"))?;
         Ok(match (kind, spec) {
-            (Kind::Program, Some(AnySpec::Program(spec))) => {
-                Resource::Program(Program { api_version, kind, metadata, spec, status })
-            }
-            (Kind::Group, Some(AnySpec::Group(spec))) => {
-                Resource::Group(Group { api_version, kind, metadata, spec, status })
-            }
+            (Kind::Program, Some(AnySpec::Program(spec))) => Resource::Program(Program {
+                api_version,
+                kind,
+                metadata,
+                spec,
+                status,
+            }),
+            (Kind::Group, Some(AnySpec::Group(spec))) => Resource::Group(Group {
+                api_version,
+                kind,
+                metadata,
+                spec,
+                status,
+            }),
             (Kind::Host, spec) => {
                 let spec = match spec {
                     Some(AnySpec::Host(s)) => s,
                     _ => HostSpec::default(),
                 };
-                Resource::Host(Host { api_version, kind, metadata, spec, status: host_status })
+                Resource::Host(Host {
+                    api_version,
+                    kind,
+                    metadata,
+                    spec,
+                    status: host_status,
+                })
             }
             _ => return Err(de::Error::missing_field("spec")),
         })
@@ -483,7 +504,11 @@ pub fn parse_json(text: &str) -> Result<Resource, String> {
     let mut de = serde_json::Deserializer::from_str(text);
     serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." { e.inner().to_string() } else { format!("{path}: {}", e.inner()) }
+        if path == "." {
+            e.inner().to_string()
+        } else {
+            format!("{path}: {}", e.inner())
+        }
     })
 }
 
@@ -496,7 +521,9 @@ mod tests {
     #[test]
     fn reads_a_program_document() {
         let docs = parse_documents("t.yaml", WEB).expect("parses");
-        let [Resource::Program(p)] = docs.as_slice() else { panic!("{docs:?}") };
+        let [Resource::Program(p)] = docs.as_slice() else {
+            panic!("{docs:?}")
+        };
         assert_eq!(p.metadata.name, "web");
         assert_eq!(p.spec.numprocs, Some(2));
         assert_eq!(p.spec.stdout_logfile_maxbytes, Some(ByteSize(10 << 20)));
@@ -506,14 +533,21 @@ mod tests {
 
     #[test]
     fn reads_several_documents_of_several_kinds() {
-        let text = format!("{WEB}---\napiVersion: corral.dev/v1\nkind: Group\nmetadata: {{name: shop}}\nspec: {{programs: [web], native: true}}\n---\n");
+        let text = format!(
+            "{WEB}---\napiVersion: corral.dev/v1\nkind: Group\nmetadata: {{name: shop}}\nspec: {{programs: [web], native: true}}\n---\n"
+        );
         let docs = parse_documents("t.yaml", &text).expect("parses");
-        assert_eq!(docs.iter().map(Resource::kind).collect::<Vec<_>>(), [Kind::Program, Kind::Group]);
+        assert_eq!(
+            docs.iter().map(Resource::kind).collect::<Vec<_>>(),
+            [Kind::Program, Kind::Group]
+        );
     }
 
     #[track_caller]
     fn refused(text: &str, needle: &str) {
-        let err = parse_documents("t.yaml", text).expect_err("must be refused").to_string();
+        let err = parse_documents("t.yaml", text)
+            .expect_err("must be refused")
+            .to_string();
         assert!(err.contains(needle), "{err:?} lacks {needle:?}");
     }
 
@@ -522,12 +556,27 @@ mod tests {
         refused(&WEB.replace("numprocs: 2", "numprocz: 2"), "unknown field `numprocz`");
         refused(&WEB.replace("numprocs: 2", "numprocz: 2"), "line 9");
         refused(&WEB.replace("kind: Program", "kind: Pod"), "unknown kind \"Pod\"");
-        refused(&WEB.replace("corral.dev/v1", "v1"), "apiVersion \"v1\" is not supported");
-        refused(&WEB.replace("  name: web\n", "  name: web\n  color: red\n"), "unknown field `color`");
-        refused("apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: a}\n", "missing field `spec`");
-        refused("apiVersion: corral.dev/v1\nmetadata: {name: a}\nspec: {command: x}\n", "`kind` must come before `spec`");
+        refused(
+            &WEB.replace("corral.dev/v1", "v1"),
+            "apiVersion \"v1\" is not supported",
+        );
+        refused(
+            &WEB.replace("  name: web\n", "  name: web\n  color: red\n"),
+            "unknown field `color`",
+        );
+        refused(
+            "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: a}\n",
+            "missing field `spec`",
+        );
+        refused(
+            "apiVersion: corral.dev/v1\nmetadata: {name: a}\nspec: {command: x}\n",
+            "`kind` must come before `spec`",
+        );
         refused(&WEB.replace("10MB", "10XB"), "not a byte size");
-        refused(&WEB.replace("autorestart: unexpected", "autorestart: sometimes"), "sometimes");
+        refused(
+            &WEB.replace("autorestart: unexpected", "autorestart: sometimes"),
+            "sometimes",
+        );
     }
 
     #[test]

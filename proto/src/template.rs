@@ -72,7 +72,9 @@ impl Scope {
         }
         if let Some(var) = name.strip_prefix("ENV_") {
             if self == Scope::ProcessName {
-                return Err(format!("%({name}) is not allowed in process_name: process names must not depend on the host's environment"));
+                return Err(format!(
+                    "%({name}) is not allowed in process_name: process names must not depend on the host's environment"
+                ));
             }
             if is_env_key(var) {
                 return Ok(false);
@@ -109,7 +111,9 @@ pub fn parse(value: &str, scope: Scope) -> Result<Vec<Piece<'_>>, String> {
             continue;
         }
         let Some(inner) = after.strip_prefix('(') else {
-            return Err("contains a bare '%' (write %% for a literal percent sign, or %(name)s for an expansion)".to_string());
+            return Err(
+                "contains a bare '%' (write %% for a literal percent sign, or %(name)s for an expansion)".to_string(),
+            );
         };
         let Some(close) = inner.find(')') else {
             return Err("contains '%(' without a closing ')'".to_string());
@@ -142,7 +146,9 @@ pub fn parse(value: &str, scope: Scope) -> Result<Vec<Piece<'_>>, String> {
             's' => Conversion::Str,
             'd' | 'i' if numeric => Conversion::Int,
             'd' | 'i' => {
-                return Err(format!("%({name}){conv} needs a number but {name} is text (use %({name})s)"));
+                return Err(format!(
+                    "%({name}){conv} needs a number but {name} is text (use %({name})s)"
+                ));
             }
             other => {
                 return Err(format!(
@@ -150,7 +156,13 @@ pub fn parse(value: &str, scope: Scope) -> Result<Vec<Piece<'_>>, String> {
                 ));
             }
         };
-        pieces.push(Piece::Var(Var { name, left_align, zero_pad, width, conversion }));
+        pieces.push(Piece::Var(Var {
+            name,
+            left_align,
+            zero_pad,
+            width,
+            conversion,
+        }));
         rest = &inner[close + 1 + idx + conv.len_utf8()..];
     }
     if !rest.is_empty() {

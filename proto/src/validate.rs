@@ -79,7 +79,10 @@ struct Errors(Vec<FieldError>);
 
 impl Errors {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(FieldError { path: path.into(), message: message.into() });
+        self.0.push(FieldError {
+            path: path.into(),
+            message: message.into(),
+        });
     }
 
     fn range(&mut self, path: &str, value: Option<i64>, min: i64, max: i64) {
@@ -102,7 +105,10 @@ impl Errors {
         if self.0.is_empty() {
             Ok(Valid(value))
         } else {
-            Err(ValidationErrors { resource, errors: self.0 })
+            Err(ValidationErrors {
+                resource,
+                errors: self.0,
+            })
         }
     }
 }
@@ -117,16 +123,25 @@ fn ini_value(errs: &mut Errors, path: &str, value: &str) -> bool {
             '\t' => "a tab".to_string(),
             c => format!("the control character U+{:04X}", c as u32),
         };
-        errs.add(path, format!("contains {what}; supervisord config values must be one plain line"));
+        errs.add(
+            path,
+            format!("contains {what}; supervisord config values must be one plain line"),
+        );
     }
     if let Some(c) = value.chars().find(|c| c.is_whitespace() && !c.is_ascii()) {
-        errs.add(path, format!("contains the Unicode whitespace U+{:04X}; use a plain space", c as u32));
+        errs.add(
+            path,
+            format!("contains the Unicode whitespace U+{:04X}; use a plain space", c as u32),
+        );
     }
     if value.starts_with(' ') || value.ends_with(' ') {
         errs.add(path, "has leading or trailing spaces, which supervisord strips");
     }
     if value.starts_with([';', '#']) {
-        errs.add(path, format!("starts with {:?}, which supervisord reads as a comment", &value[..1]));
+        errs.add(
+            path,
+            format!("starts with {:?}, which supervisord reads as a comment", &value[..1]),
+        );
     }
     if let Some(i) = value.find(" ;").or_else(|| value.find(" #")) {
         errs.add(
@@ -181,7 +196,9 @@ pub fn check_host_name(name: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!("{name:?} is not a valid host name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"))
+        Err(format!(
+            "{name:?} is not a valid host name: use letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ))
     }
 }
 
@@ -201,8 +218,8 @@ fn labels(errs: &mut Errors, path: &str, labels: &BTreeMap<String, String>) {
             Some((p, n)) => (Some(p), n),
             None => (None, k.as_str()),
         };
-        let key_ok = label_part_ok(name, 63, &['-', '_', '.'])
-            && prefix.is_none_or(|p| label_part_ok(p, 253, &['-', '.']));
+        let key_ok =
+            label_part_ok(name, 63, &['-', '_', '.']) && prefix.is_none_or(|p| label_part_ok(p, 253, &['-', '.']));
         if !key_ok {
             errs.add(format!("{path}.{k}"), "is not a valid label key: [prefix/]name, where name is 1 to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit");
         }
@@ -225,7 +242,12 @@ fn path_value(errs: &mut Errors, path: &str, value: &str, scope: Scope) {
         return;
     }
     if !(value.starts_with('/') || value.starts_with("%(here)s")) {
-        errs.add(path, format!("{value:?} must be an absolute path (supervisord would resolve it against its own working directory)"));
+        errs.add(
+            path,
+            format!(
+                "{value:?} must be an absolute path (supervisord would resolve it against its own working directory)"
+            ),
+        );
     }
     if value.split('/').any(|c| c == "..") {
         errs.add(path, format!("{value:?} must not contain '..'"));
@@ -236,7 +258,10 @@ fn path_value(errs: &mut Errors, path: &str, value: &str, scope: Scope) {
 fn logfile(errs: &mut Errors, path: &str, value: &str) {
     match value.to_ascii_uppercase().as_str() {
         "AUTO" | "NONE" | "OFF" => {}
-        "SYSLOG" => errs.add(path, "the 'syslog' logfile is deprecated in supervisord 4.2: set stdout_syslog/stderr_syslog: true instead"),
+        "SYSLOG" => errs.add(
+            path,
+            "the 'syslog' logfile is deprecated in supervisord 4.2: set stdout_syslog/stderr_syslog: true instead",
+        ),
         _ => path_value(errs, path, value, Scope::Process),
     }
 }
@@ -253,11 +278,8 @@ fn command_quoting(value: &str) -> Result<(), &'static str> {
     let mut chars = value.chars();
     while let Some(c) = chars.next() {
         match (&st, c) {
-            (St::Plain, '\\') | (St::Double, '\\') => {
-                if chars.next().is_none() {
-                    return Err("ends with a lone backslash");
-                }
-            }
+            // The guard consumes the escaped character, so the escape never changes state.
+            (St::Plain | St::Double, '\\') if chars.next().is_none() => return Err("ends with a lone backslash"),
             (St::Plain, '\'') => st = St::Single,
             (St::Plain, '"') => st = St::Double,
             (St::Single, '\'') | (St::Double, '"') => st = St::Plain,
@@ -275,7 +297,10 @@ fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
     for (k, v) in env {
         let path = format!("spec.environment.{k}");
         if !is_env_key(k) {
-            errs.add(&path, "is not a valid variable name: use letters, digits and '_', not starting with a digit");
+            errs.add(
+                &path,
+                "is not a valid variable name: use letters, digits and '_', not starting with a digit",
+            );
             continue;
         }
         if !ini_value(errs, &path, v) {
@@ -285,10 +310,16 @@ fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
             errs.add(&path, "value contains '\"', which supervisord 4.2 cannot quote");
         }
         if v.contains('\\') {
-            errs.add(&path, "value contains '\\', which supervisord 4.2 does not read back as written");
+            errs.add(
+                &path,
+                "value contains '\\', which supervisord 4.2 does not read back as written",
+            );
         }
         if v.starts_with('\'') || v.ends_with('\'') {
-            errs.add(&path, "value starts or ends with a single quote, which supervisord 4.2 strips");
+            errs.add(
+                &path,
+                "value starts or ends with a single quote, which supervisord 4.2 strips",
+            );
         }
         templated(errs, &path, v, Scope::Process);
     }
@@ -304,7 +335,10 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     let s: &ProgramSpec = &p.spec;
     match (&s.selector, &s.hosts) {
         (Some(_), Some(_)) => e.add("spec.hosts", "give either selector or hosts, not both"),
-        (None, None) => e.add("spec.selector", "is required (use {} for every host, or give hosts: [...])"),
+        (None, None) => e.add(
+            "spec.selector",
+            "is required (use {} for every host, or give hosts: [...])",
+        ),
         (Some(sel), None) => labels(&mut e, "spec.selector", sel),
         (None, Some(hosts)) => {
             if hosts.is_empty() {
@@ -326,7 +360,10 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     if let Some(m) = &s.restarted_at
         && (m.is_empty() || m.len() > 64 || m.chars().any(|c| c.is_control()))
     {
-        e.add("spec.restarted_at", "must be 1 to 64 printable characters (a timestamp)");
+        e.add(
+            "spec.restarted_at",
+            "must be 1 to 64 printable characters (a timestamp)",
+        );
     }
 
     if s.command.trim().is_empty() {
@@ -364,24 +401,34 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     if let Some(sig) = &s.stopsignal
         && signal::canonical(sig).is_none()
     {
-        e.add("spec.stopsignal", format!("{sig:?} is not a signal name (e.g. TERM, INT, QUIT, HUP, KILL, USR1, USR2)"));
+        e.add(
+            "spec.stopsignal",
+            format!("{sig:?} is not a signal name (e.g. TERM, INT, QUIT, HUP, KILL, USR1, USR2)"),
+        );
     }
     if s.stopasgroup == Some(true) && s.killasgroup == Some(false) {
-        e.add("spec.killasgroup", "must not be false when stopasgroup is true (supervisord refuses it)");
+        e.add(
+            "spec.killasgroup",
+            "must not be false when stopasgroup is true (supervisord refuses it)",
+        );
     }
     if let Some(user) = &s.user {
         let name_ok = !user.is_empty()
             && user.len() <= 32
             && (user.bytes().all(|b| b.is_ascii_digit())
                 || (user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
-                    && user.trim_end_matches('$').chars().all(|c| {
-                        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-'
-                    })));
+                    && user
+                        .trim_end_matches('$')
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')));
         if !name_ok {
             e.add("spec.user", format!("{user:?} is not a valid user name or uid"));
         }
     }
-    for (key, value) in [("stdout_logfile", &s.stdout_logfile), ("stderr_logfile", &s.stderr_logfile)] {
+    for (key, value) in [
+        ("stdout_logfile", &s.stdout_logfile),
+        ("stderr_logfile", &s.stderr_logfile),
+    ] {
         if let Some(v) = value {
             logfile(&mut e, &format!("spec.{key}"), v);
         }
@@ -390,7 +437,10 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
         && let Some(v) = &s.stderr_logfile
         && !matches!(v.to_ascii_uppercase().as_str(), "AUTO" | "NONE" | "OFF")
     {
-        e.add("spec.stderr_logfile", "is ignored by supervisord when redirect_stderr is true: drop one of them");
+        e.add(
+            "spec.stderr_logfile",
+            "is ignored by supervisord when redirect_stderr is true: drop one of them",
+        );
     }
     if let Some(env) = &s.environment {
         environment(&mut e, env);
@@ -406,8 +456,7 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     if let Some(url) = &s.serverurl
         && ini_value(&mut e, "spec.serverurl", url)
         && templated(&mut e, "spec.serverurl", url, Scope::Program)
-        && !(url.eq_ignore_ascii_case("AUTO")
-            || ["http://", "https://", "unix://"].iter().any(|p| url.starts_with(p)))
+        && !(url.eq_ignore_ascii_case("AUTO") || ["http://", "https://", "unix://"].iter().any(|p| url.starts_with(p)))
     {
         e.add("spec.serverurl", "must be AUTO or an http://, https:// or unix:// URL");
     }
@@ -420,17 +469,27 @@ fn process_names(e: &mut Errors, p: &Program) {
     let s = &p.spec;
     let template = s.process_name.as_deref().unwrap_or(DEFAULT_PROCESS_NAME);
     if s.process_name.is_some() {
-        if !ini_value(e, "spec.process_name", template) || !templated(e, "spec.process_name", template, Scope::ProcessName) {
+        if !ini_value(e, "spec.process_name", template)
+            || !templated(e, "spec.process_name", template, Scope::ProcessName)
+        {
             return;
         }
         if template.contains(|c: char| !(c.is_ascii_alphanumeric() || "-_.%()".contains(c))) {
-            e.add("spec.process_name", "may only contain letters, digits, '-', '_', '.' and %(...) expansions");
+            e.add(
+                "spec.process_name",
+                "may only contain letters, digits, '-', '_', '.' and %(...) expansions",
+            );
             return;
         }
     }
     let numprocs = s.numprocs.unwrap_or(1);
     if numprocs > 1 && !template::mentions_process_num(template) {
-        e.add("spec.process_name", format!("must contain %(process_num) when numprocs is {numprocs} (e.g. \"%(program_name)s_%(process_num)02d\")"));
+        e.add(
+            "spec.process_name",
+            format!(
+                "must contain %(process_num) when numprocs is {numprocs} (e.g. \"%(program_name)s_%(process_num)02d\")"
+            ),
+        );
         return;
     }
     if check_name(&p.metadata.name).is_err() || !(1..=MAX_NUMPROCS).contains(&numprocs) {
@@ -503,7 +562,13 @@ mod tests {
             ..Default::default()
         };
         f(&mut spec);
-        Program::new(Metadata { name: "web".into(), ..Default::default() }, spec)
+        Program::new(
+            Metadata {
+                name: "web".into(),
+                ..Default::default()
+            },
+            spec,
+        )
     }
 
     /// Asserts that validation refuses `p` with an error at `path` whose text contains `needle`.
@@ -537,7 +602,13 @@ mod tests {
             s.stdout_logfile = Some("/var/log/%(program_name)s-%(process_num)d.log".into());
             s.stdout_logfile_maxbytes = Some(ByteSize(1 << 20));
             s.stderr_logfile = Some("none".into());
-            s.environment = Some([("DSN".into(), "a=1,b=2".into()), ("PATH".into(), "/opt/bin:%(ENV_PATH)s".into())].into());
+            s.environment = Some(
+                [
+                    ("DSN".into(), "a=1,b=2".into()),
+                    ("PATH".into(), "/opt/bin:%(ENV_PATH)s".into()),
+                ]
+                .into(),
+            );
             s.umask = Some("022".into());
             s.serverurl = Some("unix:///run/supervisor.sock".into());
             s.exitcodes = Some(vec![0, 2]);
@@ -547,30 +618,102 @@ mod tests {
 
     #[test]
     fn refuses_ini_injection_in_every_string_field() {
-        refused(program(|s| s.command = "/bin/true\n[program:x]\ncommand=/bin/id".into()), "spec.command", "line break");
-        refused(program(|s| s.command = "/bin/true\r".into()), "spec.command", "line break");
+        refused(
+            program(|s| s.command = "/bin/true\n[program:x]\ncommand=/bin/id".into()),
+            "spec.command",
+            "line break",
+        );
+        refused(
+            program(|s| s.command = "/bin/true\r".into()),
+            "spec.command",
+            "line break",
+        );
         refused(program(|s| s.command = "/bin/true\0".into()), "spec.command", "NUL");
-        refused(program(|s| s.command = "/bin/sh -c 'true ; id'".into()), "spec.command", "comment");
-        refused(program(|s| s.command = "/bin/echo #x".into()), "spec.command", "comment");
+        refused(
+            program(|s| s.command = "/bin/sh -c 'true ; id'".into()),
+            "spec.command",
+            "comment",
+        );
+        refused(
+            program(|s| s.command = "/bin/echo #x".into()),
+            "spec.command",
+            "comment",
+        );
         refused(program(|s| s.command = ";/bin/id".into()), "spec.command", "comment");
-        refused(program(|s| s.command = "/bin/echo\u{a0};x".into()), "spec.command", "Unicode whitespace");
-        refused(program(|s| s.command = " /bin/true".into()), "spec.command", "leading or trailing");
-        refused(program(|s| s.directory = Some("/opt\n[x]".into())), "spec.directory", "line break");
-        refused(program(|s| s.stdout_logfile = Some("/var/log/a ;b".into())), "spec.stdout_logfile", "comment");
-        refused(program(|s| s.user = Some("root\nx=1".into())), "spec.user", "not a valid user");
-        refused(program(|s| s.serverurl = Some("http://h/\n[x]".into())), "spec.serverurl", "line break");
-        refused(program(|s| s.process_name = Some("a\nb".into())), "spec.process_name", "line break");
-        refused(program(|s| s.environment = Some([("A".into(), "x\ny=1".into())].into())), "spec.environment.A", "line break");
-        refused(program(|s| s.environment = Some([("A".into(), "x #y".into())].into())), "spec.environment.A", "comment");
+        refused(
+            program(|s| s.command = "/bin/echo\u{a0};x".into()),
+            "spec.command",
+            "Unicode whitespace",
+        );
+        refused(
+            program(|s| s.command = " /bin/true".into()),
+            "spec.command",
+            "leading or trailing",
+        );
+        refused(
+            program(|s| s.directory = Some("/opt\n[x]".into())),
+            "spec.directory",
+            "line break",
+        );
+        refused(
+            program(|s| s.stdout_logfile = Some("/var/log/a ;b".into())),
+            "spec.stdout_logfile",
+            "comment",
+        );
+        refused(
+            program(|s| s.user = Some("root\nx=1".into())),
+            "spec.user",
+            "not a valid user",
+        );
+        refused(
+            program(|s| s.serverurl = Some("http://h/\n[x]".into())),
+            "spec.serverurl",
+            "line break",
+        );
+        refused(
+            program(|s| s.process_name = Some("a\nb".into())),
+            "spec.process_name",
+            "line break",
+        );
+        refused(
+            program(|s| s.environment = Some([("A".into(), "x\ny=1".into())].into())),
+            "spec.environment.A",
+            "line break",
+        );
+        refused(
+            program(|s| s.environment = Some([("A".into(), "x #y".into())].into())),
+            "spec.environment.A",
+            "comment",
+        );
     }
 
     #[test]
     fn refuses_bad_percent_expansions() {
-        refused(program(|s| s.command = "/bin/echo 5%".into()), "spec.command", "bare '%'");
-        refused(program(|s| s.command = "/bin/echo %(nope)s".into()), "spec.command", "not a name");
-        refused(program(|s| s.environment = Some([("RATE".into(), "5%".into())].into())), "spec.environment.RATE", "bare '%'");
-        refused(program(|s| s.serverurl = Some("http://%(process_num)d".into())), "spec.serverurl", "not available");
-        refused(program(|s| s.process_name = Some("%(ENV_HOME)s".into())), "spec.process_name", "not allowed");
+        refused(
+            program(|s| s.command = "/bin/echo 5%".into()),
+            "spec.command",
+            "bare '%'",
+        );
+        refused(
+            program(|s| s.command = "/bin/echo %(nope)s".into()),
+            "spec.command",
+            "not a name",
+        );
+        refused(
+            program(|s| s.environment = Some([("RATE".into(), "5%".into())].into())),
+            "spec.environment.RATE",
+            "bare '%'",
+        );
+        refused(
+            program(|s| s.serverurl = Some("http://%(process_num)d".into())),
+            "spec.serverurl",
+            "not available",
+        );
+        refused(
+            program(|s| s.process_name = Some("%(ENV_HOME)s".into())),
+            "spec.process_name",
+            "not allowed",
+        );
     }
 
     #[test]
@@ -585,7 +728,18 @@ mod tests {
 
     #[test]
     fn refuses_names_that_could_leave_the_conf_dir() {
-        for name in ["x/../../y", "../etc", "a.b", "A", "", "-a", "a-", "a:b", "a b", &"a".repeat(64)] {
+        for name in [
+            "x/../../y",
+            "../etc",
+            "a.b",
+            "A",
+            "",
+            "-a",
+            "a-",
+            "a:b",
+            "a b",
+            &"a".repeat(64),
+        ] {
             let mut p = program(|_| {});
             p.metadata.name = name.to_string();
             refused(p, "metadata.name", "not a valid name");
@@ -596,34 +750,113 @@ mod tests {
     fn refuses_out_of_range_numbers_and_bad_enums() {
         refused(program(|s| s.numprocs = Some(0)), "spec.numprocs", "out of range");
         refused(program(|s| s.startsecs = Some(-1)), "spec.startsecs", "out of range");
-        refused(program(|s| s.exitcodes = Some(vec![0, 256])), "spec.exitcodes[1]", "out of range");
-        refused(program(|s| s.exitcodes = Some(vec![])), "spec.exitcodes", "at least one");
-        refused(program(|s| s.stdout_logfile_maxbytes = Some(ByteSize(1 << 41))), "spec.stdout_logfile_maxbytes", "1 TiB");
-        refused(program(|s| s.stopsignal = Some("SIGNOPE".into())), "spec.stopsignal", "not a signal");
+        refused(
+            program(|s| s.exitcodes = Some(vec![0, 256])),
+            "spec.exitcodes[1]",
+            "out of range",
+        );
+        refused(
+            program(|s| s.exitcodes = Some(vec![])),
+            "spec.exitcodes",
+            "at least one",
+        );
+        refused(
+            program(|s| s.stdout_logfile_maxbytes = Some(ByteSize(1 << 41))),
+            "spec.stdout_logfile_maxbytes",
+            "1 TiB",
+        );
+        refused(
+            program(|s| s.stopsignal = Some("SIGNOPE".into())),
+            "spec.stopsignal",
+            "not a signal",
+        );
         refused(program(|s| s.umask = Some("099".into())), "spec.umask", "octal");
     }
 
     #[test]
     fn refuses_what_supervisord_would_refuse_on_the_host() {
         refused(program(|s| s.numprocs = Some(3)), "spec.process_name", "%(process_num)");
-        refused(program(|s| { s.stopasgroup = Some(true); s.killasgroup = Some(false); }), "spec.killasgroup", "stopasgroup");
-        refused(program(|s| s.directory = Some("opt/app".into())), "spec.directory", "absolute");
-        refused(program(|s| s.directory = Some("/opt/../etc".into())), "spec.directory", "'..'");
-        refused(program(|s| s.stdout_logfile = Some("app.log".into())), "spec.stdout_logfile", "absolute");
-        refused(program(|s| s.stdout_logfile = Some("syslog".into())), "spec.stdout_logfile", "deprecated");
-        refused(program(|s| { s.redirect_stderr = Some(true); s.stderr_logfile = Some("/tmp/e.log".into()); }), "spec.stderr_logfile", "ignored");
-        refused(program(|s| s.command = "/bin/sh -c 'unclosed".into()), "spec.command", "unclosed single quote");
-        refused(program(|s| s.process_name = Some("%(program_name)s:x".into())), "spec.process_name", "may only contain");
-        refused(program(|s| { s.numprocs = Some(2); s.process_name = Some("x%%(process_num)d".into()); }), "spec.process_name", "more than once");
+        refused(
+            program(|s| {
+                s.stopasgroup = Some(true);
+                s.killasgroup = Some(false);
+            }),
+            "spec.killasgroup",
+            "stopasgroup",
+        );
+        refused(
+            program(|s| s.directory = Some("opt/app".into())),
+            "spec.directory",
+            "absolute",
+        );
+        refused(
+            program(|s| s.directory = Some("/opt/../etc".into())),
+            "spec.directory",
+            "'..'",
+        );
+        refused(
+            program(|s| s.stdout_logfile = Some("app.log".into())),
+            "spec.stdout_logfile",
+            "absolute",
+        );
+        refused(
+            program(|s| s.stdout_logfile = Some("syslog".into())),
+            "spec.stdout_logfile",
+            "deprecated",
+        );
+        refused(
+            program(|s| {
+                s.redirect_stderr = Some(true);
+                s.stderr_logfile = Some("/tmp/e.log".into());
+            }),
+            "spec.stderr_logfile",
+            "ignored",
+        );
+        refused(
+            program(|s| s.command = "/bin/sh -c 'unclosed".into()),
+            "spec.command",
+            "unclosed single quote",
+        );
+        refused(
+            program(|s| s.process_name = Some("%(program_name)s:x".into())),
+            "spec.process_name",
+            "may only contain",
+        );
+        refused(
+            program(|s| {
+                s.numprocs = Some(2);
+                s.process_name = Some("x%%(process_num)d".into());
+            }),
+            "spec.process_name",
+            "more than once",
+        );
     }
 
     #[test]
     fn placement_needs_exactly_one_of_selector_or_hosts() {
         refused(program(|s| s.selector = None), "spec.selector", "required");
         refused(program(|s| s.hosts = Some(vec!["h1".into()])), "spec.hosts", "not both");
-        refused(program(|s| { s.selector = None; s.hosts = Some(vec!["h1".into(), "h1".into()]); }), "spec.hosts[1]", "twice");
-        refused(program(|s| { s.selector = None; s.hosts = Some(vec!["h/1".into()]); }), "spec.hosts[0]", "host name");
-        refused(program(|s| s.selector = Some([("role".into(), "a b".into())].into())), "spec.selector.role", "label value");
+        refused(
+            program(|s| {
+                s.selector = None;
+                s.hosts = Some(vec!["h1".into(), "h1".into()]);
+            }),
+            "spec.hosts[1]",
+            "twice",
+        );
+        refused(
+            program(|s| {
+                s.selector = None;
+                s.hosts = Some(vec!["h/1".into()]);
+            }),
+            "spec.hosts[0]",
+            "host name",
+        );
+        refused(
+            program(|s| s.selector = Some([("role".into(), "a b".into())].into())),
+            "spec.selector.role",
+            "label value",
+        );
     }
 
     #[test]
@@ -635,20 +868,33 @@ mod tests {
         }))
         .expect_err("refused");
         assert_eq!(errs.errors.len(), 3, "{errs}");
-        assert!(errs.to_string().starts_with("Program \"web\" is invalid:\n  spec.command:"), "{errs}");
+        assert!(
+            errs.to_string()
+                .starts_with("Program \"web\" is invalid:\n  spec.command:"),
+            "{errs}"
+        );
     }
 
     #[test]
     fn groups_need_valid_unique_members() {
         let g = |programs: &[&str]| {
             Group::new(
-                Metadata { name: "app".into(), ..Default::default() },
-                crate::GroupSpec { programs: programs.iter().map(|s| s.to_string()).collect(), ..Default::default() },
+                Metadata {
+                    name: "app".into(),
+                    ..Default::default()
+                },
+                crate::GroupSpec {
+                    programs: programs.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                },
             )
         };
         assert!(validate_group(g(&["a", "b"])).is_ok());
         let errs = validate_group(g(&["a", "a", "B/x"])).expect_err("refused").errors;
-        assert_eq!(errs.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(), ["spec.programs[1]", "spec.programs[2]"]);
+        assert_eq!(
+            errs.iter().map(|e| e.path.as_str()).collect::<Vec<_>>(),
+            ["spec.programs[1]", "spec.programs[2]"]
+        );
         assert!(validate_group(g(&[])).is_err());
     }
 }

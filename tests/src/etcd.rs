@@ -37,9 +37,9 @@ impl Etcd {
         let mut process = ChildGuard::spawn("etcd", cmd)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            process.check_alive().with_context(|| {
-                std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default()
-            })?;
+            process
+                .check_alive()
+                .with_context(|| std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default())?;
             if let Ok(mut c) = etcd_client::Client::connect([client.as_str()], None).await
                 && c.status().await.is_ok()
             {
@@ -48,7 +48,11 @@ impl Etcd {
             anyhow::ensure!(Instant::now() < deadline, "etcd at {client} did not answer within 20 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Etcd { endpoint: client, process, _dir: dir })
+        Ok(Etcd {
+            endpoint: client,
+            process,
+            _dir: dir,
+        })
     }
 
     /// A connected client.

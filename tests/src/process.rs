@@ -18,8 +18,13 @@ impl ChildGuard {
     /// # Errors
     /// If the program cannot be started (typically: not installed).
     pub fn spawn(name: &str, mut cmd: Command) -> anyhow::Result<ChildGuard> {
-        let child = cmd.spawn().with_context(|| format!("cannot start {name} ({cmd:?}); is it installed?"))?;
-        Ok(ChildGuard { name: name.to_string(), child: Some(child) })
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({cmd:?}); is it installed?"))?;
+        Ok(ChildGuard {
+            name: name.to_string(),
+            child: Some(child),
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -51,7 +56,11 @@ impl ChildGuard {
     /// kills it if it has not exited within `grace`.
     pub fn terminate(&mut self, grace: Duration) {
         let Some(child) = self.child.as_mut() else { return };
-        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).stderr(std::process::Stdio::null()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .stderr(std::process::Stdio::null())
+            .status();
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if matches!(child.try_wait(), Ok(Some(_))) {

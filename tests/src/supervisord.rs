@@ -95,7 +95,11 @@ impl Supervisord {
             if ready {
                 return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "supervisord did not answer within 20 s\n{}", self.log());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "supervisord did not answer within 20 s\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

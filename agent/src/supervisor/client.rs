@@ -6,9 +6,8 @@ use std::time::Duration;
 use dxr::{FaultResponse, MethodCall, MethodResponse, Value};
 
 use super::types::{
-    Decode, Error, FaultCode, LogTail, ProcessInfo, ProcessResult, ReloadResult, SupervisorState,
-    as_fault, decode_process_info, decode_process_results, decode_reload, decode_state,
-    decode_tail,
+    Decode, Error, FaultCode, LogTail, ProcessInfo, ProcessResult, ReloadResult, SupervisorState, as_fault,
+    decode_process_info, decode_process_results, decode_reload, decode_state, decode_tail,
 };
 
 /// Where supervisord listens.
@@ -26,10 +25,15 @@ impl Endpoint {
     /// # Errors
     /// [`Error::Endpoint`] for any other form.
     pub fn parse(url: &str) -> Result<Endpoint, Error> {
-        let bad = |reason: &str| Error::Endpoint { url: url.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| Error::Endpoint {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
         if let Some(path) = url.strip_prefix("unix://") {
             if !path.starts_with('/') {
-                return Err(bad("a unix:// URL needs an absolute socket path (unix:///run/supervisor.sock)"));
+                return Err(bad(
+                    "a unix:// URL needs an absolute socket path (unix:///run/supervisor.sock)",
+                ));
             }
             Ok(Endpoint::Unix(PathBuf::from(path)))
         } else if let Some(rest) = url.strip_prefix("http://") {
@@ -65,7 +69,11 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     pub fn new(endpoint: Endpoint) -> Self {
-        ClientConfig { endpoint, credentials: None, timeout: Duration::from_secs(60) }
+        ClientConfig {
+            endpoint,
+            credentials: None,
+            timeout: Duration::from_secs(60),
+        }
     }
 }
 
@@ -106,7 +114,12 @@ impl Client {
             method: "(client setup)".into(),
             source,
         })?;
-        Ok(Client { http, url, endpoint, credentials: config.credentials })
+        Ok(Client {
+            http,
+            url,
+            endpoint,
+            credentials: config.credentials,
+        })
     }
 
     /// Calls `method` and returns its raw result.
@@ -115,35 +128,73 @@ impl Client {
     /// Transport and HTTP errors, [`Error::Unauthorized`] on 401, [`Error::Fault`] when
     /// supervisord answers with a fault, [`Error::Decode`] when the body is not XML-RPC.
     pub async fn call_value(&self, method: &str, params: Vec<Value>) -> Result<Value, Error> {
-        let body = MethodCall { name: method.into(), params }
-            .to_xml()
-            .map_err(|e| Error::Decode { method: method.to_string(), detail: format!("cannot encode the call: {e}") })?;
-        let mut req = self.http.post(&self.url).header(reqwest::header::CONTENT_TYPE, "text/xml").body(body);
+        let body = MethodCall {
+            name: method.into(),
+            params,
+        }
+        .to_xml()
+        .map_err(|e| Error::Decode {
+            method: method.to_string(),
+            detail: format!("cannot encode the call: {e}"),
+        })?;
+        let mut req = self
+            .http
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, "text/xml")
+            .body(body);
         if let Some((user, pass)) = &self.credentials {
             req = req.basic_auth(user, Some(pass));
         }
-        let transport = |source| Error::Transport { endpoint: self.endpoint.clone(), method: method.to_string(), source };
+        let transport = |source| Error::Transport {
+            endpoint: self.endpoint.clone(),
+            method: method.to_string(),
+            source,
+        };
         let resp = req.send().await.map_err(transport)?;
         match resp.status().as_u16() {
             200 => {}
-            401 => return Err(Error::Unauthorized { endpoint: self.endpoint.clone() }),
-            status => return Err(Error::Http { endpoint: self.endpoint.clone(), method: method.to_string(), status }),
+            401 => {
+                return Err(Error::Unauthorized {
+                    endpoint: self.endpoint.clone(),
+                });
+            }
+            status => {
+                return Err(Error::Http {
+                    endpoint: self.endpoint.clone(),
+                    method: method.to_string(),
+                    status,
+                });
+            }
         }
         let text = resp.text().await.map_err(transport)?;
         if text.contains("<fault>") {
             let fault = FaultResponse::from_xml(&text)
-                .map_err(|e| Error::Decode { method: method.to_string(), detail: format!("bad fault response: {e}") })?
+                .map_err(|e| Error::Decode {
+                    method: method.to_string(),
+                    detail: format!("bad fault response: {e}"),
+                })?
                 .fault;
             return Err(fault_error(method, fault.code(), fault.string()));
         }
         MethodResponse::from_xml(&text)
             .map(|r| r.value)
-            .map_err(|e| Error::Decode { method: method.to_string(), detail: e.to_string() })
+            .map_err(|e| Error::Decode {
+                method: method.to_string(),
+                detail: e.to_string(),
+            })
     }
 
-    async fn call<T>(&self, method: &str, params: Vec<Value>, decode: fn(&Value) -> Result<T, String>) -> Result<T, Error> {
+    async fn call<T>(
+        &self,
+        method: &str,
+        params: Vec<Value>,
+        decode: fn(&Value) -> Result<T, String>,
+    ) -> Result<T, Error> {
         let v = self.call_value(method, params).await?;
-        decode(&v).map_err(|detail| Error::Decode { method: method.to_string(), detail })
+        decode(&v).map_err(|detail| Error::Decode {
+            method: method.to_string(),
+            detail,
+        })
     }
 
     /// `supervisor.getState`.
@@ -153,7 +204,8 @@ impl Client {
 
     /// `supervisor.getSupervisorVersion`, e.g. `4.2.5`.
     pub async fn get_supervisor_version(&self) -> Result<String, Error> {
-        self.call("supervisor.getSupervisorVersion", vec![], String::decode).await
+        self.call("supervisor.getSupervisorVersion", vec![], String::decode)
+            .await
     }
 
     /// `supervisor.getAllProcessInfo`.
@@ -167,7 +219,8 @@ impl Client {
 
     /// `supervisor.getProcessInfo(group:name)`.
     pub async fn get_process_info(&self, namespec: &str) -> Result<ProcessInfo, Error> {
-        self.call("supervisor.getProcessInfo", vec![s(namespec)], decode_process_info).await
+        self.call("supervisor.getProcessInfo", vec![s(namespec)], decode_process_info)
+            .await
     }
 
     /// `supervisor.reloadConfig`: re-reads every config file and reports what differs from
@@ -178,54 +231,84 @@ impl Client {
 
     /// `supervisor.addProcessGroup`: adds a group from the last successful `reloadConfig`.
     pub async fn add_process_group(&self, group: &str) -> Result<bool, Error> {
-        self.call("supervisor.addProcessGroup", vec![s(group)], bool::decode).await
+        self.call("supervisor.addProcessGroup", vec![s(group)], bool::decode)
+            .await
     }
 
     /// `supervisor.removeProcessGroup`: fails `STILL_RUNNING` unless every process is stopped.
     pub async fn remove_process_group(&self, group: &str) -> Result<bool, Error> {
-        self.call("supervisor.removeProcessGroup", vec![s(group)], bool::decode).await
+        self.call("supervisor.removeProcessGroup", vec![s(group)], bool::decode)
+            .await
     }
 
     /// `supervisor.startProcess`; with `wait`, returns once RUNNING (past startsecs).
     pub async fn start_process(&self, namespec: &str, wait: bool) -> Result<bool, Error> {
-        self.call("supervisor.startProcess", vec![s(namespec), Value::Boolean(wait)], bool::decode).await
+        self.call(
+            "supervisor.startProcess",
+            vec![s(namespec), Value::Boolean(wait)],
+            bool::decode,
+        )
+        .await
     }
 
     /// `supervisor.stopProcess`.
     pub async fn stop_process(&self, namespec: &str, wait: bool) -> Result<bool, Error> {
-        self.call("supervisor.stopProcess", vec![s(namespec), Value::Boolean(wait)], bool::decode).await
+        self.call(
+            "supervisor.stopProcess",
+            vec![s(namespec), Value::Boolean(wait)],
+            bool::decode,
+        )
+        .await
     }
 
     /// `supervisor.startProcessGroup`: one result per process.
     pub async fn start_process_group(&self, group: &str, wait: bool) -> Result<Vec<ProcessResult>, Error> {
-        self.call("supervisor.startProcessGroup", vec![s(group), Value::Boolean(wait)], decode_process_results).await
+        self.call(
+            "supervisor.startProcessGroup",
+            vec![s(group), Value::Boolean(wait)],
+            decode_process_results,
+        )
+        .await
     }
 
     /// `supervisor.stopProcessGroup`: one result per process.
     pub async fn stop_process_group(&self, group: &str, wait: bool) -> Result<Vec<ProcessResult>, Error> {
-        self.call("supervisor.stopProcessGroup", vec![s(group), Value::Boolean(wait)], decode_process_results).await
+        self.call(
+            "supervisor.stopProcessGroup",
+            vec![s(group), Value::Boolean(wait)],
+            decode_process_results,
+        )
+        .await
     }
 
     /// `supervisor.signalProcess`: signals the main pid only (never the process group).
     pub async fn signal_process(&self, namespec: &str, signal: &str) -> Result<bool, Error> {
-        self.call("supervisor.signalProcess", vec![s(namespec), s(signal)], bool::decode).await
+        self.call("supervisor.signalProcess", vec![s(namespec), s(signal)], bool::decode)
+            .await
     }
 
     /// `supervisor.signalProcessGroup`.
     pub async fn signal_process_group(&self, group: &str, signal: &str) -> Result<Vec<ProcessResult>, Error> {
-        self.call("supervisor.signalProcessGroup", vec![s(group), s(signal)], decode_process_results).await
+        self.call(
+            "supervisor.signalProcessGroup",
+            vec![s(group), s(signal)],
+            decode_process_results,
+        )
+        .await
     }
 
     /// `supervisor.readProcessStdoutLog` (`offset` may be negative: from the end).
     pub async fn read_process_stdout_log(&self, namespec: &str, offset: i32, length: i32) -> Result<String, Error> {
         let params = vec![s(namespec), Value::Integer(offset), Value::Integer(length)];
-        self.call("supervisor.readProcessStdoutLog", params, String::decode).await
+        self.call("supervisor.readProcessStdoutLog", params, String::decode)
+            .await
     }
 
     /// `supervisor.readProcessStderrLog`.
     pub async fn read_process_stderr_log(&self, namespec: &str, offset: i32, length: i32) -> Result<String, Error> {
         let params = vec![s(namespec), Value::Integer(offset), Value::Integer(length)];
-        self.call("supervisor.readProcessStderrLog", params, String::decode).await
+        self.call("supervisor.readProcessStderrLog", params, String::decode)
+            .await
     }
 
     /// `supervisor.tailProcessStdoutLog`: up to `length` bytes before the end, from `offset`.
@@ -252,13 +335,20 @@ impl Client {
             .iter()
             .map(|(name, params)| {
                 Value::Struct(
-                    [("methodName".to_string(), s(name)), ("params".to_string(), Value::Array(params.clone()))].into(),
+                    [
+                        ("methodName".to_string(), s(name)),
+                        ("params".to_string(), Value::Array(params.clone())),
+                    ]
+                    .into(),
                 )
             })
             .collect();
         let answer = self.call_value("system.multicall", vec![Value::Array(list)]).await?;
         let Value::Array(items) = answer else {
-            return Err(Error::Decode { method: "system.multicall".into(), detail: format!("expected an array, got {answer:?}") });
+            return Err(Error::Decode {
+                method: "system.multicall".into(),
+                detail: format!("expected an array, got {answer:?}"),
+            });
         };
         if items.len() != calls.len() {
             return Err(Error::Decode {
@@ -278,7 +368,11 @@ impl Client {
 }
 
 fn fault_error(method: &str, code: i32, message: &str) -> Error {
-    Error::Fault { method: method.to_string(), code: FaultCode::from_code(code), message: message.to_string() }
+    Error::Fault {
+        method: method.to_string(),
+        code: FaultCode::from_code(code),
+        message: message.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -287,9 +381,18 @@ mod tests {
 
     #[test]
     fn parses_endpoints() {
-        assert_eq!(Endpoint::parse("unix:///run/s.sock").ok(), Some(Endpoint::Unix("/run/s.sock".into())));
-        assert_eq!(Endpoint::parse("http://127.0.0.1:9001").ok(), Some(Endpoint::Http("http://127.0.0.1:9001/RPC2".into())));
-        assert_eq!(Endpoint::parse("http://h:1/RPC2").ok(), Some(Endpoint::Http("http://h:1/RPC2".into())));
+        assert_eq!(
+            Endpoint::parse("unix:///run/s.sock").ok(),
+            Some(Endpoint::Unix("/run/s.sock".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("http://127.0.0.1:9001").ok(),
+            Some(Endpoint::Http("http://127.0.0.1:9001/RPC2".into()))
+        );
+        assert_eq!(
+            Endpoint::parse("http://h:1/RPC2").ok(),
+            Some(Endpoint::Http("http://h:1/RPC2".into()))
+        );
         for bad in ["unix://rel.sock", "ftp://x", "http://", "http://h/x/y", "/run/s.sock"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
         }

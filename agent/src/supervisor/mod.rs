@@ -9,7 +9,4 @@ mod client;
 mod types;
 
 pub use client::{Client, ClientConfig, Endpoint};
-pub use types::{
-    Error, FaultCode, LogTail, ProcessInfo, ProcessResult, ProcessState, ReloadResult,
-    SupervisorState,
-};
+pub use types::{Error, FaultCode, LogTail, ProcessInfo, ProcessResult, ProcessState, ReloadResult, SupervisorState};

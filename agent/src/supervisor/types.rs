@@ -23,10 +23,18 @@ pub enum Error {
     Unauthorized { endpoint: String },
     /// Any other non-200 HTTP status.
     #[error("supervisord at {endpoint} answered HTTP {status} to {method}")]
-    Http { endpoint: String, method: String, status: u16 },
+    Http {
+        endpoint: String,
+        method: String,
+        status: u16,
+    },
     /// supervisord answered with an XML-RPC fault.
     #[error("{method}: supervisord fault {code}: {message}")]
-    Fault { method: String, code: FaultCode, message: String },
+    Fault {
+        method: String,
+        code: FaultCode,
+        message: String,
+    },
     /// The answer was not what the method returns.
     #[error("{method}: unexpected answer from supervisord: {detail}")]
     Decode { method: String, detail: String },
@@ -159,7 +167,10 @@ impl ProcessState {
 
     /// supervisord's "running" set: what `stopProcess` acts on and `startProcess` refuses.
     pub fn is_running(self) -> bool {
-        matches!(self, ProcessState::Running | ProcessState::Backoff | ProcessState::Starting)
+        matches!(
+            self,
+            ProcessState::Running | ProcessState::Backoff | ProcessState::Starting
+        )
     }
 }
 
@@ -225,7 +236,10 @@ impl<T: TryFromValue> Decode for T {
 
 pub(crate) fn decode_state(v: &Value) -> Result<SupervisorState, String> {
     let s = as_struct(v, "getState")?;
-    Ok(SupervisorState { code: member(s, "statecode")?, name: member(s, "statename")? })
+    Ok(SupervisorState {
+        code: member(s, "statecode")?,
+        name: member(s, "statename")?,
+    })
 }
 
 pub(crate) fn decode_process_info(v: &Value) -> Result<ProcessInfo, String> {
@@ -258,7 +272,11 @@ pub struct ReloadResult {
 
 pub(crate) fn decode_reload(v: &Value) -> Result<ReloadResult, String> {
     let [[added, changed, removed]] = <[[Vec<String>; 3]; 1]>::try_from_value(v).map_err(|e| e.to_string())?;
-    Ok(ReloadResult { added, changed, removed })
+    Ok(ReloadResult {
+        added,
+        changed,
+        removed,
+    })
 }
 
 /// One entry of a group start/stop/signal answer.
@@ -301,7 +319,11 @@ pub struct LogTail {
 
 pub(crate) fn decode_tail(v: &Value) -> Result<LogTail, String> {
     let (text, offset, overflow) = <(String, i32, bool)>::try_from_value(v).map_err(|e| e.to_string())?;
-    Ok(LogTail { text, offset: i64::from(offset), overflow })
+    Ok(LogTail {
+        text,
+        offset: i64::from(offset),
+        overflow,
+    })
 }
 
 /// A fault struct inside a `system.multicall` answer, if `v` is one.

@@ -10,8 +10,14 @@ use serde_json::Value;
 use crate::render_roundtrip::load_rendered;
 
 fn dir(kind: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/conformance").join(kind);
-    assert!(d.is_dir(), "{} is missing: the conformance sample lives in shared/ beside the repository", d.display());
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/conformance")
+        .join(kind);
+    assert!(
+        d.is_dir(),
+        "{} is missing: the conformance sample lives in shared/ beside the repository",
+        d.display()
+    );
     d
 }
 

@@ -12,13 +12,18 @@ async fn etcd_put_and_watch_round_trip() -> anyhow::Result<()> {
     let put = client.put("/corral/test/a", "1", None).await?;
     let rev = put.header().map(|h| h.revision()).unwrap_or_default();
     let mut stream = client
-        .watch("/corral/test/", Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)))
+        .watch(
+            "/corral/test/",
+            Some(WatchOptions::new().with_prefix().with_start_revision(rev + 1)),
+        )
         .await?;
     client.put("/corral/test/b", "2", None).await?;
     client.delete("/corral/test/a", None).await?;
     let mut seen = Vec::new();
     while seen.len() < 2 {
-        let resp = tokio::time::timeout(Duration::from_secs(10), stream.message()).await??.expect("watch open");
+        let resp = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await??
+            .expect("watch open");
         for ev in resp.events() {
             let kv = ev.kv().expect("kv");
             seen.push((ev.event_type(), kv.key_str()?.to_string(), kv.value_str()?.to_string()));

@@ -13,7 +13,9 @@ use proptest::prelude::*;
 use serde_json::{Value, json};
 
 fn host_node_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_string()).unwrap_or_default()
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
 }
 
 fn uid_of(user: &str) -> Option<u32> {
@@ -51,7 +53,12 @@ fn expected(p: &Program, group: Option<&Group>, here: &str) -> BTreeMap<String, 
             .environment
             .iter()
             .flatten()
-            .map(|(k, v)| (k.clone(), template::expand(v, Scope::Process, &ctx).expect("env expands")))
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    template::expand(v, Scope::Process, &ctx).expect("env expands"),
+                )
+            })
             .collect();
         let program_ctx = ctx.clone();
         ctx.env.extend(env.clone());
@@ -126,7 +133,8 @@ pub fn load_rendered(p: &Program, group: Option<&Group>, dir: &Path) -> Result<B
     }
     let loader = guard.as_mut().ok_or("no loader")?;
     let got = loader.load(&path).map_err(|e| e.to_string())?;
-    got.map(|m| m.into_iter().collect()).map_err(|e| format!("supervisord refused:\n{text}\n{e}"))
+    got.map(|m| m.into_iter().collect())
+        .map_err(|e| format!("supervisord refused:\n{text}\n{e}"))
 }
 
 #[track_caller]
@@ -139,9 +147,19 @@ fn round_trip(p: &Program, group: Option<&Group>) {
 }
 
 fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Program {
-    let mut spec = ProgramSpec { command: "/bin/sleep 1000".into(), selector: Some(BTreeMap::new()), ..Default::default() };
+    let mut spec = ProgramSpec {
+        command: "/bin/sleep 1000".into(),
+        selector: Some(BTreeMap::new()),
+        ..Default::default()
+    };
     f(&mut spec);
-    Program::new(Metadata { name: name.into(), ..Default::default() }, spec)
+    Program::new(
+        Metadata {
+            name: name.into(),
+            ..Default::default()
+        },
+        spec,
+    )
 }
 
 #[test]
@@ -220,8 +238,15 @@ fn program_env_feeds_command_expansion_and_stopped_means_no_autostart() {
 #[test]
 fn native_group_members_keep_their_values_and_take_the_group_priority() {
     let group = Group::new(
-        Metadata { name: "shop".into(), ..Default::default() },
-        GroupSpec { programs: vec!["member".into()], priority: Some(5), native: true },
+        Metadata {
+            name: "shop".into(),
+            ..Default::default()
+        },
+        GroupSpec {
+            programs: vec!["member".into()],
+            priority: Some(5),
+            native: true,
+        },
     );
     round_trip(
         &program("member", |s| {
@@ -242,7 +267,8 @@ fn text(chars: &'static str, max: usize) -> impl Strategy<Value = String> {
 /// a space before them, '%%', expansions, '=', ',', quotes inside words, non-ASCII.
 fn arg() -> impl Strategy<Value = String> {
     prop_oneof![
-        text("abcxyzABC019_-./:=,;#@$&?!+*é日", 8).prop_filter("non-empty", |s| !s.is_empty() && !s.starts_with([';', '#'])),
+        text("abcxyzABC019_-./:=,;#@$&?!+*é日", 8)
+            .prop_filter("non-empty", |s| !s.is_empty() && !s.starts_with([';', '#'])),
         Just("%%".to_string()),
         Just("%(program_name)s".to_string()),
         Just("%(process_num)02d".to_string()),
@@ -264,7 +290,9 @@ fn env_value() -> impl Strategy<Value = String> {
         0..5,
     )
     .prop_map(|v| v.concat())
-    .prop_filter("edges", |v| !v.starts_with([' ', '\'', ';', '#']) && !v.ends_with([' ', '\'']) && !v.contains(" ;") && !v.contains(" #"))
+    .prop_filter("edges", |v| {
+        !v.starts_with([' ', '\'', ';', '#']) && !v.ends_with([' ', '\'']) && !v.contains(" ;") && !v.contains(" #")
+    })
 }
 
 fn opt<T: std::fmt::Debug + Clone>(s: impl Strategy<Value = T>) -> impl Strategy<Value = Option<T>> {

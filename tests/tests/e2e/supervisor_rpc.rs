@@ -43,7 +43,10 @@ async fn process_lifecycle_logs_and_signals_over_the_unix_socket() -> anyhow::Re
 
     assert!(c.start_process("trapper", true).await?);
     let info = c.get_process_info("trapper").await?;
-    assert_eq!((info.state, info.statename.as_str()), (ProcessState::Running, "RUNNING"));
+    assert_eq!(
+        (info.state, info.statename.as_str()),
+        (ProcessState::Running, "RUNNING")
+    );
     assert!(info.pid > 0 && info.start > 0);
     assert_eq!(info.namespec(), "trapper");
     assert_fault(c.start_process("trapper", true).await, FaultCode::AlreadyStarted);
@@ -85,9 +88,15 @@ async fn group_calls_and_multicall_address_every_process() -> anyhow::Result<()>
     let c = sd.client().await?;
     add(&c, &sd, "w.conf", WORKERS).await?;
     let started = c.start_process_group("w", true).await?;
-    let mut names: Vec<_> = started.iter().map(|r| (r.group.as_str(), r.name.as_str(), r.status)).collect();
+    let mut names: Vec<_> = started
+        .iter()
+        .map(|r| (r.group.as_str(), r.name.as_str(), r.status))
+        .collect();
     names.sort();
-    assert_eq!(names, [("w", "w_00", FaultCode::Success), ("w", "w_01", FaultCode::Success)]);
+    assert_eq!(
+        names,
+        [("w", "w_00", FaultCode::Success), ("w", "w_01", FaultCode::Success)]
+    );
     // A numprocs program is addressed group:process, never by the program name alone.
     assert_fault(c.get_process_info("w").await, FaultCode::BadName);
     assert_eq!(c.get_process_info("w:w_01").await?.state, ProcessState::Running);
@@ -104,12 +113,20 @@ async fn group_calls_and_multicall_address_every_process() -> anyhow::Result<()>
         .await?;
     assert_eq!(answers.len(), 3);
     assert!(answers[0].is_ok());
-    assert_eq!(answers[1].as_ref().err().and_then(Error::fault), Some(FaultCode::BadName));
+    assert_eq!(
+        answers[1].as_ref().err().and_then(Error::fault),
+        Some(FaultCode::BadName)
+    );
     assert!(matches!(&answers[2], Ok(dxr::Value::Struct(s)) if s.contains_key("pid")));
 
     let stopped = c.stop_process_group("w", true).await?;
     assert_eq!(stopped.len(), 2);
-    assert!(c.get_all_process_info().await?.iter().all(|p| p.state == ProcessState::Stopped));
+    assert!(
+        c.get_all_process_info()
+            .await?
+            .iter()
+            .all(|p| p.state == ProcessState::Stopped)
+    );
     Ok(())
 }
 
@@ -131,7 +148,11 @@ async fn reload_reports_changes_and_refuses_a_broken_file() -> anyhow::Result<()
 #[tokio::test]
 async fn tcp_with_basic_auth_and_a_401_is_an_auth_error() -> anyhow::Result<()> {
     let creds = Some(("corral".to_string(), "s3cr%t".to_string()));
-    let sd = Supervisord::start(Options { tcp: true, credentials: creds }).await?;
+    let sd = Supervisord::start(Options {
+        tcp: true,
+        credentials: creds,
+    })
+    .await?;
     let url = sd.tcp_url.clone().expect("tcp");
     assert_eq!(sd.client_at(&url).await?.get_state().await?.name, "RUNNING");
     assert_eq!(sd.client().await?.get_state().await?.name, "RUNNING");
@@ -153,7 +174,9 @@ async fn an_absent_supervisord_is_a_transport_error() -> anyhow::Result<()> {
     let r = Client::new(cfg)?.get_state().await;
     assert!(matches!(r, Err(Error::Transport { .. })), "{r:?}");
     let port = corral_tests::free_port()?;
-    let r = Client::new(ClientConfig::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"))?))?.get_state().await;
+    let r = Client::new(ClientConfig::new(Endpoint::parse(&format!("http://127.0.0.1:{port}"))?))?
+        .get_state()
+        .await;
     assert!(matches!(r, Err(Error::Transport { .. })), "{r:?}");
     Ok(())
 }
