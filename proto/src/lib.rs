@@ -5,7 +5,9 @@
 //! arguments, so the agent, the controller and the CLI agree on what a spec means.
 
 pub mod import;
+pub mod fleet;
 pub mod ini;
+pub mod keys;
 pub mod render;
 pub mod resource;
 pub mod signal;

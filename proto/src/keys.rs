@@ -1,0 +1,115 @@
+//! The etcd key schema. Values are JSON.
+//!
+//! ```text
+//! <prefix>/programs/<name>               Program                       controller writes
+//! <prefix>/groups/<name>                 Group                         controller writes
+//! <prefix>/hosts/<host>                  Host: labels, versions        agent registers
+//! <prefix>/alive/<host>                  liveness, on the agent's lease
+//! <prefix>/assignments/<host>/<program>  Assignment                    controller writes
+//! <prefix>/status/<host>/<program>       ProgramHostStatus             agent writes on change
+//! <prefix>/election/controller           leader election
+//! ```
+//!
+//! Names are validated (`check_name`, `check_host_name`) before they become key segments, so
+//! a key never has more segments than its pattern.
+
+/// Builds the keys under one prefix (default `/corral`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Keys::new("/corral")
+    }
+}
+
+impl Keys {
+    /// `prefix` without a trailing slash (one is removed if given).
+    pub fn new(prefix: &str) -> Keys {
+        Keys { prefix: prefix.trim_end_matches('/').to_string() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn programs(&self) -> String {
+        format!("{}/programs/", self.prefix)
+    }
+    pub fn program(&self, name: &str) -> String {
+        format!("{}/programs/{name}", self.prefix)
+    }
+    pub fn groups(&self) -> String {
+        format!("{}/groups/", self.prefix)
+    }
+    pub fn group(&self, name: &str) -> String {
+        format!("{}/groups/{name}", self.prefix)
+    }
+    pub fn hosts(&self) -> String {
+        format!("{}/hosts/", self.prefix)
+    }
+    pub fn host(&self, host: &str) -> String {
+        format!("{}/hosts/{host}", self.prefix)
+    }
+    pub fn alive_prefix(&self) -> String {
+        format!("{}/alive/", self.prefix)
+    }
+    pub fn alive(&self, host: &str) -> String {
+        format!("{}/alive/{host}", self.prefix)
+    }
+    pub fn all_assignments(&self) -> String {
+        format!("{}/assignments/", self.prefix)
+    }
+    /// The prefix an agent watches: only its own assignments.
+    pub fn assignments(&self, host: &str) -> String {
+        format!("{}/assignments/{host}/", self.prefix)
+    }
+    pub fn assignment(&self, host: &str, program: &str) -> String {
+        format!("{}/assignments/{host}/{program}", self.prefix)
+    }
+    pub fn all_status(&self) -> String {
+        format!("{}/status/", self.prefix)
+    }
+    pub fn host_status(&self, host: &str) -> String {
+        format!("{}/status/{host}/", self.prefix)
+    }
+    pub fn status(&self, host: &str, program: &str) -> String {
+        format!("{}/status/{host}/{program}", self.prefix)
+    }
+    pub fn election(&self) -> String {
+        format!("{}/election/controller", self.prefix)
+    }
+
+    /// The last segment of a key under `collection` (e.g. the program of an assignment key).
+    pub fn last_segment<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?.rsplit('/').next().filter(|s| !s.is_empty())
+    }
+
+    /// `(host, program)` of an assignment or status key.
+    pub fn host_and_program<'a>(&self, key: &'a str) -> Option<(&'a str, &'a str)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        let (_, rest) = rest.split_once('/')?;
+        let (host, program) = rest.split_once('/')?;
+        (!host.is_empty() && !program.is_empty() && !program.contains('/')).then_some((host, program))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_schema() {
+        let k = Keys::new("/corral/");
+        assert_eq!(k.program("web"), "/corral/programs/web");
+        assert_eq!(k.assignments("h1"), "/corral/assignments/h1/");
+        assert_eq!(k.assignment("h1", "web"), "/corral/assignments/h1/web");
+        assert_eq!(k.host_and_program("/corral/assignments/h1/web"), Some(("h1", "web")));
+        assert_eq!(k.host_and_program("/corral/status/h1/web"), Some(("h1", "web")));
+        assert_eq!(k.host_and_program("/corral/assignments/h1/"), None);
+        assert_eq!(k.host_and_program("/other/assignments/h1/web"), None);
+        assert_eq!(k.last_segment("/corral/programs/web"), Some("web"));
+    }
+}
