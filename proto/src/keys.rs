@@ -28,7 +28,9 @@ impl Default for Keys {
 impl Keys {
     /// `prefix` without a trailing slash (one is removed if given).
     pub fn new(prefix: &str) -> Keys {
-        Keys { prefix: prefix.trim_end_matches('/').to_string() }
+        Keys {
+            prefix: prefix.trim_end_matches('/').to_string(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -84,7 +86,10 @@ impl Keys {
 
     /// The last segment of a key under `collection` (e.g. the program of an assignment key).
     pub fn last_segment<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.prefix)?.rsplit('/').next().filter(|s| !s.is_empty())
+        key.strip_prefix(&self.prefix)?
+            .rsplit('/')
+            .next()
+            .filter(|s| !s.is_empty())
     }
 
     /// `(host, program)` of an assignment or status key.

@@ -4,8 +4,8 @@
 //! Architecture Invariant: this crate does no I/O. Everything here is a function of its
 //! arguments, so the agent, the controller and the CLI agree on what a spec means.
 
-pub mod import;
 pub mod fleet;
+pub mod import;
 pub mod ini;
 pub mod keys;
 pub mod render;
