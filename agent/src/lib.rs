@@ -1,4 +1,6 @@
 //! Corral's per-host agent. Today: the supervisord XML-RPC driver that reconciliation uses.
 
+pub mod confdir;
 pub mod plan;
+pub mod reconcile;
 pub mod supervisor;

@@ -2,5 +2,6 @@
 
 mod conformance;
 mod etcd_kit;
+mod reconcile;
 mod render_roundtrip;
 mod supervisor_rpc;
