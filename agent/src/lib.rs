@@ -1,6 +1,8 @@
 //! Corral's per-host agent. Today: the supervisord XML-RPC driver that reconciliation uses.
 
 pub mod confdir;
+pub mod etcd;
 pub mod plan;
 pub mod reconcile;
+pub mod run;
 pub mod supervisor;

@@ -1,0 +1,203 @@
+//! The agent's etcd adapter: registration, liveness lease, the watch of its own assignments,
+//! and status reports.
+//!
+//! One session = connect, register, lease, list, watch. Any error ends the session; the
+//! caller starts a new one after a pause, which re-lists (so a compaction or an etcd restart
+//! is handled by the same path). Meanwhile the reconcile loop keeps the last known state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_proto::fleet::{Assignment, ProgramHostStatus};
+use corral_proto::keys::Keys;
+use corral_proto::resource::{Host, HostSpec, HostStatus, Metadata};
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Desired state as the agent knows it: program -> assignment.
+pub type Assignments = Arc<BTreeMap<String, Assignment>>;
+
+/// Statuses the reconcile loop wants reported: program -> status.
+pub type Statuses = Arc<BTreeMap<String, ProgramHostStatus>>;
+
+/// Why an etcd session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd: {0} timed out")]
+    Timeout(&'static str),
+    #[error("etcd: the watch was cancelled (compaction at revision {compact_revision}, reason {reason:?}); re-listing")]
+    WatchCancelled { compact_revision: i64, reason: String },
+    #[error("etcd: the lease keep-alive stream ended")]
+    LeaseLost,
+    #[error("etcd: the watch stream ended")]
+    WatchEnded,
+}
+
+/// How the agent talks to etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub keys: Keys,
+    pub host: String,
+    pub labels: BTreeMap<String, String>,
+    /// Seconds before a silent agent's liveness key disappears.
+    pub lease_ttl: i64,
+}
+
+/// Connects with keep-alive pings no faster than every 10 s (etcd 3.4 drops clients that
+/// ping more often than every 5 s).
+///
+/// # Errors
+/// If no endpoint answers within the connect timeout.
+pub async fn connect(endpoints: &[String]) -> Result<Client, Error> {
+    let opts = ConnectOptions::new()
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_secs(3));
+    Ok(tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(opts)))
+        .await
+        .map_err(|_| Error::Timeout("connect"))??)
+}
+
+async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
+    Ok(tokio::time::timeout(Duration::from_secs(10), f).await.map_err(|_| Error::Timeout(what))??)
+}
+
+/// Runs one session until an error or `shutdown`. Sends every new view of the assignments
+/// to `desired`, and writes each status from `statuses` that differs from what etcd holds.
+///
+/// # Errors
+/// Whatever ended the session; the caller retries.
+pub async fn session(
+    cfg: &EtcdConfig,
+    supervisord_version: Option<String>,
+    desired: &watch::Sender<Assignments>,
+    statuses: &mut watch::Receiver<Statuses>,
+    connected: &watch::Sender<bool>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    let mut client = connect(&cfg.endpoints).await?;
+    let keys = &cfg.keys;
+
+    let host = Host {
+        status: Some(HostStatus {
+            agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            supervisord_version,
+            ready: true,
+        }),
+        ..Host::new(Metadata { name: cfg.host.clone(), labels: cfg.labels.clone(), ..Default::default() }, HostSpec {})
+    };
+    let host_json = serde_json::to_vec(&host).unwrap_or_default();
+    within("register", client.put(keys.host(&cfg.host), host_json, None)).await?;
+    let lease = within("lease grant", client.lease_grant(cfg.lease_ttl, None)).await?.id();
+    within("alive", client.put(keys.alive(&cfg.host), "", Some(PutOptions::new().with_lease(lease)))).await?;
+    let (mut keeper, mut keep_stream) = within("lease keep-alive", client.lease_keep_alive(lease)).await?;
+
+    // List, then watch from the next revision.
+    let prefix = keys.assignments(&cfg.host);
+    let listed = within("list", client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+    let revision = listed.header().map_or(0, |h| h.revision());
+    let mut current: BTreeMap<String, Assignment> = BTreeMap::new();
+    for kv in listed.kvs() {
+        apply_put(keys, &mut current, kv.key(), kv.value());
+    }
+    desired.send_replace(Arc::new(current.clone()));
+    let mut stream = within(
+        "watch",
+        client.watch(prefix.clone(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))),
+    )
+    .await?;
+    connected.send_replace(true);
+    tracing::info!(host = %cfg.host, programs = current.len(), revision, "etcd session started");
+
+    // Reported statuses: what etcd holds for this host, so only changes are written.
+    let mut written: BTreeMap<String, ProgramHostStatus> = BTreeMap::new();
+    let listed = within("list status", client.get(keys.host_status(&cfg.host), Some(GetOptions::new().with_prefix()))).await?;
+    for kv in listed.kvs() {
+        if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value())) {
+            if let Some((_, program)) = keys.host_and_program(key) {
+                written.insert(program.to_string(), s);
+            }
+        }
+    }
+    statuses.mark_changed();
+
+    let mut keep_alive = tokio::time::interval(Duration::from_secs((cfg.lease_ttl / 3).max(1) as u64));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                // Best effort: a clean stop tells the controller at once.
+                let _ = within("lease revoke", client.lease_revoke(lease)).await;
+                return Ok(());
+            }
+            _ = keep_alive.tick() => {
+                within("keep-alive", keeper.keep_alive()).await?;
+                match tokio::time::timeout(Duration::from_secs(10), keep_stream.message()).await {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {}
+                    Ok(Err(e)) => return Err(e.into()),
+                    _ => return Err(Error::LeaseLost),
+                }
+            }
+            msg = stream.message() => {
+                let Some(resp) = msg? else { return Err(Error::WatchEnded) };
+                if resp.canceled() {
+                    return Err(Error::WatchCancelled {
+                        compact_revision: resp.compact_revision(),
+                        reason: resp.cancel_reason().to_string(),
+                    });
+                }
+                let mut changed = false;
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    match ev.event_type() {
+                        EventType::Put => changed |= apply_put(keys, &mut current, kv.key(), kv.value()),
+                        EventType::Delete => {
+                            if let Some((_, program)) = kv.key_str().ok().and_then(|k| keys.host_and_program(k)) {
+                                changed |= current.remove(program).is_some();
+                            }
+                        }
+                    }
+                }
+                if changed {
+                    desired.send_replace(Arc::new(current.clone()));
+                }
+            }
+            r = statuses.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let now = statuses.borrow_and_update().clone();
+                for (program, s) in now.iter() {
+                    if written.get(program) != Some(s) {
+                        let v = serde_json::to_vec(s).unwrap_or_default();
+                        within("put status", client.put(keys.status(&cfg.host, program), v, None)).await?;
+                        written.insert(program.clone(), s.clone());
+                    }
+                }
+                let gone: Vec<String> = written.keys().filter(|p| !now.contains_key(*p)).cloned().collect();
+                for program in gone {
+                    within("delete status", client.delete(keys.status(&cfg.host, &program), None)).await?;
+                    written.remove(&program);
+                }
+            }
+        }
+    }
+}
+
+/// Applies one assignment value; an unreadable one is logged and skipped (the controller
+/// validated it; a newer agent field would land here).
+fn apply_put(keys: &Keys, current: &mut BTreeMap<String, Assignment>, key: &[u8], value: &[u8]) -> bool {
+    let Some((_, program)) = std::str::from_utf8(key).ok().and_then(|k| keys.host_and_program(k)) else {
+        return false;
+    };
+    match serde_json::from_slice::<Assignment>(value) {
+        Ok(a) => current.insert(program.to_string(), a.clone()).as_ref() != Some(&a),
+        Err(e) => {
+            tracing::warn!(program, error = %e, "ignoring an assignment that does not parse");
+            false
+        }
+    }
+}

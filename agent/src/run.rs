@@ -1,0 +1,179 @@
+//! The agent's main loop: keeps the etcd session, the conf dir watcher and the reconcile
+//! loop running until shutdown, and serves `/healthz`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use notify::Watcher as _;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::confdir::{self, ConfDir};
+use crate::etcd::{self, Assignments, EtcdConfig, Statuses};
+use crate::plan;
+use crate::reconcile::Reconciler;
+use crate::supervisor::{self, Client, ClientConfig};
+
+/// Everything the agent needs to run.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub etcd: EtcdConfig,
+    pub supervisor: ClientConfig,
+    pub conf_dir: PathBuf,
+    pub state_dir: PathBuf,
+    /// How often a pass runs with no trigger (it also polls supervisord's process states).
+    pub resync: Duration,
+    /// How often a pass also asks supervisord to re-read its config.
+    pub reload_every: Duration,
+    pub listen: Option<SocketAddr>,
+}
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("supervisord client: {0}")]
+    Supervisor(#[from] supervisor::Error),
+    #[error("state dir {path}: {source}")]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error("watch conf dir {path}: {source}")]
+    Watch { path: PathBuf, source: notify::Error },
+    #[error("listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+}
+
+const CACHE_FILE: &str = "assignments.json";
+
+fn load_cache(state_dir: &Path) -> BTreeMap<String, corral_proto::fleet::Assignment> {
+    let path = state_dir.join(CACHE_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable assignment cache");
+            BTreeMap::new()
+        }),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// Runs the agent until `shutdown` is cancelled.
+///
+/// # Guarantees
+/// When etcd is unreachable the agent keeps enforcing the last assignments it saw (from
+/// memory, or from `<state-dir>/assignments.json` after a restart).
+///
+/// # Errors
+/// Only start-up problems; everything after is retried and logged.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), StartError> {
+    let state_err = |source| StartError::StateDir { path: cfg.state_dir.clone(), source };
+    std::fs::create_dir_all(&cfg.state_dir).map_err(state_err)?;
+    let client = Client::new(cfg.supervisor.clone())?;
+    let mut reconciler =
+        Reconciler::new(&cfg.etcd.host, client.clone(), ConfDir::new(&cfg.conf_dir), cfg.state_dir.clone())
+            .map_err(state_err)?;
+
+    let (desired_tx, mut desired_rx) = watch::channel::<Assignments>(Arc::new(load_cache(&cfg.state_dir)));
+    let (status_tx, status_rx) = watch::channel::<Statuses>(Arc::new(BTreeMap::new()));
+    let (connected_tx, connected_rx) = watch::channel(false);
+    let trigger = Arc::new(Notify::new());
+    let tracker = TaskTracker::new();
+
+    // Conf dir events: watch the directory (atomic renames lose watches on files).
+    let t = trigger.clone();
+    let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| t.notify_one())
+        .map_err(|source| StartError::Watch { path: cfg.conf_dir.clone(), source })?;
+    watcher
+        .watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|source| StartError::Watch { path: cfg.conf_dir.clone(), source })?;
+
+    if let Some(addr) = cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+        let app = health_router(connected_rx.clone());
+        let stop = shutdown.clone();
+        tracker.spawn(async move {
+            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+        });
+    }
+
+    // etcd sessions, retried with backoff.
+    {
+        let cfg = cfg.etcd.clone();
+        let stop = shutdown.clone();
+        let client = client.clone();
+        let mut status_rx = status_rx.clone();
+        tracker.spawn(async move {
+            let mut pause = Duration::from_millis(500);
+            while !stop.is_cancelled() {
+                let version = client.get_supervisor_version().await.ok();
+                let started = Instant::now();
+                match etcd::session(&cfg, version, &desired_tx, &mut status_rx, &connected_tx, &stop).await {
+                    Ok(()) => break,
+                    Err(e) => tracing::warn!(error = %e, "etcd session ended; keeping the last known state"),
+                }
+                connected_tx.send_replace(false);
+                if started.elapsed() > Duration::from_secs(30) {
+                    pause = Duration::from_millis(500);
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+
+    // The reconcile loop.
+    let mut tick = tokio::time::interval(cfg.resync);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_reload = Instant::now();
+    let mut cached: Option<Assignments> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = desired_rx.changed() => { if r.is_err() { break; } }
+            _ = trigger.notified() => {}
+            _ = tick.tick() => {}
+        }
+        // Coalesce bursts (a watch event and the file events it causes) into one pass.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let assignments = desired_rx.borrow_and_update().clone();
+        if cached.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &assignments)) {
+            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
+            if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
+                tracing::warn!(error = %e, "cannot cache assignments");
+            }
+            cached = Some(assignments.clone());
+        }
+        if last_reload.elapsed() >= cfg.reload_every {
+            reconciler.request_reload();
+            last_reload = Instant::now();
+        }
+        let desired = plan::desired(&assignments, &cfg.etcd.host);
+        match reconciler.pass(&desired).await {
+            Ok(report) => {
+                if !report.corrections.is_empty() {
+                    tracing::info!(corrections = ?report.corrections, "reconciled");
+                }
+                status_tx.send_replace(Arc::new(report.statuses));
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile pass failed"),
+        }
+    }
+    drop(watcher);
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+fn health_router(connected: watch::Receiver<bool>) -> axum::Router {
+    axum::Router::new().route(
+        "/healthz",
+        axum::routing::get(move || {
+            let etcd = *connected.borrow();
+            async move { format!("ok\netcd_connected {etcd}\n") }
+        }),
+    )
+}
