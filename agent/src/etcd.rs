@@ -57,13 +57,17 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, Error> {
     let opts = ConnectOptions::new()
         .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
         .with_connect_timeout(Duration::from_secs(3));
-    Ok(tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(opts)))
-        .await
-        .map_err(|_| Error::Timeout("connect"))??)
+    Ok(
+        tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(opts)))
+            .await
+            .map_err(|_| Error::Timeout("connect"))??,
+    )
 }
 
 async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
-    Ok(tokio::time::timeout(Duration::from_secs(10), f).await.map_err(|_| Error::Timeout(what))??)
+    Ok(tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .map_err(|_| Error::Timeout(what))??)
 }
 
 /// Runs one session until an error or `shutdown`. Sends every new view of the assignments
@@ -88,17 +92,34 @@ pub async fn session(
             supervisord_version,
             ready: true,
         }),
-        ..Host::new(Metadata { name: cfg.host.clone(), labels: cfg.labels.clone(), ..Default::default() }, HostSpec {})
+        ..Host::new(
+            Metadata {
+                name: cfg.host.clone(),
+                labels: cfg.labels.clone(),
+                ..Default::default()
+            },
+            HostSpec {},
+        )
     };
     let host_json = serde_json::to_vec(&host).unwrap_or_default();
     within("register", client.put(keys.host(&cfg.host), host_json, None)).await?;
-    let lease = within("lease grant", client.lease_grant(cfg.lease_ttl, None)).await?.id();
-    within("alive", client.put(keys.alive(&cfg.host), "", Some(PutOptions::new().with_lease(lease)))).await?;
+    let lease = within("lease grant", client.lease_grant(cfg.lease_ttl, None))
+        .await?
+        .id();
+    within(
+        "alive",
+        client.put(keys.alive(&cfg.host), "", Some(PutOptions::new().with_lease(lease))),
+    )
+    .await?;
     let (mut keeper, mut keep_stream) = within("lease keep-alive", client.lease_keep_alive(lease)).await?;
 
     // List, then watch from the next revision.
     let prefix = keys.assignments(&cfg.host);
-    let listed = within("list", client.get(prefix.clone(), Some(GetOptions::new().with_prefix()))).await?;
+    let listed = within(
+        "list",
+        client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
     let revision = listed.header().map_or(0, |h| h.revision());
     let mut current: BTreeMap<String, Assignment> = BTreeMap::new();
     for kv in listed.kvs() {
@@ -107,7 +128,10 @@ pub async fn session(
     desired.send_replace(Arc::new(current.clone()));
     let mut stream = within(
         "watch",
-        client.watch(prefix.clone(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))),
+        client.watch(
+            prefix.clone(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
+        ),
     )
     .await?;
     connected.send_replace(true);
@@ -115,12 +139,16 @@ pub async fn session(
 
     // Reported statuses: what etcd holds for this host, so only changes are written.
     let mut written: BTreeMap<String, ProgramHostStatus> = BTreeMap::new();
-    let listed = within("list status", client.get(keys.host_status(&cfg.host), Some(GetOptions::new().with_prefix()))).await?;
+    let listed = within(
+        "list status",
+        client.get(keys.host_status(&cfg.host), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
     for kv in listed.kvs() {
-        if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value())) {
-            if let Some((_, program)) = keys.host_and_program(key) {
-                written.insert(program.to_string(), s);
-            }
+        if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value()))
+            && let Some((_, program)) = keys.host_and_program(key)
+        {
+            written.insert(program.to_string(), s);
         }
     }
     statuses.mark_changed();

@@ -18,7 +18,12 @@ use tokio_util::sync::CancellationToken;
 #[command(name = "corral-agent", version, about)]
 struct Args {
     /// etcd endpoints, comma-separated.
-    #[arg(long, env = "CORRAL_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
     etcd_endpoints: Vec<String>,
     /// etcd key prefix.
     #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
@@ -30,7 +35,11 @@ struct Args {
     #[arg(long, env = "CORRAL_LABELS", default_value = "")]
     labels: String,
     /// supervisord's XML-RPC endpoint: unix:///path/to/supervisor.sock or http://host:port.
-    #[arg(long, env = "CORRAL_SUPERVISOR_URL", default_value = "unix:///var/run/supervisor.sock")]
+    #[arg(
+        long,
+        env = "CORRAL_SUPERVISOR_URL",
+        default_value = "unix:///var/run/supervisor.sock"
+    )]
     supervisor_url: String,
     #[arg(long, env = "CORRAL_SUPERVISOR_USERNAME")]
     supervisor_username: Option<String>,
@@ -58,7 +67,9 @@ fn parse_labels(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
     s.split(',')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
-            let (k, v) = kv.split_once('=').with_context(|| format!("--labels: {kv:?} is not k=v"))?;
+            let (k, v) = kv
+                .split_once('=')
+                .with_context(|| format!("--labels: {kv:?} is not k=v"))?;
             Ok((k.to_string(), v.to_string()))
         })
         .collect()
@@ -77,10 +88,16 @@ async fn main() -> anyhow::Result<()> {
             .trim()
             .to_string(),
     };
-    corral_proto::validate::check_host_name(&host).map_err(anyhow::Error::msg).context("--host")?;
+    corral_proto::validate::check_host_name(&host)
+        .map_err(anyhow::Error::msg)
+        .context("--host")?;
     let labels = parse_labels(&args.labels)?;
     let host_check = corral_proto::resource::Host::new(
-        corral_proto::resource::Metadata { name: host.clone(), labels: labels.clone(), ..Default::default() },
+        corral_proto::resource::Metadata {
+            name: host.clone(),
+            labels: labels.clone(),
+            ..Default::default()
+        },
         Default::default(),
     );
     corral_proto::validate_host(host_check).context("--host/--labels")?;
@@ -96,7 +113,13 @@ async fn main() -> anyhow::Result<()> {
         supervisor.credentials = Some((user, password));
     }
     let cfg = AgentConfig {
-        etcd: EtcdConfig { endpoints: args.etcd_endpoints, keys: Keys::new(&args.prefix), host, labels, lease_ttl: args.lease_ttl },
+        etcd: EtcdConfig {
+            endpoints: args.etcd_endpoints,
+            keys: Keys::new(&args.prefix),
+            host,
+            labels,
+            lease_ttl: args.lease_ttl,
+        },
         supervisor,
         conf_dir: args.conf_dir,
         state_dir: args.state_dir,

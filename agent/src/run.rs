@@ -67,12 +67,19 @@ fn load_cache(state_dir: &Path) -> BTreeMap<String, corral_proto::fleet::Assignm
 /// # Errors
 /// Only start-up problems; everything after is retried and logged.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), StartError> {
-    let state_err = |source| StartError::StateDir { path: cfg.state_dir.clone(), source };
+    let state_err = |source| StartError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    };
     std::fs::create_dir_all(&cfg.state_dir).map_err(state_err)?;
     let client = Client::new(cfg.supervisor.clone())?;
-    let mut reconciler =
-        Reconciler::new(&cfg.etcd.host, client.clone(), ConfDir::new(&cfg.conf_dir), cfg.state_dir.clone())
-            .map_err(state_err)?;
+    let mut reconciler = Reconciler::new(
+        &cfg.etcd.host,
+        client.clone(),
+        ConfDir::new(&cfg.conf_dir),
+        cfg.state_dir.clone(),
+    )
+    .map_err(state_err)?;
 
     let (desired_tx, mut desired_rx) = watch::channel::<Assignments>(Arc::new(load_cache(&cfg.state_dir)));
     let (status_tx, status_rx) = watch::channel::<Statuses>(Arc::new(BTreeMap::new()));
@@ -83,17 +90,27 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     // Conf dir events: watch the directory (atomic renames lose watches on files).
     let t = trigger.clone();
     let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| t.notify_one())
-        .map_err(|source| StartError::Watch { path: cfg.conf_dir.clone(), source })?;
+        .map_err(|source| StartError::Watch {
+            path: cfg.conf_dir.clone(),
+            source,
+        })?;
     watcher
         .watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|source| StartError::Watch { path: cfg.conf_dir.clone(), source })?;
+        .map_err(|source| StartError::Watch {
+            path: cfg.conf_dir.clone(),
+            source,
+        })?;
 
     if let Some(addr) = cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Listen { addr, source })?;
         let app = health_router(connected_rx.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
-            let _ = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await;
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
         });
     }
 

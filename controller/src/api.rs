@@ -1,0 +1,354 @@
+//! The HTTP+JSON API under `/v1`, bearer-token protected; `/healthz` is open.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use corral_proto::resource::{Group, Host, Kind, Program, Resource};
+use corral_proto::{ValidationErrors, parse_json, validate_group, validate_program};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::placement::selects;
+use crate::status::{FleetStatus, fleet_status, program_status};
+use crate::store::{Applied, Object, Store, StoreError};
+
+/// Shared by every request.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub tokens: Arc<Vec<String>>,
+    pub is_leader: watch::Receiver<bool>,
+}
+
+/// An error answer: `{"error": "...", "details": [...]}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    details: Vec<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        let status = match &e {
+            StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Etcd(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl From<ValidationErrors> for ApiError {
+    fn from(e: ValidationErrors) -> ApiError {
+        ApiError {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: format!("{} is invalid", e.resource),
+            details: e.errors.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.message, "details": self.details})),
+        )
+            .into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// `?dry_run=true`
+#[derive(Debug, Default, Deserialize)]
+pub struct DryRun {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// The answer to an apply.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApplyResult<T> {
+    /// `created`, `configured` or `unchanged`, as kubectl says it.
+    pub result: &'static str,
+    pub dry_run: bool,
+    pub object: T,
+}
+
+fn apply_result<T>(a: Applied<T>, dry_run: bool) -> ApplyResult<T> {
+    let result = match (a.created, a.changed) {
+        (true, _) => "created",
+        (false, true) => "configured",
+        (false, false) => "unchanged",
+    };
+    ApplyResult {
+        result,
+        dry_run,
+        object: a.object,
+    }
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/programs", get(list_programs).post(apply_any))
+        .route(
+            "/programs/{name}",
+            get(get_program).put(put_program).delete(delete_program),
+        )
+        .route("/groups", get(list_groups).post(apply_any))
+        .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
+        .route("/hosts", get(list_hosts))
+        .route("/status", get(status))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/", get(health))
+        .route("/healthz", get(health))
+        .nest("/v1", v1)
+        .with_state(state)
+}
+
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| {
+            state
+                .tokens
+                .iter()
+                .any(|known| constant_time_eq(known.as_bytes(), t.as_bytes()))
+        });
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response()
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({"ok": true, "leader": *state.is_leader.borrow()}))
+}
+
+fn parse_body(body: &str) -> Result<Resource, ApiError> {
+    parse_json(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("cannot read the resource: {e}")))
+}
+
+/// A program may be in at most one native group.
+async fn check_native_groups(store: &Store, g: &Group) -> Result<(), ApiError> {
+    if !g.spec.native {
+        return Ok(());
+    }
+    let others: Vec<Group> = store.list().await?;
+    let mine: BTreeSet<&String> = g.spec.programs.iter().collect();
+    for other in others
+        .iter()
+        .filter(|o| o.spec.native && o.metadata.name != g.metadata.name)
+    {
+        if let Some(p) = other.spec.programs.iter().find(|p| mine.contains(p)) {
+            return Err(ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                message: format!("Group {:?} is invalid", g.metadata.name),
+                details: vec![format!(
+                    "spec.programs: {p:?} is already in native group {:?}",
+                    other.metadata.name
+                )],
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<serde_json::Value, ApiError> {
+    let value = match r {
+        Resource::Program(p) => {
+            let p = validate_program(p)?.into_inner();
+            serde_json::to_value(apply_result(state.store.apply(p, dry_run).await?, dry_run))
+        }
+        Resource::Group(g) => {
+            let g = validate_group(g)?.into_inner();
+            check_native_groups(&state.store, &g).await?;
+            serde_json::to_value(apply_result(state.store.apply(g, dry_run).await?, dry_run))
+        }
+        Resource::Host(_) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "Hosts register themselves; they cannot be applied",
+            ));
+        }
+    };
+    value.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+async fn apply_any(
+    State(state): State<AppState>,
+    Query(q): Query<DryRun>,
+    body: String,
+) -> ApiResult<serde_json::Value> {
+    let r = parse_body(&body)?;
+    Ok(Json(apply_resource(&state, r, q.dry_run).await?))
+}
+
+async fn put_named(
+    state: &AppState,
+    kind: Kind,
+    name: &str,
+    dry_run: bool,
+    body: &str,
+) -> ApiResult<serde_json::Value> {
+    let r = parse_body(body)?;
+    if r.kind() != kind || r.metadata().name != name {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "the body is {} {:?}, the path names {kind} {name:?}",
+                r.kind(),
+                r.metadata().name
+            ),
+        ));
+    }
+    Ok(Json(apply_resource(state, r, dry_run).await?))
+}
+
+async fn put_program(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DryRun>,
+    body: String,
+) -> ApiResult<serde_json::Value> {
+    put_named(&state, Kind::Program, &name, q.dry_run, &body).await
+}
+
+async fn put_group(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DryRun>,
+    body: String,
+) -> ApiResult<serde_json::Value> {
+    put_named(&state, Kind::Group, &name, q.dry_run, &body).await
+}
+
+/// Fills each program's `status` from the agents' reports.
+async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
+    let hosts = store.hosts().await?;
+    let alive = store.alive().await?;
+    let reports = store.reports().await?;
+    for p in &mut programs {
+        let assigned: BTreeSet<String> = hosts
+            .iter()
+            .filter(|h| selects(p, h))
+            .map(|h| h.metadata.name.clone())
+            .collect();
+        let view = program_status(p, &assigned, &reports, &alive);
+        p.status = serde_json::to_value(view).ok();
+    }
+    Ok(programs)
+}
+
+async fn list_programs(State(state): State<AppState>) -> ApiResult<Vec<Program>> {
+    let programs = state.store.list::<Program>().await?;
+    Ok(Json(with_status(&state.store, programs).await?))
+}
+
+async fn get_one<T: Object>(store: &Store, name: &str) -> Result<T, ApiError> {
+    store.get::<T>(name).await?.ok_or_else(|| {
+        ApiError::from(StoreError::NotFound {
+            kind: T::KIND,
+            name: name.to_string(),
+        })
+    })
+}
+
+async fn get_program(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Program> {
+    let p = get_one::<Program>(&state.store, &name).await?;
+    let mut with = with_status(&state.store, vec![p]).await?;
+    with.pop()
+        .map(Json)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))
+}
+
+async fn delete_program(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DryRun>,
+) -> ApiResult<serde_json::Value> {
+    state.store.delete::<Program>(&name, q.dry_run).await?;
+    Ok(Json(
+        json!({"result": "deleted", "dryRun": q.dry_run, "kind": "Program", "name": name}),
+    ))
+}
+
+async fn list_groups(State(state): State<AppState>) -> ApiResult<Vec<Group>> {
+    Ok(Json(state.store.list::<Group>().await?))
+}
+
+async fn get_group(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Group> {
+    Ok(Json(get_one::<Group>(&state.store, &name).await?))
+}
+
+async fn delete_group(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DryRun>,
+) -> ApiResult<serde_json::Value> {
+    state.store.delete::<Group>(&name, q.dry_run).await?;
+    Ok(Json(
+        json!({"result": "deleted", "dryRun": q.dry_run, "kind": "Group", "name": name}),
+    ))
+}
+
+async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
+    let alive = state.store.alive().await?;
+    let mut hosts = state.store.hosts().await?;
+    for h in &mut hosts {
+        let status = h.status.get_or_insert_with(Default::default);
+        status.ready = alive.contains(&h.metadata.name);
+    }
+    Ok(Json(hosts))
+}
+
+async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
+    let programs: Vec<Program> = state.store.list().await?;
+    let hosts = state.store.hosts().await?;
+    let alive = state.store.alive().await?;
+    let reports = state.store.reports().await?;
+    let mut assigned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for p in &programs {
+        assigned.insert(
+            p.metadata.name.clone(),
+            hosts
+                .iter()
+                .filter(|h| selects(p, h))
+                .map(|h| h.metadata.name.clone())
+                .collect(),
+        );
+    }
+    Ok(Json(fleet_status(&programs, &assigned, &reports, &hosts, &alive)))
+}

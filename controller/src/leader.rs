@@ -1,0 +1,128 @@
+//! Leader election and the placement loop. Every replica serves the API; only the one that
+//! holds the etcd election writes assignments.
+
+use std::time::Duration;
+
+use corral_proto::resource::{Group, Program};
+use etcd_client::{ResignOptions, WatchOptions};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::placement::{diff, place};
+use crate::store::{Store, StoreError};
+
+/// Recomputes every assignment and writes the differences. Returns how many keys changed.
+///
+/// # Errors
+/// Store errors; nothing is half-decided (the writes are computed before any is made).
+pub async fn place_all(store: &Store) -> Result<usize, StoreError> {
+    let programs: Vec<Program> = store.list().await?;
+    let groups: Vec<Group> = store.list().await?;
+    let hosts = store.hosts().await?;
+    let desired = place(&programs, &groups, &hosts);
+    let current = store.assignments().await?;
+    let writes = diff(&desired, &current);
+    let n = writes.put.len() + writes.delete.len();
+    if n > 0 {
+        store.write_assignments(&writes).await?;
+        tracing::info!(
+            put = writes.put.len(),
+            deleted = writes.delete.len(),
+            "assignments updated"
+        );
+    }
+    Ok(n)
+}
+
+/// Campaigns, and while leader keeps assignments in line with programs, groups and hosts.
+/// Runs until `shutdown`; `is_leader` tells the rest of the controller.
+pub async fn run(store: Store, id: String, is_leader: watch::Sender<bool>, shutdown: CancellationToken) {
+    while !shutdown.is_cancelled() {
+        if let Err(e) = lead_once(&store, &id, &is_leader, &shutdown).await {
+            tracing::warn!(error = %e, "leadership lost or not acquired; retrying");
+        }
+        is_leader.send_replace(false);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn lead_once(
+    store: &Store,
+    id: &str,
+    is_leader: &watch::Sender<bool>,
+    shutdown: &CancellationToken,
+) -> Result<(), StoreError> {
+    let mut client = store.client();
+    let lease = client.lease_grant(10, None).await?.id();
+    let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
+    let lost = CancellationToken::new();
+    // Stops the keep-alive task whenever this function returns.
+    let _guard = lost.clone().drop_guard();
+    let lost_signal = lost.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = lost_signal.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            }
+            let ok = keeper.keep_alive().await.is_ok()
+                && matches!(
+                    tokio::time::timeout(Duration::from_secs(5), keep_stream.message()).await,
+                    Ok(Ok(Some(r))) if r.ttl() > 0
+                );
+            if !ok {
+                lost_signal.cancel();
+                return;
+            }
+        }
+    });
+
+    let election = store.keys().election();
+    let campaign = tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = lost.cancelled() => return Err(StoreError::Timeout("lease keep-alive")),
+        r = client.campaign(election.clone(), id.to_string(), lease) => r?,
+    };
+    let leader_key = campaign.leader().cloned();
+    is_leader.send_replace(true);
+    tracing::info!(id, "elected leader");
+
+    let prefix = store.keys().prefix().to_string();
+    let mut watch = client
+        .watch(format!("{prefix}/"), Some(WatchOptions::new().with_prefix()))
+        .await?;
+    let relevant = [store.keys().programs(), store.keys().groups(), store.keys().hosts()];
+    let mut resync = tokio::time::interval(Duration::from_secs(5));
+    place_all(store).await?;
+    loop {
+        let dirty = tokio::select! {
+            _ = shutdown.cancelled() => {
+                if let Some(key) = leader_key {
+                    let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
+                }
+                let _ = client.lease_revoke(lease).await;
+                return Ok(());
+            }
+            _ = lost.cancelled() => return Err(StoreError::Timeout("lease keep-alive")),
+            _ = resync.tick() => true,
+            msg = watch.message() => {
+                let Some(resp) = msg? else { return Err(StoreError::Timeout("watch")) };
+                if resp.canceled() {
+                    return Err(StoreError::Timeout("watch (cancelled)"));
+                }
+                resp.events().iter().filter_map(|e| e.kv()).any(|kv| {
+                    let k = String::from_utf8_lossy(kv.key());
+                    relevant.iter().any(|r| k.starts_with(r.as_str()))
+                })
+            }
+        };
+        if dirty {
+            place_all(store).await?;
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Corral's controller: validates and stores specs in etcd, places programs on hosts,
+//! aggregates status, and serves the HTTP API. Several replicas may run; one leads.
+
+pub mod api;
+pub mod leader;
+pub mod placement;
+pub mod status;
+pub mod store;

@@ -1,0 +1,99 @@
+//! `corral-controller`: parses flags, connects to etcd, serves the API and campaigns.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use corral_controller::api::{AppState, router};
+use corral_controller::leader;
+use corral_controller::store::Store;
+use corral_proto::keys::Keys;
+use etcd_client::ConnectOptions;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Corral's controller.
+#[derive(Debug, Parser)]
+#[command(name = "corral-controller", version, about)]
+struct Args {
+    /// etcd endpoints, comma-separated (all members of the cluster).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Address the HTTP API listens on.
+    #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// File of bearer tokens, one per line; every /v1 call needs one.
+    #[arg(long, env = "CORRAL_TOKEN_FILE")]
+    token_file: PathBuf,
+    /// etcd key prefix.
+    #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
+    prefix: String,
+    /// This replica's name in the leader election (default: host name and pid).
+    #[arg(long, env = "CORRAL_CONTROLLER_ID")]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let tokens: Vec<String> = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("read {}", args.token_file.display()))?
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    anyhow::ensure!(!tokens.is_empty(), "{} holds no token", args.token_file.display());
+    let opts = ConnectOptions::new()
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_connect_timeout(Duration::from_secs(5));
+    let client = etcd_client::Client::connect(&args.etcd_endpoints, Some(opts))
+        .await
+        .with_context(|| format!("connect to etcd at {}", args.etcd_endpoints.join(",")))?;
+    let store = Store::new(client, Keys::new(&args.prefix));
+    let id = args.id.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+
+    let shutdown = CancellationToken::new();
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let leading = tokio::spawn(leader::run(store.clone(), id, leader_tx, shutdown.clone()));
+    let app = router(AppState {
+        store,
+        tokens: Arc::new(tokens),
+        is_leader: leader_rx,
+    });
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listen on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, "serving the API");
+    let stop = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            stop.cancel();
+        })
+        .await?;
+    shutdown.cancel();
+    let _ = leading.await;
+    Ok(())
+}

@@ -1,0 +1,205 @@
+//! Placement: programs x hosts -> assignments, and the writes that make etcd match. Pure.
+
+use std::collections::BTreeMap;
+
+use corral_proto::fleet::{Assignment, NativeGroup};
+use corral_proto::resource::{Group, Host, Program};
+
+/// `(host, program)`.
+pub type Slot = (String, String);
+
+/// Whether `program` selects `host`: every selector label matches (`{}` selects all), or the
+/// host is named in `hosts`.
+pub fn selects(program: &Program, host: &Host) -> bool {
+    match (&program.spec.selector, &program.spec.hosts) {
+        (_, Some(hosts)) => hosts.contains(&host.metadata.name),
+        (Some(sel), None) => sel.iter().all(|(k, v)| host.metadata.labels.get(k) == Some(v)),
+        (None, None) => false,
+    }
+}
+
+/// Every assignment the fleet should have. Hosts are the registered ones, ready or not: a
+/// host that is down keeps its assignments, so nothing moves or restarts because of it.
+pub fn place(programs: &[Program], groups: &[Group], hosts: &[Host]) -> BTreeMap<Slot, Assignment> {
+    let mut native: BTreeMap<&str, NativeGroup> = BTreeMap::new();
+    for g in groups.iter().filter(|g| g.spec.native) {
+        for member in &g.spec.programs {
+            // The API refuses a program in two native groups; keep the first by name if one
+            // slipped through.
+            native.entry(member.as_str()).or_insert_with(|| NativeGroup {
+                name: g.metadata.name.clone(),
+                priority: g.spec.priority,
+            });
+        }
+    }
+    let mut out = BTreeMap::new();
+    for p in programs {
+        let mut program = p.clone();
+        program.status = None;
+        program.metadata.resource_version = None;
+        let assignment = Assignment {
+            program,
+            native_group: native.get(p.metadata.name.as_str()).cloned(),
+        };
+        for h in hosts.iter().filter(|h| selects(p, h)) {
+            out.insert((h.metadata.name.clone(), p.metadata.name.clone()), assignment.clone());
+        }
+    }
+    out
+}
+
+/// The writes that turn `current` into `desired`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AssignmentWrites {
+    pub put: Vec<(Slot, Assignment)>,
+    pub delete: Vec<Slot>,
+}
+
+/// Only what differs is written.
+pub fn diff(desired: &BTreeMap<Slot, Assignment>, current: &BTreeMap<Slot, Assignment>) -> AssignmentWrites {
+    let mut w = AssignmentWrites::default();
+    for (slot, a) in desired {
+        if current.get(slot) != Some(a) {
+            w.put.push((slot.clone(), a.clone()));
+        }
+    }
+    for slot in current.keys() {
+        if !desired.contains_key(slot) {
+            w.delete.push(slot.clone());
+        }
+    }
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::resource::{GroupSpec, HostSpec, Metadata, ProgramSpec};
+
+    fn host(name: &str, labels: &[(&str, &str)]) -> Host {
+        let labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Host::new(
+            Metadata {
+                name: name.into(),
+                labels,
+                ..Default::default()
+            },
+            HostSpec {},
+        )
+    }
+
+    fn program(name: &str, selector: Option<&[(&str, &str)]>, hosts: Option<&[&str]>) -> Program {
+        let spec = ProgramSpec {
+            command: "/bin/true".into(),
+            selector: selector.map(|s| s.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            hosts: hosts.map(|h| h.iter().map(|s| s.to_string()).collect()),
+            ..Default::default()
+        };
+        Program::new(
+            Metadata {
+                name: name.into(),
+                generation: 1,
+                ..Default::default()
+            },
+            spec,
+        )
+    }
+
+    #[track_caller]
+    fn check(programs: &[Program], groups: &[Group], hosts: &[Host], expect: &[(&str, &str, Option<&str>)]) {
+        let got: Vec<(String, String, Option<String>)> = place(programs, groups, hosts)
+            .into_iter()
+            .map(|((h, p), a)| (h, p, a.native_group.map(|g| g.name)))
+            .collect();
+        let expect: Vec<(String, String, Option<String>)> = expect
+            .iter()
+            .map(|(h, p, g)| (h.to_string(), p.to_string(), g.map(String::from)))
+            .collect();
+        assert_eq!(got, expect);
+    }
+
+    #[test]
+    fn selectors_and_host_lists_choose_hosts() {
+        let hosts = [
+            host("a1", &[("role", "app")]),
+            host("a2", &[("role", "app"), ("zone", "b")]),
+            host("db", &[("role", "db")]),
+        ];
+        check(
+            &[program("all", Some(&[]), None)],
+            &[],
+            &hosts,
+            &[("a1", "all", None), ("a2", "all", None), ("db", "all", None)],
+        );
+        check(
+            &[program("app", Some(&[("role", "app")]), None)],
+            &[],
+            &hosts,
+            &[("a1", "app", None), ("a2", "app", None)],
+        );
+        check(
+            &[program("zb", Some(&[("role", "app"), ("zone", "b")]), None)],
+            &[],
+            &hosts,
+            &[("a2", "zb", None)],
+        );
+        check(
+            &[program("named", None, Some(&["db", "gone"]))],
+            &[],
+            &hosts,
+            &[("db", "named", None)],
+        );
+        check(&[program("none", Some(&[("role", "cache")]), None)], &[], &hosts, &[]);
+    }
+
+    #[test]
+    fn native_groups_travel_with_their_members() {
+        let g = Group::new(
+            Metadata {
+                name: "shop".into(),
+                ..Default::default()
+            },
+            GroupSpec {
+                programs: vec!["api".into()],
+                priority: Some(5),
+                native: true,
+            },
+        );
+        let plain = Group::new(
+            Metadata {
+                name: "loose".into(),
+                ..Default::default()
+            },
+            GroupSpec {
+                programs: vec!["job".into()],
+                priority: None,
+                native: false,
+            },
+        );
+        let hosts = [host("h", &[])];
+        let programs = [program("api", Some(&[]), None), program("job", Some(&[]), None)];
+        check(
+            &programs,
+            &[g, plain],
+            &hosts,
+            &[("h", "api", Some("shop")), ("h", "job", None)],
+        );
+    }
+
+    #[test]
+    fn only_differences_are_written() {
+        let hosts = [host("h1", &[]), host("h2", &[])];
+        let desired = place(&[program("p", Some(&[]), None)], &[], &hosts);
+        let mut current = desired.clone();
+        assert_eq!(diff(&desired, &current), AssignmentWrites::default());
+        current.remove(&("h2".to_string(), "p".to_string()));
+        let stale = place(&[program("old", Some(&[]), None)], &[], &hosts[..1]);
+        current.extend(stale);
+        let w = diff(&desired, &current);
+        assert_eq!(
+            w.put.iter().map(|(s, _)| s.clone()).collect::<Vec<_>>(),
+            [("h2".to_string(), "p".to_string())]
+        );
+        assert_eq!(w.delete, [("h1".to_string(), "old".to_string())]);
+    }
+}
