@@ -16,8 +16,9 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::placement::selects;
-use crate::status::{FleetStatus, fleet_status, program_status};
+use crate::status::{fleet_status, program_status};
 use crate::store::{Applied, Object, Store, StoreError};
+use corral_proto::fleet::FleetStatus;
 
 /// Shared by every request.
 #[derive(Clone)]

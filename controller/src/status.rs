@@ -2,36 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use corral_proto::fleet::{ProcessStatus, ProgramHostStatus};
+use corral_proto::fleet::{FleetStatus, HostProgramView, ProgramHostStatus, ProgramStatusView, ProgramSummary};
 use corral_proto::resource::{Host, Program};
-use serde::{Deserialize, Serialize};
-
-/// One host's view of one program.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct HostProgramView {
-    pub host: String,
-    /// The host's agent holds its liveness lease.
-    pub host_ready: bool,
-    pub observed_generation: u64,
-    pub ready: bool,
-    pub processes: Vec<ProcessStatus>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-/// A program's aggregated status (the `status` of `GET /v1/programs/NAME`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProgramStatusView {
-    /// Hosts the program is assigned to.
-    pub desired: usize,
-    /// Hosts running the current generation.
-    pub updated: usize,
-    /// Hosts running the current generation with every process in its desired state.
-    pub ready: usize,
-    pub hosts: Vec<HostProgramView>,
-}
 
 /// Aggregates the reports of the hosts `p` is assigned to.
 pub fn program_status(
@@ -64,37 +36,6 @@ pub fn program_status(
         });
     }
     view
-}
-
-/// One line of the fleet summary.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ProgramSummary {
-    pub name: String,
-    pub generation: u64,
-    pub desired: usize,
-    pub updated: usize,
-    pub ready: usize,
-    /// `host: error` for each host where something is wrong.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub problems: Vec<String>,
-}
-
-/// `GET /v1/status`: what in the fleet is not as declared.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct FleetStatus {
-    pub hosts: usize,
-    pub hosts_ready: usize,
-    pub not_ready_hosts: Vec<String>,
-    pub programs: Vec<ProgramSummary>,
-}
-
-impl FleetStatus {
-    /// Everything is as declared.
-    pub fn converged(&self) -> bool {
-        self.not_ready_hosts.is_empty() && self.programs.iter().all(|p| p.ready == p.desired)
-    }
 }
 
 /// Summarises the fleet.

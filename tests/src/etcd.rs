@@ -11,8 +11,26 @@ use crate::process::ChildGuard;
 #[derive(Debug)]
 pub struct Etcd {
     pub endpoint: String,
+    peer: String,
     process: ChildGuard,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+fn command(dir: &std::path::Path, client: &str, peer: &str) -> anyhow::Result<Command> {
+    let mut cmd = Command::new("etcd");
+    cmd.args(["--name", "test", "--data-dir"])
+        .arg(dir.join("data"))
+        .args(["--listen-client-urls", client, "--advertise-client-urls", client])
+        .args(["--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer])
+        .args(["--initial-cluster", &format!("test={peer}"), "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("etcd.log"))?,
+        ));
+    Ok(cmd)
 }
 
 impl Etcd {
@@ -26,33 +44,51 @@ impl Etcd {
         let peer_port = crate::free_port()?;
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "test", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-            .args(["--initial-cluster", &format!("test={peer}"), "--log-level", "error"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.path().join("etcd.log"))?));
-        let mut process = ChildGuard::spawn("etcd", cmd)?;
+        let process = ChildGuard::spawn("etcd", command(dir.path(), &client, &peer)?)?;
+        let mut etcd = Etcd {
+            endpoint: client,
+            peer,
+            process,
+            dir,
+        };
+        etcd.wait_ready().await?;
+        Ok(etcd)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            process
+            let dir = self.dir.path();
+            self.process
                 .check_alive()
-                .with_context(|| std::fs::read_to_string(dir.path().join("etcd.log")).unwrap_or_default())?;
-            if let Ok(mut c) = etcd_client::Client::connect([client.as_str()], None).await
+                .with_context(|| std::fs::read_to_string(dir.join("etcd.log")).unwrap_or_default())?;
+            if let Ok(mut c) = etcd_client::Client::connect([self.endpoint.as_str()], None).await
                 && c.status().await.is_ok()
             {
-                break;
+                return Ok(());
             }
-            anyhow::ensure!(Instant::now() < deadline, "etcd at {client} did not answer within 20 s");
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "etcd at {} did not answer within 20 s",
+                self.endpoint
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Etcd {
-            endpoint: client,
-            process,
-            _dir: dir,
-        })
+    }
+
+    /// The endpoint list clients take.
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint.clone()]
+    }
+
+    /// Starts etcd again on the same ports and data (after [`Etcd::kill`]).
+    ///
+    /// # Errors
+    /// If it does not come back within 20 s.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill();
+        self.process = ChildGuard::spawn("etcd", command(self.dir.path(), &self.endpoint, &self.peer)?)?;
+        self.wait_ready().await
     }
 
     /// A connected client.

@@ -3,6 +3,7 @@
 //!
 //! Every server is a real Debian-packaged binary (`etcd`, `supervisord`); nothing is mocked.
 
+pub mod corral;
 pub mod etcd;
 pub mod loader;
 pub mod process;

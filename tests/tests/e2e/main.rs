@@ -2,6 +2,7 @@
 
 mod conformance;
 mod etcd_kit;
+mod fleet;
 mod reconcile;
 mod render_roundtrip;
 mod supervisor_rpc;

@@ -1,0 +1,183 @@
+//! A typed client of the controller's `/v1` API.
+
+use std::time::Duration;
+
+use corral_proto::fleet::FleetStatus;
+use corral_proto::resource::{Group, Host, Kind, Program, Resource};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// What went wrong talking to the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the controller at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The controller answered with an error.
+    #[error("{message}{}", details.iter().map(|d| format!("\n  {d}")).collect::<String>())]
+    Api {
+        status: u16,
+        message: String,
+        details: Vec<String>,
+    },
+    #[error("unexpected answer from the controller: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    /// The HTTP status of an API error.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A controller API client. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl ApiClient {
+    /// `server` is the controller's base URL (`http://127.0.0.1:7070`).
+    ///
+    /// # Errors
+    /// If the HTTP client cannot be built.
+    pub fn new(server: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|source| ClientError::Transport {
+                url: server.to_string(),
+                source,
+            })?;
+        Ok(ApiClient {
+            http,
+            base: server.trim_end_matches('/').to_string(),
+            token,
+        })
+    }
+
+    async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
+        let req = match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        };
+        let resp = req.send().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let body = resp.text().await.map_err(|source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        })?;
+        if !status.is_success() {
+            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            return Err(ClientError::Api {
+                status: status.as_u16(),
+                message: v
+                    .get("error")
+                    .and_then(Value::as_str)
+                    .map_or_else(|| format!("HTTP {status}: {body}"), String::from),
+                details: v
+                    .get("details")
+                    .and_then(Value::as_array)
+                    .map(|d| d.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+                    .unwrap_or_default(),
+            });
+        }
+        serde_json::from_str(&body).map_err(|e| ClientError::Decode(format!("{e}: {body}")))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/v1{path}", self.base)
+    }
+
+    fn collection(kind: Kind) -> &'static str {
+        match kind {
+            Kind::Program => "programs",
+            Kind::Group => "groups",
+            Kind::Host => "hosts",
+        }
+    }
+
+    /// Creates or replaces a Program or Group. The answer says `created`, `configured` or
+    /// `unchanged`, and carries the stored object.
+    ///
+    /// # Errors
+    /// Validation (422, every field error in `details`), conflicts (409), transport.
+    pub async fn apply(&self, r: &Resource, dry_run: bool) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/{}/{}", Self::collection(r.kind()), r.metadata().name));
+        self.send(self.http.put(format!("{url}?dry_run={dry_run}")).json(r))
+            .await
+    }
+
+    /// # Errors
+    /// 404 when absent.
+    pub async fn program(&self, name: &str) -> Result<Program, ClientError> {
+        self.send(self.http.get(self.url(&format!("/programs/{name}")))).await
+    }
+
+    /// # Errors
+    /// Transport and API errors.
+    pub async fn programs(&self) -> Result<Vec<Program>, ClientError> {
+        self.send(self.http.get(self.url("/programs"))).await
+    }
+
+    /// # Errors
+    /// 404 when absent.
+    pub async fn group(&self, name: &str) -> Result<Group, ClientError> {
+        self.send(self.http.get(self.url(&format!("/groups/{name}")))).await
+    }
+
+    /// # Errors
+    /// Transport and API errors.
+    pub async fn groups(&self) -> Result<Vec<Group>, ClientError> {
+        self.send(self.http.get(self.url("/groups"))).await
+    }
+
+    /// # Errors
+    /// Transport and API errors.
+    pub async fn hosts(&self) -> Result<Vec<Host>, ClientError> {
+        self.send(self.http.get(self.url("/hosts"))).await
+    }
+
+    /// # Errors
+    /// Transport and API errors.
+    pub async fn status(&self) -> Result<FleetStatus, ClientError> {
+        self.send(self.http.get(self.url("/status"))).await
+    }
+
+    /// # Errors
+    /// 404 when absent.
+    pub async fn delete(&self, kind: Kind, name: &str, dry_run: bool) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/{}/{name}", Self::collection(kind)));
+        self.send(self.http.delete(format!("{url}?dry_run={dry_run}"))).await
+    }
+
+    /// Reads a program, changes its spec with `f`, and writes it back on the same
+    /// `resourceVersion`, retrying a few times if someone else wrote in between.
+    ///
+    /// # Errors
+    /// Whatever the last attempt met.
+    pub async fn update_program(&self, name: &str, f: impl Fn(&mut Program)) -> Result<Value, ClientError> {
+        let mut attempt = 0;
+        loop {
+            let mut p = self.program(name).await?;
+            p.status = None;
+            f(&mut p);
+            match self.apply(&Resource::Program(p), false).await {
+                Err(e) if e.status() == Some(409) && attempt < 5 => attempt += 1,
+                other => return other,
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+//! Corral's own components for tests: the real controller and agent code, run in-process
+//! on loopback so tests can stop and restart them at will.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use corral_agent::etcd::EtcdConfig;
+use corral_agent::run::AgentConfig;
+use corral_agent::supervisor::{ClientConfig, Endpoint};
+use corral_cli::client::ApiClient;
+use corral_controller::api::{AppState, router};
+use corral_controller::store::Store;
+use corral_proto::fleet::FleetStatus;
+use corral_proto::keys::Keys;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::supervisord::Supervisord;
+
+/// The bearer token test controllers accept.
+pub const TOKEN: &str = "test-token";
+
+/// A controller replica (API + leader election), stopped by [`Controller::stop`] or on drop.
+#[derive(Debug)]
+pub struct Controller {
+    pub url: String,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Controller {
+    /// Starts a replica against `etcd_endpoints`, listening on a free loopback port.
+    ///
+    /// # Errors
+    /// If etcd cannot be reached or the port cannot be bound.
+    pub async fn start(etcd_endpoints: &[String], id: &str) -> anyhow::Result<Controller> {
+        let client = corral_agent::etcd::connect(etcd_endpoints)
+            .await
+            .context("controller: connect to etcd")?;
+        let store = Store::new(client, Keys::default());
+        let shutdown = CancellationToken::new();
+        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+        let leading = tokio::spawn(corral_controller::leader::run(
+            store.clone(),
+            id.to_string(),
+            leader_tx,
+            shutdown.clone(),
+        ));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let app = router(AppState {
+            store,
+            tokens: Arc::new(vec![TOKEN.to_string()]),
+            is_leader: leader_rx,
+        });
+        let stop = shutdown.clone();
+        let serving = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+        });
+        Ok(Controller {
+            url,
+            shutdown,
+            tasks: vec![leading, serving],
+        })
+    }
+
+    /// An API client with the test token.
+    ///
+    /// # Errors
+    /// If the client cannot be built.
+    pub fn api(&self) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::new(&self.url, Some(TOKEN.to_string()))?)
+    }
+
+    /// Stops the replica and waits for it (it resigns leadership).
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// One host's agent, stopped by [`Agent::stop`] or on drop.
+#[derive(Debug)]
+pub struct Agent {
+    pub host: String,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent for `host` against `sd`, keeping its state in `state_dir`.
+    pub fn start(
+        host: &str,
+        labels: &[(&str, &str)],
+        etcd_endpoints: &[String],
+        sd: &Supervisord,
+        state_dir: &Path,
+    ) -> Agent {
+        let mut supervisor = ClientConfig::new(Endpoint::Unix(sd.socket.clone()));
+        supervisor.credentials = sd.credentials.clone();
+        let cfg = AgentConfig {
+            etcd: EtcdConfig {
+                endpoints: etcd_endpoints.to_vec(),
+                keys: Keys::default(),
+                host: host.to_string(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+                lease_ttl: 3,
+            },
+            supervisor,
+            conf_dir: sd.conf_dir.clone(),
+            state_dir: state_dir.to_path_buf(),
+            resync: Duration::from_millis(500),
+            reload_every: Duration::from_secs(30),
+            listen: None,
+        };
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let host_name = host.to_string();
+        let task = tokio::spawn(async move {
+            if let Err(e) = corral_agent::run::run(cfg, stop).await {
+                panic!("agent {host_name} could not start: {e}");
+            }
+        });
+        Agent {
+            host: host.to_string(),
+            shutdown,
+            task: Some(task),
+        }
+    }
+
+    /// Stops the agent and waits for it.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls the fleet status until `done` says yes, or fails after `timeout` with the last one.
+///
+/// # Errors
+/// On timeout, with the last status seen.
+pub async fn wait_for(
+    api: &ApiClient,
+    timeout: Duration,
+    done: impl Fn(&FleetStatus) -> bool,
+) -> anyhow::Result<FleetStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = api.status().await;
+        if let Ok(s) = &last
+            && done(s)
+        {
+            return Ok(s.clone());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out; last status: {last:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Every program ready everywhere it is assigned, at its current generation.
+pub fn converged(s: &FleetStatus) -> bool {
+    s.converged() && s.programs.iter().all(|p| p.updated == p.desired)
+}

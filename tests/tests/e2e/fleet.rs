@@ -1,0 +1,327 @@
+//! The whole system: etcd, a controller, and two hosts, each with its own supervisord and
+//! agent. Specs go in through the API; processes come out on the right hosts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use corral_agent::supervisor::ProcessState;
+use corral_cli::client::ApiClient;
+use corral_proto::resource::{DesiredState, Group, GroupSpec, Metadata, Program, ProgramSpec, Resource};
+use corral_tests::corral::{Agent, Controller, converged, wait_for};
+use corral_tests::etcd::Etcd;
+use corral_tests::supervisord::{Options, Supervisord};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Node {
+    sd: Supervisord,
+    agent: Option<Agent>,
+    state: tempfile::TempDir,
+    labels: Vec<(&'static str, &'static str)>,
+    name: &'static str,
+}
+
+impl Node {
+    async fn start(name: &'static str, labels: &[(&'static str, &'static str)], etcd: &Etcd) -> anyhow::Result<Node> {
+        let sd = Supervisord::start(Options::default()).await?;
+        let state = tempfile::tempdir()?;
+        let agent = Agent::start(name, labels, &etcd.endpoints(), &sd, state.path());
+        Ok(Node {
+            sd,
+            agent: Some(agent),
+            state,
+            labels: labels.to_vec(),
+            name,
+        })
+    }
+
+    async fn restart_agent(&mut self, etcd: &Etcd) {
+        if let Some(a) = self.agent.take() {
+            a.stop().await;
+        }
+        self.agent = Some(Agent::start(
+            self.name,
+            &self.labels,
+            &etcd.endpoints(),
+            &self.sd,
+            self.state.path(),
+        ));
+    }
+
+    async fn pids(&self) -> anyhow::Result<BTreeMap<String, (i64, ProcessState)>> {
+        let c = self.sd.client().await?;
+        Ok(c.get_all_process_info()
+            .await?
+            .into_iter()
+            .map(|p| (p.namespec(), (p.pid, p.state)))
+            .collect())
+    }
+}
+
+struct Fleet {
+    etcd: Etcd,
+    controller: Option<Controller>,
+    nodes: Vec<Node>,
+}
+
+impl Fleet {
+    async fn start() -> anyhow::Result<Fleet> {
+        let etcd = Etcd::start().await?;
+        let controller = Controller::start(&etcd.endpoints(), "c1").await?;
+        let nodes = vec![
+            Node::start("h1", &[("role", "app")], &etcd).await?,
+            Node::start("h2", &[("role", "db")], &etcd).await?,
+        ];
+        Ok(Fleet {
+            etcd,
+            controller: Some(controller),
+            nodes,
+        })
+    }
+
+    fn api(&self) -> anyhow::Result<ApiClient> {
+        self.controller
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no controller"))?
+            .api()
+    }
+}
+
+fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
+    let mut spec = ProgramSpec {
+        command: "/bin/sleep 1000".into(),
+        selector: Some(BTreeMap::new()),
+        startsecs: Some(0),
+        ..Default::default()
+    };
+    f(&mut spec);
+    Resource::Program(Program::new(
+        Metadata {
+            name: name.into(),
+            ..Default::default()
+        },
+        spec,
+    ))
+}
+
+fn role(r: &str) -> Option<BTreeMap<String, String>> {
+    Some([("role".to_string(), r.to_string())].into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
+    assert_eq!(r["result"], "created");
+    api.apply(&program("everywhere", |_| {}), false).await?;
+    api.apply(
+        &program("pinned", |s| {
+            s.selector = None;
+            s.hosts = Some(vec!["h2".into()]);
+        }),
+        false,
+    )
+    .await?;
+    let status = wait_for(&api, WAIT, |s| converged(s) && s.programs.len() == 3).await?;
+    let desired: BTreeMap<&str, usize> = status.programs.iter().map(|p| (p.name.as_str(), p.desired)).collect();
+    assert_eq!(desired, [("everywhere", 2), ("pinned", 1), ("web", 1)].into());
+    let h1 = fleet.nodes[0].pids().await?;
+    let h2 = fleet.nodes[1].pids().await?;
+    assert_eq!(h1.keys().collect::<Vec<_>>(), ["everywhere", "web"]);
+    assert_eq!(h2.keys().collect::<Vec<_>>(), ["everywhere", "pinned"]);
+    assert!(h1.values().chain(h2.values()).all(|(_, s)| *s == ProcessState::Running));
+
+    // Per-host view of one program.
+    let p = api.program("everywhere").await?;
+    let view = p.status.expect("status");
+    assert_eq!(view["ready"], 2);
+    assert_eq!(view["hosts"][0]["processes"][0]["state"], "RUNNING");
+
+    // The same spec again: unchanged, generation stays.
+    let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
+    assert_eq!(
+        (r["result"].as_str(), r["object"]["metadata"]["generation"].as_u64()),
+        (Some("unchanged"), Some(1))
+    );
+
+    // A change to one program restarts only it, on every host it runs on.
+    let r = api
+        .apply(&program("everywhere", |s| s.command = "/bin/sleep 1001".into()), false)
+        .await?;
+    assert_eq!(
+        (r["result"].as_str(), r["object"]["metadata"]["generation"].as_u64()),
+        (Some("configured"), Some(2))
+    );
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs.iter().all(|p| p.generation == 1 || p.updated == p.desired)
+    })
+    .await?;
+    let h1b = fleet.nodes[0].pids().await?;
+    let h2b = fleet.nodes[1].pids().await?;
+    assert_ne!(h1["everywhere"].0, h1b["everywhere"].0);
+    assert_ne!(h2["everywhere"].0, h2b["everywhere"].0);
+    assert_eq!(h1["web"].0, h1b["web"].0, "web restarted by another program's change");
+    assert_eq!(
+        h2["pinned"].0, h2b["pinned"].0,
+        "pinned restarted by another program's change"
+    );
+
+    // Desired state: stopped, then deleted.
+    api.update_program("web", |p| p.spec.state = DesiredState::Stopped)
+        .await?;
+    wait_for(&api, WAIT, converged).await?;
+    assert_eq!(fleet.nodes[0].pids().await?["web"].1, ProcessState::Stopped);
+    api.delete(corral_proto::Kind::Program, "everywhere", false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs.len() == 2).await?;
+    for _ in 0..100 {
+        let (a, b) = (fleet.nodes[0].pids().await?, fleet.nodes[1].pids().await?);
+        if !a.contains_key("everywhere") && !b.contains_key("everywhere") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(fleet.nodes[1].pids().await?.keys().collect::<Vec<_>>(), ["pinned"]);
+    assert_eq!(fleet.nodes[0].pids().await?.keys().collect::<Vec<_>>(), ["web"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_api_validates_authenticates_and_refuses_stale_writes() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let bad = program("bad", |s| {
+        s.command = "/bin/true\n[program:evil]".into();
+        s.environment = Some([("RATE".to_string(), "5%".to_string())].into());
+    });
+    let err = api.apply(&bad, false).await.expect_err("refused");
+    assert_eq!(err.status(), Some(422));
+    let text = err.to_string();
+    assert!(
+        text.contains("spec.command") && text.contains("spec.environment.RATE"),
+        "{text}"
+    );
+    assert_eq!(
+        api.program("bad").await.expect_err("nothing written").status(),
+        Some(404)
+    );
+
+    // Dry run writes nothing.
+    let r = api.apply(&program("dry", |_| {}), true).await?;
+    assert_eq!(r["result"], "created");
+    assert_eq!(api.program("dry").await.expect_err("dry run").status(), Some(404));
+
+    // Stale resourceVersion: 409.
+    api.apply(&program("web", |_| {}), false).await?;
+    let mut stale = api.program("web").await?;
+    stale.status = None;
+    api.update_program("web", |p| p.spec.startsecs = Some(1)).await?;
+    stale.spec.startsecs = Some(2);
+    let err = api.apply(&Resource::Program(stale), false).await.expect_err("stale");
+    assert_eq!(err.status(), Some(409), "{err}");
+
+    // A program may be in at most one native group.
+    let group = |name: &str| {
+        Resource::Group(Group::new(
+            Metadata {
+                name: name.into(),
+                ..Default::default()
+            },
+            GroupSpec {
+                programs: vec!["web".into()],
+                priority: None,
+                native: true,
+            },
+        ))
+    };
+    api.apply(&group("g1"), false).await?;
+    assert_eq!(
+        api.apply(&group("g2"), false)
+            .await
+            .expect_err("second native group")
+            .status(),
+        Some(422)
+    );
+
+    // No token, wrong token: 401; health is open.
+    let anonymous = ApiClient::new(&fleet.controller.as_ref().expect("controller").url, None)?;
+    assert_eq!(anonymous.programs().await.expect_err("401").status(), Some(401));
+    let wrong = ApiClient::new(&fleet.controller.as_ref().expect("controller").url, Some("nope".into()))?;
+    assert_eq!(wrong.hosts().await.expect_err("401").status(), Some(401));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarts_and_outages_restart_no_workload() -> anyhow::Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    api.apply(&program("web", |_| {}), false).await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs.len() == 1 && s.programs[0].ready == 2
+    })
+    .await?;
+    let before = (fleet.nodes[0].pids().await?, fleet.nodes[1].pids().await?);
+
+    // Agent restart.
+    fleet.nodes[0].restart_agent(&fleet.etcd).await;
+    // Controller restart (a new replica takes over the election).
+    if let Some(c) = fleet.controller.take() {
+        c.stop().await;
+    }
+    fleet.controller = Some(Controller::start(&fleet.etcd.endpoints(), "c2").await?);
+    let api = fleet.api()?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
+
+    // etcd outage: the agents keep enforcing what they know.
+    fleet.etcd.kill();
+    let c = fleet.nodes[0].sd.client().await?;
+    c.stop_process("web", true).await?;
+    let mut restarted = false;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if c.get_process_info("web").await?.state == ProcessState::Running {
+            restarted = true;
+            break;
+        }
+    }
+    assert!(restarted, "the agent did not restart web while etcd was down");
+    let pid_after_drift = fleet.nodes[0].pids().await?["web"].0;
+    // An agent restart during the outage works from its cache.
+    fleet.nodes[1].restart_agent(&fleet.etcd).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    fleet.etcd.restart().await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
+
+    let after = (fleet.nodes[0].pids().await?, fleet.nodes[1].pids().await?);
+    assert_eq!(after.0["web"].0, pid_after_drift, "h1 restarted web again");
+    assert_eq!(after.1["web"].0, before.1["web"].0, "h2 restarted web");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_host_goes_not_ready_and_keeps_its_programs() -> anyhow::Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    api.apply(&program("web", |_| {}), false).await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs.len() == 1 && s.programs[0].ready == 2
+    })
+    .await?;
+    let pid = fleet.nodes[1].pids().await?["web"].0;
+    // The agent stops (its liveness lease ends with it); supervisord keeps running.
+    if let Some(a) = fleet.nodes[1].agent.take() {
+        a.stop().await;
+    }
+    let status = wait_for(&api, WAIT, |s| !s.not_ready_hosts.is_empty()).await?;
+    assert_eq!(status.not_ready_hosts, ["h2"]);
+    let hosts = api.hosts().await?;
+    assert!(
+        hosts
+            .iter()
+            .any(|h| h.metadata.name == "h2" && h.status.as_ref().is_some_and(|s| !s.ready))
+    );
+    // Its assignment stays, so nothing moved or stopped.
+    assert_eq!(fleet.nodes[1].pids().await?["web"].0, pid);
+    assert_eq!(status.programs[0].desired, 2);
+    Ok(())
+}
