@@ -219,7 +219,9 @@ pub fn plan_processes(
     let by_name: BTreeMap<&str, ProcessState> = observed.iter().map(|p| (p.namespec.as_str(), p.state)).collect();
     let mut actions = Vec::new();
     for p in desired.programs.values() {
+        // Only a new marker asks for a restart; a marker that disappears does not.
         let marker_moved = p.state == DesiredState::Running
+            && p.restarted_at.is_some()
             && applied_markers
                 .get(&p.name)
                 .is_some_and(|applied| *applied != p.restarted_at);
@@ -414,6 +416,9 @@ mod tests {
         assert_eq!(plan_processes(&d, &obs, &applied(Some("t2"))), []);
         // First sight of a program (nothing applied yet) is not a restart.
         assert_eq!(plan_processes(&d, &obs, &BTreeMap::new()), []);
+        // Nor is a marker that disappears.
+        let d = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
+        assert_eq!(plan_processes(&d, &obs, &applied(Some("t1"))), []);
     }
 
     #[test]

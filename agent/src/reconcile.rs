@@ -180,20 +180,23 @@ impl Reconciler {
                         }
                     }
                     self.state.managed_groups = desired_groups;
-                    for p in desired.programs.values() {
-                        if !errors.contains_key(&p.name) && !self.rejected.contains_key(&p.file_name) {
-                            self.state.applied_generations.insert(p.name.clone(), p.generation);
-                        }
-                    }
-                    self.state
-                        .applied_generations
-                        .retain(|name, _| desired.programs.contains_key(name));
                     self.last_good = want.clone();
                     self.reload_due = false;
                 }
                 Err(message) => group_error = Some(message),
             }
         }
+
+        // A program runs its current generation once supervisord accepted exactly its rendered
+        // file (a spec change that renders the same file, like a restart marker, counts too).
+        for p in desired.programs.values() {
+            if !errors.contains_key(&p.name) && self.last_good.get(&p.file_name) == Some(&p.content) {
+                self.state.applied_generations.insert(p.name.clone(), p.generation);
+            }
+        }
+        self.state
+            .applied_generations
+            .retain(|name, _| desired.programs.contains_key(name));
 
         // 3. Processes.
         let infos = self.client.get_all_process_info().await?;

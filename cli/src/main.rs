@@ -1,23 +1,79 @@
 //! `corral`: Corral's command line. `main` parses arguments and hands off to one function per
-//! command; the work is done by `corral-proto`.
+//! command; offline commands use `corral-proto`, online ones the controller's API.
 
+mod dev;
 mod input;
 mod offline;
+mod online;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use corral_cli::client::ApiClient;
+use corral_proto::resource::DesiredState;
+
+use crate::online::{Change, KindArg, Output, What};
 
 /// Declarative, continuously reconciled supervisord across a fleet.
 #[derive(Debug, Parser)]
 #[command(name = "corral", version, about)]
 struct Cli {
+    /// The controller's URL.
+    #[arg(long, global = true, env = "CORRAL_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// Bearer token for the controller.
+    #[arg(long, global = true, env = "CORRAL_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Create or update Programs and Groups from files.
+    Apply {
+        /// A YAML/JSON file, a directory of them, or - for stdin. Repeatable.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+        /// Validate and show the result without writing anything.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what apply would change. Exit 0: nothing, 1: changes, 2: errors.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<String>,
+    },
+    /// List programs, groups or hosts.
+    Get {
+        what: What,
+        name: Option<String>,
+        #[arg(short = 'o', long = "output")]
+        output: Option<Output>,
+    },
+    /// Show a program's spec, per-host status and errors.
+    Describe { kind: KindArg, name: String },
+    /// Delete a program or group (or everything in -f FILE).
+    Delete {
+        kind: Option<KindArg>,
+        name: Option<String>,
+        #[arg(short = 'f', long = "filename")]
+        files: Vec<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Set a program's (or a group's programs', with NAME:) desired state to running.
+    Start { name: String },
+    /// Set a program's (or a group's programs', with NAME:) desired state to stopped.
+    Stop { name: String },
+    /// Restart a program (or a group's programs, with NAME:) on every host.
+    Restart { name: String },
+    /// What in the fleet is not as declared. Exit 0 when everything is.
+    Status {
+        #[arg(short = 'o', long = "output")]
+        output: Option<Output>,
+    },
     /// Print the supervisord conf file each Program (and native Group) renders to.
     ///
     /// Every document is validated first; if any is invalid, every error is printed on
@@ -41,14 +97,56 @@ enum Command {
         #[arg(long, value_name = "HOST[,HOST]")]
         hosts: Option<String>,
     },
+    /// Run a single-host Corral here (etcd, supervisord, controller, agent) until Ctrl-C.
+    Dev {
+        /// Where everything lives (data, logs, sockets).
+        #[arg(long, default_value = ".corral-dev")]
+        dir: PathBuf,
+        /// Specs to apply once it is up.
+        #[arg(long, default_value = "deploy/examples")]
+        apply: PathBuf,
+        /// Port for the controller's API (another is picked if it is taken).
+        #[arg(long, default_value_t = 7070)]
+        port: u16,
+    },
 }
 
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Render { files } => offline::render(&files),
-        Command::Import { paths, selector, hosts } => offline::import(&paths, selector.as_deref(), hosts.as_deref()),
-    };
+    let api = || ApiClient::new(&cli.server, cli.token.clone());
+    let result = async {
+        match &cli.command {
+            Command::Render { files } => offline::render(files),
+            Command::Import { paths, selector, hosts } => offline::import(paths, selector.as_deref(), hosts.as_deref()),
+            Command::Dev { dir, apply, port } => {
+                let apply = apply.exists().then_some(apply.as_path());
+                dev::dev(dir, apply, *port).await
+            }
+            Command::Apply { files, dry_run } => online::apply(&api()?, files, *dry_run).await,
+            Command::Diff { files } => online::diff(&api()?, files).await,
+            Command::Get { what, name, output } => online::get(&api()?, *what, name.as_deref(), *output).await,
+            Command::Describe { kind, name } => online::describe(&api()?, *kind, name).await,
+            Command::Delete {
+                kind,
+                name,
+                files,
+                dry_run,
+            } => {
+                let target = match (kind, name) {
+                    (Some(k), Some(n)) => Some((*k, n.clone())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("delete takes KIND NAME (program web) or -f FILE"),
+                };
+                online::delete(&api()?, target, files, *dry_run).await
+            }
+            Command::Start { name } => online::change(&api()?, name, Change::State(DesiredState::Running)).await,
+            Command::Stop { name } => online::change(&api()?, name, Change::State(DesiredState::Stopped)).await,
+            Command::Restart { name } => online::change(&api()?, name, Change::Restart).await,
+            Command::Status { output } => online::status(&api()?, *output).await,
+        }
+    }
+    .await;
     match result {
         Ok(code) => code,
         Err(e) => {

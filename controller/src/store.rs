@@ -41,6 +41,9 @@ pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync {
     fn key(keys: &Keys, name: &str) -> String;
     fn prefix(keys: &Keys) -> String;
     fn clear_status(&mut self);
+    /// Keeps imperative markers the incoming object leaves out (a file applied after
+    /// `corral restart` must not undo or repeat the restart).
+    fn keep_markers_from(&mut self, _stored: &Self) {}
 }
 
 impl Object for Program {
@@ -62,6 +65,11 @@ impl Object for Program {
     }
     fn clear_status(&mut self) {
         self.status = None;
+    }
+    fn keep_markers_from(&mut self, stored: &Self) {
+        if self.spec.restarted_at.is_none() {
+            self.spec.restarted_at = stored.spec.restarted_at.clone();
+        }
     }
 }
 
@@ -212,6 +220,7 @@ impl Store {
         let (generation, changed, compare) = match &current {
             None => (1, true, Compare::create_revision(key.clone(), CompareOp::Equal, 0)),
             Some((old, rev)) => {
+                incoming.keep_markers_from(old);
                 let spec_changed = !incoming.same_spec(old);
                 let labels_changed = incoming.metadata().labels != old.metadata().labels;
                 let generation = old.metadata().generation + u64::from(spec_changed);

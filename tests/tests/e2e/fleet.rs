@@ -167,6 +167,22 @@ async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Res
         "pinned restarted by another program's change"
     );
 
+    // A restart bumps the marker: web restarts once, reaches the new generation, and
+    // applying the file again (without the marker) neither undoes nor repeats it.
+    let web_pid = fleet.nodes[0].pids().await?["web"].0;
+    api.update_program("web", |p| p.spec.restarted_at = Some("1".into()))
+        .await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs.iter().all(|p| p.name != "web" || p.generation == 2)
+    })
+    .await?;
+    let restarted = fleet.nodes[0].pids().await?["web"].0;
+    assert_ne!(restarted, web_pid);
+    let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
+    assert_eq!(r["result"], "unchanged");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(fleet.nodes[0].pids().await?["web"].0, restarted);
+
     // Desired state: stopped, then deleted.
     api.update_program("web", |p| p.spec.state = DesiredState::Stopped)
         .await?;

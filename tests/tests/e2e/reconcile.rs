@@ -238,12 +238,18 @@ async fn a_restart_marker_restarts_once() -> anyhow::Result<()> {
     let pid = host.pids().await?["web"];
     a.insert(
         "web".into(),
-        assignment("web", 1, |s| s.restarted_at = Some("2026-11-25T12:00:00Z".into())).1,
+        assignment("web", 2, |s| s.restarted_at = Some("2026-11-25T12:00:00Z".into())).1,
     );
     let report = converge(&mut r, &a).await?;
     assert!(report.corrections.contains(&"process_restarted"));
+    // The file did not change, yet the host runs the new generation.
+    assert_eq!(report.statuses["web"].observed_generation, 2);
     let restarted = host.pids().await?["web"];
     assert_ne!(restarted, pid);
+    converge(&mut r, &a).await?;
+    assert_eq!(host.pids().await?["web"], restarted);
+    // A spec without the marker (a file applied again) does not restart it.
+    a.insert("web".into(), assignment("web", 3, |_| {}).1);
     converge(&mut r, &a).await?;
     assert_eq!(host.pids().await?["web"], restarted);
     Ok(())

@@ -1,0 +1,486 @@
+//! Commands that talk to the controller.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use comfy_table::{Table, presets::NOTHING};
+use corral_cli::client::{ApiClient, ClientError};
+use corral_proto::fleet::{FleetStatus, ProgramStatusView};
+use corral_proto::resource::{DesiredState, Group, Kind, Program, Resource};
+use corral_proto::{validate_group, validate_program};
+use serde::Serialize;
+
+use crate::input::read_resources;
+
+/// `-o` formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Wide,
+    Yaml,
+    Json,
+}
+
+/// What `get` lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum What {
+    #[value(alias = "program")]
+    Programs,
+    #[value(alias = "group")]
+    Groups,
+    #[value(alias = "host")]
+    Hosts,
+}
+
+/// A single kind, for `delete` and `describe`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KindArg {
+    Program,
+    Group,
+}
+
+impl KindArg {
+    fn kind(self) -> Kind {
+        match self {
+            KindArg::Program => Kind::Program,
+            KindArg::Group => Kind::Group,
+        }
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_style(NOTHING).set_header(header.to_vec());
+    t
+}
+
+fn print_structured<T: Serialize>(items: &[T], single: bool, out: Output) -> anyhow::Result<()> {
+    match out {
+        Output::Json if single => println!("{}", serde_json::to_string_pretty(&items[0])?),
+        Output::Json => println!("{}", serde_json::to_string_pretty(items)?),
+        _ => {
+            let docs: Vec<String> = items.iter().map(serde_saphyr::to_string).collect::<Result<_, _>>()?;
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
+}
+
+/// Validates locally (early, complete errors), then applies each resource in order.
+pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
+    let docs = read_resources(files)?;
+    let mut errors = docs.errors;
+    let mut valid = Vec::new();
+    for (source, r) in docs.resources {
+        let checked = match r {
+            Resource::Program(p) => validate_program(p).map(|p| Resource::Program(p.into_inner())),
+            Resource::Group(g) => validate_group(g).map(|g| Resource::Group(g.into_inner())),
+            Resource::Host(h) => {
+                errors.push(format!(
+                    "{source}: Host {:?}: hosts register themselves",
+                    h.metadata.name
+                ));
+                continue;
+            }
+        };
+        match checked {
+            Ok(r) => valid.push(r),
+            Err(e) => errors.push(format!("{source}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        return Ok(ExitCode::from(1));
+    }
+    let mut failed = false;
+    for r in &valid {
+        let what = format!("{}/{}", r.kind().as_str().to_lowercase(), r.metadata().name);
+        match api.apply(r, dry_run).await {
+            Ok(v) => {
+                let result = v["result"].as_str().unwrap_or("applied");
+                println!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
+            }
+            Err(e) => {
+                eprintln!("{what}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn yaml_of<T: Serialize>(v: &T) -> String {
+    serde_saphyr::to_string(v).unwrap_or_default()
+}
+
+/// Prints what `apply` would change. Exit 0: nothing; 1: changes; 2: errors.
+pub async fn diff(api: &ApiClient, files: &[String]) -> anyhow::Result<ExitCode> {
+    let docs = read_resources(files)?;
+    if !docs.errors.is_empty() {
+        for e in &docs.errors {
+            eprintln!("{e}");
+        }
+        return Ok(ExitCode::from(2));
+    }
+    let groups = api.groups().await?;
+    let mut changed = false;
+    for (_, r) in docs.resources {
+        let name = r.metadata().name.clone();
+        let (current, wanted, native_note) = match &r {
+            Resource::Program(p) => {
+                let current = match api.program(&name).await {
+                    Ok(c) => Some(yaml_of(&c.spec)),
+                    Err(e) if e.status() == Some(404) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let native = groups.iter().find(|g| g.spec.native && g.spec.programs.contains(&name));
+                let note = native.map(|g| {
+                    format!(
+                        "note: {name} is in native group {:?}: supervisord restarts every member of the group on each host when this changes",
+                        g.metadata.name
+                    )
+                });
+                (current, yaml_of(&p.spec), note)
+            }
+            Resource::Group(g) => {
+                let current = match api.group(&name).await {
+                    Ok(c) => Some(yaml_of(&c.spec)),
+                    Err(e) if e.status() == Some(404) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                (current, yaml_of(&g.spec), None)
+            }
+            Resource::Host(_) => continue,
+        };
+        let what = format!("{}/{name}", r.kind().as_str().to_lowercase());
+        match current {
+            None => {
+                changed = true;
+                println!("+ {what} (new)");
+                for l in wanted.lines() {
+                    println!("+   {l}");
+                }
+            }
+            Some(cur) if cur != wanted => {
+                changed = true;
+                let d = similar::TextDiff::from_lines(&cur, &wanted);
+                print!(
+                    "{}",
+                    d.unified_diff()
+                        .header(&format!("{what} (live)"), &format!("{what} (file)"))
+                );
+                if let Some(n) = native_note {
+                    println!("{n}");
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(if changed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+fn status_view(p: &Program) -> ProgramStatusView {
+    p.status
+        .clone()
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default()
+}
+
+fn placement(p: &Program) -> String {
+    match (&p.spec.selector, &p.spec.hosts) {
+        (_, Some(h)) => format!("hosts={}", h.join(",")),
+        (Some(s), None) if s.is_empty() => "all hosts".to_string(),
+        (Some(s), None) => s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","),
+        (None, None) => String::new(),
+    }
+}
+
+fn state_str(s: DesiredState) -> &'static str {
+    match s {
+        DesiredState::Running => "running",
+        DesiredState::Stopped => "stopped",
+    }
+}
+
+/// `get programs|groups|hosts [NAME]`.
+pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Output>) -> anyhow::Result<ExitCode> {
+    match what {
+        What::Programs => {
+            let programs = match name {
+                Some(n) => vec![api.program(n).await?],
+                None => api.programs().await?,
+            };
+            if let Some(o @ (Output::Yaml | Output::Json)) = out {
+                print_structured(&programs, name.is_some(), o)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let wide = out == Some(Output::Wide);
+            let mut header = vec!["NAME", "STATE", "DESIRED", "UPDATED", "READY", "GENERATION"];
+            if wide {
+                header.extend(["PLACEMENT", "COMMAND"]);
+            }
+            let mut t = table(&header);
+            for p in &programs {
+                let v = status_view(p);
+                let mut row = vec![
+                    p.metadata.name.clone(),
+                    state_str(p.spec.state).to_string(),
+                    v.desired.to_string(),
+                    v.updated.to_string(),
+                    v.ready.to_string(),
+                    p.metadata.generation.to_string(),
+                ];
+                if wide {
+                    row.extend([placement(p), p.spec.command.clone()]);
+                }
+                t.add_row(row);
+            }
+            println!("{t}");
+        }
+        What::Groups => {
+            let groups = match name {
+                Some(n) => vec![api.group(n).await?],
+                None => api.groups().await?,
+            };
+            if let Some(o @ (Output::Yaml | Output::Json)) = out {
+                print_structured(&groups, name.is_some(), o)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = table(&["NAME", "PROGRAMS", "NATIVE", "PRIORITY"]);
+            for g in &groups {
+                t.add_row(vec![
+                    g.metadata.name.clone(),
+                    g.spec.programs.join(","),
+                    g.spec.native.to_string(),
+                    g.spec.priority.unwrap_or(999).to_string(),
+                ]);
+            }
+            println!("{t}");
+        }
+        What::Hosts => {
+            let mut hosts = api.hosts().await?;
+            if let Some(n) = name {
+                hosts.retain(|h| h.metadata.name == n);
+                anyhow::ensure!(!hosts.is_empty(), "host {n:?} not found");
+            }
+            if let Some(o @ (Output::Yaml | Output::Json)) = out {
+                print_structured(&hosts, name.is_some(), o)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = table(&["NAME", "READY", "LABELS", "AGENT", "SUPERVISORD"]);
+            for h in &hosts {
+                let s = h.status.clone().unwrap_or_default();
+                t.add_row(vec![
+                    h.metadata.name.clone(),
+                    if s.ready { "Ready" } else { "NotReady" }.to_string(),
+                    h.metadata
+                        .labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    s.agent_version.unwrap_or_default(),
+                    s.supervisord_version.unwrap_or_default(),
+                ]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `describe program NAME`: spec, then per-host status and errors.
+pub async fn describe(api: &ApiClient, kind: KindArg, name: &str) -> anyhow::Result<ExitCode> {
+    match kind {
+        KindArg::Group => {
+            let g: Group = api.group(name).await?;
+            print!("{}", yaml_of(&g));
+        }
+        KindArg::Program => {
+            let p = api.program(name).await?;
+            let v = status_view(&p);
+            println!("Name:        {}", p.metadata.name);
+            println!("Generation:  {}", p.metadata.generation);
+            println!("State:       {}", state_str(p.spec.state));
+            println!("Placement:   {}", placement(&p));
+            println!(
+                "Hosts:       {} desired, {} up to date, {} ready",
+                v.desired, v.updated, v.ready
+            );
+            println!("Spec:");
+            for l in yaml_of(&p.spec).lines() {
+                println!("  {l}");
+            }
+            let mut t = table(&[
+                "HOST",
+                "HOST READY",
+                "GENERATION",
+                "READY",
+                "PROCESS",
+                "STATE",
+                "PID",
+                "UPTIME",
+            ]);
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            for h in &v.hosts {
+                let rows: Vec<_> = if h.processes.is_empty() {
+                    vec![None]
+                } else {
+                    h.processes.iter().map(Some).collect()
+                };
+                for pr in rows {
+                    t.add_row(vec![
+                        h.host.clone(),
+                        h.host_ready.to_string(),
+                        h.observed_generation.to_string(),
+                        h.ready.to_string(),
+                        pr.map(|p| p.name.clone()).unwrap_or_default(),
+                        pr.map(|p| p.state.clone()).unwrap_or_default(),
+                        pr.filter(|p| p.pid > 0).map(|p| p.pid.to_string()).unwrap_or_default(),
+                        pr.filter(|p| p.pid > 0 && p.started_at > 0)
+                            .map(|p| format!("{}s", now - p.started_at))
+                            .unwrap_or_default(),
+                    ]);
+                }
+            }
+            println!("Status:\n{t}");
+            let errors: Vec<_> = v
+                .hosts
+                .iter()
+                .filter_map(|h| h.error.as_ref().map(|e| (h.host.clone(), e)))
+                .collect();
+            if !errors.is_empty() {
+                println!("Errors:");
+                for (h, e) in errors {
+                    println!("  {h}: {e}");
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `delete program|group NAME` or `delete -f FILE`.
+pub async fn delete(
+    api: &ApiClient,
+    target: Option<(KindArg, String)>,
+    files: &[String],
+    dry_run: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut targets: Vec<(Kind, String)> = Vec::new();
+    if let Some((k, n)) = target {
+        targets.push((k.kind(), n));
+    }
+    if !files.is_empty() {
+        let docs = read_resources(files)?;
+        anyhow::ensure!(docs.errors.is_empty(), "{}", docs.errors.join("\n"));
+        targets.extend(
+            docs.resources
+                .iter()
+                .map(|(_, r)| (r.kind(), r.metadata().name.clone())),
+        );
+    }
+    anyhow::ensure!(!targets.is_empty(), "name a program or group, or give -f FILE");
+    let mut failed = false;
+    for (kind, name) in targets {
+        let what = format!("{}/{name}", kind.as_str().to_lowercase());
+        match api.delete(kind, &name, dry_run).await {
+            Ok(_) => println!("{what} deleted{}", if dry_run { " (dry run)" } else { "" }),
+            Err(e) => {
+                eprintln!("{what}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// The programs `NAME` or `GROUP:` stands for.
+async fn targets(api: &ApiClient, name: &str) -> Result<Vec<String>, ClientError> {
+    match name.strip_suffix(':') {
+        Some(group) => Ok(api.group(group).await?.spec.programs),
+        None => Ok(vec![name.to_string()]),
+    }
+}
+
+fn now_marker() -> String {
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+/// What `start`, `stop` and `restart` change.
+#[derive(Clone, Copy, Debug)]
+pub enum Change {
+    State(DesiredState),
+    Restart,
+}
+
+/// `start|stop|restart NAME|GROUP:`: a spec change through the API, so every host follows
+/// (and a stopped program stays stopped, across supervisord restarts too).
+pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Result<ExitCode> {
+    let marker = now_marker();
+    let mut failed = false;
+    for program in targets(api, name).await.with_context(|| format!("resolve {name}"))? {
+        let r = api
+            .update_program(&program, |p| match change {
+                Change::State(s) => p.spec.state = s,
+                Change::Restart => p.spec.restarted_at = Some(marker.clone()),
+            })
+            .await;
+        match r {
+            Ok(v) => {
+                let verb = match change {
+                    Change::State(DesiredState::Running) => "started",
+                    Change::State(DesiredState::Stopped) => "stopped",
+                    Change::Restart => "restarting",
+                };
+                let note = if v["result"] == "unchanged" { " (already)" } else { "" };
+                println!("program/{program} {verb}{note}");
+            }
+            Err(e) => {
+                eprintln!("program/{program}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `status`: what in the fleet is not as declared. Exit 0 when all is, 1 otherwise.
+pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<ExitCode> {
+    let s: FleetStatus = api.status().await?;
+    if let Some(o @ (Output::Yaml | Output::Json)) = out {
+        print_structured(&[&s], true, o)?;
+    } else {
+        println!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
+        for h in &s.not_ready_hosts {
+            println!("  {h}: NotReady (agent not reporting)");
+        }
+        let off: BTreeMap<&str, _> = s
+            .programs
+            .iter()
+            .filter(|p| p.ready != p.desired)
+            .map(|p| (p.name.as_str(), p))
+            .collect();
+        println!("Programs: {} declared, {} not as declared", s.programs.len(), off.len());
+        for (name, p) in off {
+            println!(
+                "  {name}: {}/{} ready, {}/{} up to date",
+                p.ready, p.desired, p.updated, p.desired
+            );
+            for problem in &p.problems {
+                println!("    {problem}");
+            }
+        }
+    }
+    Ok(if s.converged() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
