@@ -1,0 +1,212 @@
+//! The `corral` binary against a live Corral (real etcd, supervisord, controller, agent),
+//! and `corral dev` from nothing to Ctrl-C.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use corral_agent::supervisor::ProcessState;
+use corral_tests::corral::{Agent, Controller, TOKEN};
+use corral_tests::etcd::Etcd;
+use corral_tests::supervisord::{Options, Supervisord};
+
+fn corral(server: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["--server", server, "--token", TOKEN])
+        .args(args)
+        .output()
+        .expect("corral runs")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn repo(path: &str) -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(path)
+        .display()
+        .to_string()
+}
+
+/// Runs `corral status` until it exits 0.
+async fn until_converged(server: &str) {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let o = corral(server, &["status"]);
+        if o.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never converged: {:?}", text(&o));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "c1").await?;
+    let sd = Supervisord::start(Options::default()).await?;
+    let state = tempfile::tempdir()?;
+    let _agent = Agent::start("h1", &[("role", "app")], &etcd.endpoints(), &sd, state.path());
+    let s = controller.url.as_str();
+    let examples = repo("deploy/examples");
+
+    // Invalid input: every error, nothing stored.
+    let dir = tempfile::tempdir()?;
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: bad}\nspec:\n  selector: {}\n  command: \"/bin/true ; id\"\n  numprocs: 0\n",
+    )?;
+    let o = corral(s, &["apply", "-f", &bad.display().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let (_, err) = text(&o);
+    assert!(err.contains("spec.command") && err.contains("spec.numprocs"), "{err}");
+
+    let o = corral(s, &["apply", "-f", &examples]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("program/gunicorn created"));
+    until_converged(s).await;
+
+    let (out, _) = text(&corral(s, &["get", "programs"]));
+    assert!(out.contains("celery-worker") && out.contains("gunicorn"), "{out}");
+    let o = corral(s, &["get", "programs", "gunicorn", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    assert_eq!(v["status"]["ready"], 1);
+    let (out, _) = text(&corral(s, &["describe", "program", "celery-worker"]));
+    assert!(
+        out.contains("celery-worker:celery-worker_01") && out.contains("RUNNING"),
+        "{out}"
+    );
+    let (out, _) = text(&corral(s, &["get", "hosts"]));
+    assert!(
+        out.contains("h1") && out.contains("Ready") && out.contains("role=app"),
+        "{out}"
+    );
+
+    // diff: nothing, then a change.
+    assert_eq!(corral(s, &["diff", "-f", &examples]).status.code(), Some(0));
+    let changed = dir.path().join("changed.yaml");
+    std::fs::write(
+        &changed,
+        std::fs::read_to_string(Path::new(&examples).join("myapp.yaml"))?.replace("sleep 30", "sleep 31"),
+    )?;
+    let o = corral(s, &["diff", "-f", &changed.display().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o)
+            .0
+            .contains("+command: /bin/sh -c 'while true; do date; sleep 31; done'"),
+        "{:?}",
+        text(&o)
+    );
+
+    // stop, start, restart a group.
+    let client = sd.client().await?;
+    assert!(corral(s, &["stop", "celery-beat"]).status.success());
+    until_converged(s).await;
+    assert_eq!(
+        client.get_process_info("celery-beat").await?.state,
+        ProcessState::Stopped
+    );
+    assert!(corral(s, &["start", "celery-beat"]).status.success());
+    until_converged(s).await;
+    let before = client.get_process_info("gunicorn").await?.pid;
+    let o = corral(s, &["restart", "myapp:"]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("program/celery-worker restarting"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client.get_process_info("gunicorn").await?.pid == before {
+        assert!(Instant::now() < deadline, "gunicorn never restarted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    until_converged(s).await;
+
+    // delete -f removes everything the file declares, from supervisord too.
+    assert!(corral(s, &["delete", "-f", &examples]).status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.get_all_process_info().await?.is_empty() {
+        assert!(Instant::now() < deadline, "processes left behind");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Without a token: a one-line error, exit 2.
+    let o = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["--server", s, "get", "programs"])
+        .env_remove("CORRAL_TOKEN")
+        .output()?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("missing or invalid bearer token"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = corral_tests::free_port()?;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["dev", "--dir"])
+        .arg(dir.path())
+        .args(["--apply", &repo("deploy/examples"), "--port", &port.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut printed = Vec::new();
+    while !printed.iter().any(|l: &String| l.starts_with("ready.")) {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(l) => printed.push(l),
+            Err(_) => assert!(Instant::now() < deadline, "corral dev never got ready: {printed:#?}"),
+        }
+    }
+    let token = printed
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("export CORRAL_TOKEN="))
+        .expect("token printed")
+        .to_string();
+    let server = format!("http://127.0.0.1:{port}");
+    assert!(printed.iter().any(|l| l.contains(&server)), "{printed:#?}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let o = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["--server", &server, "--token", &token, "status"])
+            .output()?;
+        if o.status.success() {
+            assert!(String::from_utf8_lossy(&o.stdout).contains("Programs: 3 declared, 0 not as declared"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "examples never ran: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Ctrl-C: everything stops.
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        assert!(Instant::now() < deadline, "corral dev did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = Command::new("pgrep").arg("-f").arg(dir.path()).output()?;
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    Ok(())
+}
