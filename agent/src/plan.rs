@@ -32,6 +32,8 @@ pub struct DesiredProgram {
     pub state: DesiredState,
     pub generation: u64,
     pub restarted_at: Option<String>,
+    /// `(signal, id)` of the latest signal request.
+    pub signal_request: Option<(String, String)>,
     /// `group:process` of every process.
     pub namespecs: Vec<String>,
 }
@@ -91,6 +93,11 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                 state: program.spec.state,
                 generation: program.metadata.generation,
                 restarted_at: program.spec.restarted_at.clone(),
+                signal_request: program
+                    .spec
+                    .signal_request
+                    .as_ref()
+                    .map(|r| (r.signal.clone(), r.id.clone())),
                 namespecs,
             },
         );
@@ -204,27 +211,38 @@ pub enum ProcessAction {
     Stop(String),
     /// Stop (if running) then start: the restart marker moved.
     Restart(String),
+    /// Send a signal (a new signal request).
+    Signal(String, String),
 }
 
-/// Starts and stops processes to match desired states, and restarts the processes of
-/// programs whose restart marker differs from the one last applied (`applied_markers`).
+/// Restart markers and signal requests already acted on, per program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied<'a> {
+    pub markers: &'a BTreeMap<String, Option<String>>,
+    pub signals: &'a BTreeMap<String, Option<String>>,
+}
+
+/// Starts and stops processes to match desired states, restarts the processes of programs
+/// whose restart marker differs from the one last applied, and signals running processes of
+/// programs with a new signal request.
 ///
 /// A desired program whose processes supervisord does not know yet is skipped: the group
 /// step adds them, and the next pass sees them.
-pub fn plan_processes(
-    desired: &Desired,
-    observed: &[ObservedProcess],
-    applied_markers: &BTreeMap<String, Option<String>>,
-) -> Vec<ProcessAction> {
+pub fn plan_processes(desired: &Desired, observed: &[ObservedProcess], applied: &Applied<'_>) -> Vec<ProcessAction> {
     let by_name: BTreeMap<&str, ProcessState> = observed.iter().map(|p| (p.namespec.as_str(), p.state)).collect();
     let mut actions = Vec::new();
     for p in desired.programs.values() {
         // Only a new marker asks for a restart; a marker that disappears does not.
         let marker_moved = p.state == DesiredState::Running
             && p.restarted_at.is_some()
-            && applied_markers
+            && applied.markers.get(&p.name).is_some_and(|a| *a != p.restarted_at);
+        // Likewise only a new signal request signals; the first sight of one does not.
+        let signal = p.signal_request.as_ref().filter(|(_, id)| {
+            applied
+                .signals
                 .get(&p.name)
-                .is_some_and(|applied| *applied != p.restarted_at);
+                .is_some_and(|a| a.as_deref() != Some(id.as_str()))
+        });
         for ns in &p.namespecs {
             let Some(&state) = by_name.get(ns.as_str()) else {
                 continue;
@@ -235,6 +253,7 @@ pub fn plan_processes(
                     Some(ProcessAction::Start(ns.clone()))
                 }
                 (DesiredState::Stopped, s) if s.is_running() => Some(ProcessAction::Stop(ns.clone())),
+                (_, s) if s.is_running() => signal.map(|(sig, _)| ProcessAction::Signal(ns.clone(), sig.clone())),
                 _ => None,
             };
             actions.extend(action);
@@ -391,13 +410,23 @@ mod tests {
             "h1",
         );
         let obs = observed(&[("up", Fatal), ("down", Backoff), ("fine", Running), ("other", Stopped)]);
-        let markers = BTreeMap::new();
+        let none = BTreeMap::new();
+        let applied = Applied {
+            markers: &none,
+            signals: &none,
+        };
         assert_eq!(
-            plan_processes(&d, &obs, &markers),
+            plan_processes(&d, &obs, &applied),
             [Stop("down".into()), Start("up".into())]
         );
         let obs = observed(&[("up", Starting), ("down", Stopping), ("fine", Exited)]);
-        assert_eq!(plan_processes(&d, &obs, &markers), [Start("fine".into())]);
+        assert_eq!(plan_processes(&d, &obs, &applied), [Start("fine".into())]);
+    }
+
+    type Seen = BTreeMap<String, Option<String>>;
+
+    fn seen(program: &str, value: Option<&str>) -> Seen {
+        [(program.to_string(), value.map(String::from))].into()
     }
 
     #[test]
@@ -408,17 +437,62 @@ mod tests {
             "h1",
         );
         let obs = observed(&[("web", Running)]);
-        let applied = |m: Option<&str>| [("web".to_string(), m.map(String::from))].into();
+        let none = Seen::new();
+        let (t1, t2) = (seen("web", Some("t1")), seen("web", Some("t2")));
+        let with = |m| Applied {
+            markers: m,
+            signals: &none,
+        };
         assert_eq!(
-            plan_processes(&d, &obs, &applied(Some("t1"))),
+            plan_processes(&d, &obs, &with(&t1)),
             [ProcessAction::Restart("web".into())]
         );
-        assert_eq!(plan_processes(&d, &obs, &applied(Some("t2"))), []);
+        assert_eq!(plan_processes(&d, &obs, &with(&t2)), []);
         // First sight of a program (nothing applied yet) is not a restart.
-        assert_eq!(plan_processes(&d, &obs, &BTreeMap::new()), []);
+        assert_eq!(plan_processes(&d, &obs, &with(&none)), []);
         // Nor is a marker that disappears.
         let d = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
-        assert_eq!(plan_processes(&d, &obs, &applied(Some("t1"))), []);
+        assert_eq!(plan_processes(&d, &obs, &with(&t1)), []);
+    }
+
+    #[test]
+    fn a_new_signal_request_signals_running_processes_once() {
+        use ProcessState::*;
+        let d = desired(
+            &assignments(vec![assignment("w", |s| {
+                s.numprocs = Some(2);
+                s.process_name = Some("%(program_name)s_%(process_num)d".into());
+                s.signal_request = Some(corral_proto::SignalRequest {
+                    signal: "HUP".into(),
+                    id: "2".into(),
+                });
+            })]),
+            "h1",
+        );
+        let obs = observed(&[("w:w_0", Running), ("w:w_1", Stopped)]);
+        let none = Seen::new();
+        let (old, same, never) = (seen("w", Some("1")), seen("w", Some("2")), seen("w", None));
+        let with = |s| Applied {
+            markers: &none,
+            signals: s,
+        };
+        // w_0 runs and is signalled; w_1 must run and is started, not signalled.
+        assert_eq!(
+            plan_processes(&d, &obs, &with(&old)),
+            [
+                ProcessAction::Signal("w:w_0".into(), "HUP".into()),
+                ProcessAction::Start("w:w_1".into())
+            ]
+        );
+        assert_eq!(plan_processes(&d, &obs, &with(&never)).len(), 2);
+        assert_eq!(
+            plan_processes(&d, &obs, &with(&same)),
+            [ProcessAction::Start("w:w_1".into())]
+        );
+        assert_eq!(
+            plan_processes(&d, &obs, &with(&none)),
+            [ProcessAction::Start("w:w_1".into())]
+        );
     }
 
     #[test]

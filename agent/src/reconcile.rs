@@ -22,6 +22,8 @@ pub struct AgentState {
     pub managed_groups: BTreeSet<String>,
     /// Restart marker last applied, per program.
     pub applied_markers: BTreeMap<String, Option<String>>,
+    /// Signal request id last applied, per program.
+    pub applied_signals: BTreeMap<String, Option<String>>,
     /// Generation whose file supervisord accepted, per program.
     pub applied_generations: BTreeMap<String, u64>,
 }
@@ -210,13 +212,18 @@ impl Reconciler {
             // reload failed): check again next pass.
             self.reload_due = true;
         }
-        let actions = plan_processes(desired, &observed, &self.state.applied_markers);
+        let applied = plan::Applied {
+            markers: &self.state.applied_markers,
+            signals: &self.state.applied_signals,
+        };
+        let actions = plan_processes(desired, &observed, &applied);
         let mut failed_programs = BTreeSet::new();
         for action in &actions {
             let (ns, kind) = match action {
                 ProcessAction::Start(ns) => (ns, "process_started"),
                 ProcessAction::Stop(ns) => (ns, "process_stopped"),
                 ProcessAction::Restart(ns) => (ns, "process_restarted"),
+                ProcessAction::Signal(ns, _) => (ns, "process_signalled"),
             };
             report.corrections.push(kind);
             if let Err(e) = self.apply_process(action).await
@@ -231,10 +238,15 @@ impl Reconciler {
                 self.state
                     .applied_markers
                     .insert(p.name.clone(), p.restarted_at.clone());
+                let signal_id = p.signal_request.as_ref().map(|(_, id)| id.clone());
+                self.state.applied_signals.insert(p.name.clone(), signal_id);
             }
         }
         self.state
             .applied_markers
+            .retain(|name, _| desired.programs.contains_key(name));
+        self.state
+            .applied_signals
             .retain(|name, _| desired.programs.contains_key(name));
         self.save_state()?;
 
@@ -365,6 +377,10 @@ impl Reconciler {
             ProcessAction::Restart(ns) => {
                 tolerate(self.client.stop_process(ns, true).await, FaultCode::NotRunning)?;
                 tolerate(self.client.start_process(ns, false).await, FaultCode::AlreadyStarted)
+            }
+            // A process that stopped meanwhile has nothing to receive the signal.
+            ProcessAction::Signal(ns, sig) => {
+                tolerate(self.client.signal_process(ns, sig).await, FaultCode::NotRunning)
             }
         }
     }

@@ -69,6 +69,9 @@ enum Command {
     Stop { name: String },
     /// Restart a program (or a group's programs, with NAME:) on every host.
     Restart { name: String },
+    /// Send a signal (HUP, USR1, ...) once to every running process of a program (or of a
+    /// group's programs, with NAME:), on every host.
+    Signal { signal: String, name: String },
     /// What in the fleet is not as declared. Exit 0 when everything is.
     Status {
         #[arg(short = 'o', long = "output")]
@@ -143,6 +146,11 @@ async fn main() -> ExitCode {
             Command::Start { name } => online::change(&api()?, name, Change::State(DesiredState::Running)).await,
             Command::Stop { name } => online::change(&api()?, name, Change::State(DesiredState::Stopped)).await,
             Command::Restart { name } => online::change(&api()?, name, Change::Restart).await,
+            Command::Signal { signal, name } => {
+                let sig = corral_proto::signal::canonical(signal)
+                    .ok_or_else(|| anyhow::anyhow!("{signal:?} is not a signal name (HUP, INT, USR1, USR2, ...)"))?;
+                online::change(&api()?, name, Change::Signal(sig)).await
+            }
             Command::Status { output } => online::status(&api()?, *output).await,
         }
     }

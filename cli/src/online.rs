@@ -418,9 +418,10 @@ fn now_marker() -> String {
 pub enum Change {
     State(DesiredState),
     Restart,
+    Signal(&'static str),
 }
 
-/// `start|stop|restart NAME|GROUP:`: a spec change through the API, so every host follows
+/// `start|stop|restart|signal NAME|GROUP:`: a spec change through the API, so every host follows
 /// (and a stopped program stays stopped, across supervisord restarts too).
 pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Result<ExitCode> {
     let marker = now_marker();
@@ -430,6 +431,12 @@ pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Resu
             .update_program(&program, |p| match change {
                 Change::State(s) => p.spec.state = s,
                 Change::Restart => p.spec.restarted_at = Some(marker.clone()),
+                Change::Signal(sig) => {
+                    p.spec.signal_request = Some(corral_proto::SignalRequest {
+                        signal: sig.to_string(),
+                        id: marker.clone(),
+                    })
+                }
             })
             .await;
         match r {
@@ -438,6 +445,7 @@ pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Resu
                     Change::State(DesiredState::Running) => "started",
                     Change::State(DesiredState::Stopped) => "stopped",
                     Change::Restart => "restarting",
+                    Change::Signal(_) => "signalled",
                 };
                 let note = if v["result"] == "unchanged" { " (already)" } else { "" };
                 println!("program/{program} {verb}{note}");

@@ -70,6 +70,9 @@ impl Object for Program {
         if self.spec.restarted_at.is_none() {
             self.spec.restarted_at = stored.spec.restarted_at.clone();
         }
+        if self.spec.signal_request.is_none() {
+            self.spec.signal_request = stored.spec.signal_request.clone();
+        }
     }
 }
 

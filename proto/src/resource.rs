@@ -186,6 +186,16 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A request to signal a program's processes once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// A signal name (HUP, USR1, ...).
+    pub signal: String,
+    /// Unique per request (the CLI uses a timestamp).
+    pub id: String,
+}
+
 /// How a spec change rolls out across hosts.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +227,10 @@ macro_rules! program_spec {
             /// changing its rendered config (`corral restart` sets it to a timestamp).
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub restarted_at: Option<String>,
+            /// One-off signal marker: a new `id` sends `signal` once to every running process
+            /// of the program (`corral signal`), without changing its rendered config.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub signal_request: Option<SignalRequest>,
             /// supervisord `command` (required).
             pub command: String,
             $( $(#[$doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*

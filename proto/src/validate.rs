@@ -366,6 +366,18 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
         );
     }
 
+    if let Some(r) = &s.signal_request {
+        if signal::canonical(&r.signal).is_none() {
+            e.add(
+                "spec.signal_request.signal",
+                format!("{:?} is not a signal name", r.signal),
+            );
+        }
+        if r.id.is_empty() || r.id.len() > 64 || r.id.chars().any(|c| c.is_control()) {
+            e.add("spec.signal_request.id", "must be 1 to 64 printable characters");
+        }
+    }
+
     if s.command.trim().is_empty() {
         e.add("spec.command", "is required and must not be empty");
     } else if ini_value(&mut e, "spec.command", &s.command)

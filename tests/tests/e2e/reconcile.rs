@@ -230,6 +230,51 @@ async fn a_program_that_cannot_apply_here_is_reported_and_blocks_nothing() -> an
 }
 
 #[tokio::test]
+async fn a_signal_request_signals_running_processes_once() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let trapper = |generation, id: Option<&str>| {
+        assignment("trapper", generation, |s| {
+            s.command = "/bin/sh -c 'trap \"echo got-hup\" HUP; while :; do sleep 0.1; done'".into();
+            s.signal_request = id.map(|id| corral_proto::SignalRequest {
+                signal: "HUP".into(),
+                id: id.into(),
+            });
+        })
+    };
+    // A request already there when the agent first sees the program is history, not news.
+    let mut a: BTreeMap<_, _> = [trapper(1, Some("old"))].into();
+    converge(&mut r, &a).await?;
+    let log = || async { host.client.read_process_stdout_log("trapper", 0, 10_000).await };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log().await?, "");
+    let pid = host.pids().await?["trapper"];
+
+    a.insert("trapper".into(), trapper(2, Some("new")).1);
+    let report = converge(&mut r, &a).await?;
+    assert!(
+        report.corrections.contains(&"process_signalled"),
+        "{:?}",
+        report.corrections
+    );
+    let mut out = String::new();
+    for _ in 0..50 {
+        out = log().await?;
+        if !out.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(out, "got-hup\n");
+    // Once only, and the process kept running.
+    converge(&mut r, &a).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(log().await?, "got-hup\n");
+    assert_eq!(host.pids().await?["trapper"], pid);
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_restart_marker_restarts_once() -> anyhow::Result<()> {
     let host = Host::start().await?;
     let mut r = host.reconciler()?;
