@@ -12,7 +12,7 @@ use std::time::Duration;
 use corral_proto::fleet::{Assignment, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Host, HostSpec, HostStatus, Metadata};
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +27,8 @@ pub type Statuses = Arc<BTreeMap<String, ProgramHostStatus>>;
 pub enum Error {
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error(transparent)]
+    Connect(#[from] corral_etcd::ConnectError),
     #[error("etcd: {0} timed out")]
     Timeout(&'static str),
     #[error("etcd: the watch was cancelled (compaction at revision {compact_revision}, reason {reason:?}); re-listing")]
@@ -48,22 +50,6 @@ pub struct EtcdConfig {
     pub lease_ttl: i64,
 }
 
-/// Connects with keep-alive pings no faster than every 10 s (etcd 3.4 drops clients that
-/// ping more often than every 5 s).
-///
-/// # Errors
-/// If no endpoint answers within the connect timeout.
-pub async fn connect(endpoints: &[String]) -> Result<Client, Error> {
-    let opts = ConnectOptions::new()
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_connect_timeout(Duration::from_secs(3));
-    Ok(
-        tokio::time::timeout(Duration::from_secs(5), Client::connect(endpoints, Some(opts)))
-            .await
-            .map_err(|_| Error::Timeout("connect"))??,
-    )
-}
-
 async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
     Ok(tokio::time::timeout(Duration::from_secs(10), f)
         .await
@@ -77,13 +63,17 @@ async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_cl
 /// Whatever ended the session; the caller retries.
 pub async fn session(
     cfg: &EtcdConfig,
+    next_member: &mut usize,
     supervisord_version: Option<String>,
     desired: &watch::Sender<Assignments>,
     statuses: &mut watch::Receiver<Statuses>,
     connected: &watch::Sender<bool>,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
-    let mut client = connect(&cfg.endpoints).await?;
+    // One member at a time; the next session starts with the member after this one, so a
+    // dead member is left behind.
+    let (mut client, member) = corral_etcd::connect_from(&cfg.endpoints, *next_member).await?;
+    *next_member = member + 1;
     let keys = &cfg.keys;
 
     let host = Host {

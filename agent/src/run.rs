@@ -122,10 +122,21 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         let mut status_rx = status_rx.clone();
         tracker.spawn(async move {
             let mut pause = Duration::from_millis(500);
+            let mut next_member = 0;
             while !stop.is_cancelled() {
                 let version = client.get_supervisor_version().await.ok();
                 let started = Instant::now();
-                match etcd::session(&cfg, version, &desired_tx, &mut status_rx, &connected_tx, &stop).await {
+                match etcd::session(
+                    &cfg,
+                    &mut next_member,
+                    version,
+                    &desired_tx,
+                    &mut status_rx,
+                    &connected_tx,
+                    &stop,
+                )
+                .await
+                {
                     Ok(()) => break,
                     Err(e) => tracing::warn!(error = %e, "etcd session ended; keeping the last known state"),
                 }

@@ -65,20 +65,32 @@ impl ApiClient {
         })
     }
 
+    /// Sends a request; a 503 (etcd electing a new leader, say) is retried a few times, which
+    /// is safe because every call is idempotent (GET, PUT of a whole object, DELETE).
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {
         let req = match &self.token {
             Some(t) => req.bearer_auth(t),
             None => req,
         };
-        let resp = req.send().await.map_err(|source| ClientError::Transport {
+        let transport = |source| ClientError::Transport {
             url: self.base.clone(),
             source,
-        })?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(|source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        })?;
+        };
+        let mut attempt = 0u32;
+        let (status, body) = loop {
+            let this = req
+                .try_clone()
+                .ok_or_else(|| ClientError::Decode("a request that cannot be retried".into()))?;
+            let resp = this.send().await.map_err(transport)?;
+            let status = resp.status();
+            let body = resp.text().await.map_err(transport)?;
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && attempt < 5 {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(300 * u64::from(attempt))).await;
+                continue;
+            }
+            break (status, body);
+        };
         if !status.is_success() {
             let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
             return Err(ClientError::Api {

@@ -40,6 +40,11 @@ pub async fn run(store: Store, id: String, is_leader: watch::Sender<bool>, shutd
     while !shutdown.is_cancelled() {
         if let Err(e) = lead_once(&store, &id, &is_leader, &shutdown).await {
             tracing::warn!(error = %e, "leadership lost or not acquired; retrying");
+            if matches!(&e, StoreError::Timeout(_))
+                || matches!(&e, StoreError::Etcd(err) if corral_etcd::Etcd::is_unavailable(err))
+            {
+                let _ = store.etcd().failover().await;
+            }
         }
         is_leader.send_replace(false);
         tokio::select! {
@@ -55,7 +60,7 @@ async fn lead_once(
     is_leader: &watch::Sender<bool>,
     shutdown: &CancellationToken,
 ) -> Result<(), StoreError> {
-    let mut client = store.client();
+    let mut client = store.client().await;
     let lease = client.lease_grant(10, None).await?.id();
     let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
     let lost = CancellationToken::new();

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -11,7 +10,6 @@ use corral_controller::api::{AppState, router};
 use corral_controller::leader;
 use corral_controller::store::Store;
 use corral_proto::keys::Keys;
-use etcd_client::ConnectOptions;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -55,13 +53,10 @@ async fn main() -> anyhow::Result<()> {
         .map(String::from)
         .collect();
     anyhow::ensure!(!tokens.is_empty(), "{} holds no token", args.token_file.display());
-    let opts = ConnectOptions::new()
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_connect_timeout(Duration::from_secs(5));
-    let client = etcd_client::Client::connect(&args.etcd_endpoints, Some(opts))
+    let etcd = corral_etcd::Etcd::connect(&args.etcd_endpoints)
         .await
-        .with_context(|| format!("connect to etcd at {}", args.etcd_endpoints.join(",")))?;
-    let store = Store::new(client, Keys::new(&args.prefix));
+        .context("connect to etcd")?;
+    let store = Store::new(etcd, Keys::new(&args.prefix));
     let id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -4,10 +4,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use corral_etcd::Etcd;
 use corral_proto::fleet::{Assignment, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, Metadata, Program};
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -110,18 +111,8 @@ pub struct Applied<T> {
 /// etcd, seen as Corral's store.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    etcd: Etcd,
     keys: Keys,
-}
-
-async fn within<T>(
-    what: &'static str,
-    f: impl Future<Output = Result<T, etcd_client::Error>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(Duration::from_secs(10), f)
-        .await
-        .map_err(|_| StoreError::Timeout(what))?
-        .map_err(Into::into)
 }
 
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
@@ -132,21 +123,47 @@ fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError
 }
 
 impl Store {
-    pub fn new(client: Client, keys: Keys) -> Store {
-        Store { client, keys }
+    pub fn new(etcd: Etcd, keys: Keys) -> Store {
+        Store { etcd, keys }
+    }
+
+    /// Runs one etcd call with a timeout; when the member is gone, moves the connection to
+    /// another member (this call still fails: clients retry a 503).
+    async fn within<T>(
+        &self,
+        what: &'static str,
+        f: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, StoreError> {
+        let result = tokio::time::timeout(Duration::from_secs(10), f).await;
+        let unavailable = match &result {
+            Err(_) => true,
+            Ok(Err(e)) => Etcd::is_unavailable(e),
+            Ok(Ok(_)) => false,
+        };
+        if unavailable && let Err(e) = self.etcd.failover().await {
+            tracing::warn!(error = %e, "etcd: no other member answers");
+        }
+        result.map_err(|_| StoreError::Timeout(what))?.map_err(Into::into)
+    }
+
+    /// The shared connection (for the election and watches).
+    pub fn etcd(&self) -> &Etcd {
+        &self.etcd
     }
 
     pub fn keys(&self) -> &Keys {
         &self.keys
     }
 
-    pub fn client(&self) -> Client {
-        self.client.clone()
+    pub async fn client(&self) -> etcd_client::Client {
+        self.etcd.client().await
     }
 
     async fn list_raw(&self, prefix: String) -> Result<Vec<(String, Vec<u8>, i64)>, StoreError> {
-        let mut c = self.client.clone();
-        let r = within("list", c.get(prefix, Some(GetOptions::new().with_prefix()))).await?;
+        let mut c = self.etcd.client().await;
+        let r = self
+            .within("list", c.get(prefix, Some(GetOptions::new().with_prefix())))
+            .await?;
         Ok(r.kvs()
             .iter()
             .map(|kv| {
@@ -180,9 +197,9 @@ impl Store {
     /// # Errors
     /// etcd errors and unreadable values.
     pub async fn get<T: Object>(&self, name: &str) -> Result<Option<T>, StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.etcd.client().await;
         let key = T::key(&self.keys, name);
-        let r = within("get", c.get(key.clone(), None)).await?;
+        let r = self.within("get", c.get(key.clone(), None)).await?;
         let Some(kv) = r.kvs().first() else { return Ok(None) };
         let mut o: T = decode(kv.key(), kv.value())?;
         o.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
@@ -202,8 +219,8 @@ impl Store {
     pub async fn apply<T: Object>(&self, mut incoming: T, dry_run: bool) -> Result<Applied<T>, StoreError> {
         let name = incoming.metadata().name.clone();
         let key = T::key(&self.keys, &name);
-        let mut c = self.client.clone();
-        let r = within("get", c.get(key.clone(), None)).await?;
+        let mut c = self.etcd.client().await;
+        let r = self.within("get", c.get(key.clone(), None)).await?;
         let current: Option<(T, i64)> = match r.kvs().first() {
             Some(kv) => Some((decode(kv.key(), kv.value())?, kv.mod_revision())),
             None => None,
@@ -251,7 +268,7 @@ impl Store {
         let txn = Txn::new()
             .when([compare])
             .and_then([TxnOp::put(key.clone(), value, None)]);
-        let resp = within("txn", c.txn(txn)).await?;
+        let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict(format!(
                 "{} {name:?} was changed concurrently; retry",
@@ -272,7 +289,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::NotFound`] if it does not exist.
     pub async fn delete<T: Object>(&self, name: &str, dry_run: bool) -> Result<(), StoreError> {
-        let mut c = self.client.clone();
+        let mut c = self.etcd.client().await;
         let key = T::key(&self.keys, name);
         if dry_run {
             return match self.get::<T>(name).await? {
@@ -283,7 +300,7 @@ impl Store {
                 }),
             };
         }
-        let r = within("delete", c.delete(key, None)).await?;
+        let r = self.within("delete", c.delete(key, None)).await?;
         if r.deleted() == 0 {
             return Err(StoreError::NotFound {
                 kind: T::KIND,
@@ -363,9 +380,9 @@ impl Store {
         for (h, p) in &w.delete {
             ops.push(TxnOp::delete(self.keys.assignment(h, p), None));
         }
-        let mut c = self.client.clone();
+        let mut c = self.etcd.client().await;
         for chunk in ops.chunks(100) {
-            within("txn", c.txn(Txn::new().and_then(chunk.to_vec()))).await?;
+            self.within("txn", c.txn(Txn::new().and_then(chunk.to_vec()))).await?;
         }
         Ok(())
     }

@@ -37,10 +37,10 @@ impl Controller {
     /// # Errors
     /// If etcd cannot be reached or the port cannot be bound.
     pub async fn start(etcd_endpoints: &[String], id: &str) -> anyhow::Result<Controller> {
-        let client = corral_agent::etcd::connect(etcd_endpoints)
+        let etcd = corral_etcd::Etcd::connect(etcd_endpoints)
             .await
             .context("controller: connect to etcd")?;
-        let store = Store::new(client, Keys::default());
+        let store = Store::new(etcd, Keys::default());
         let shutdown = CancellationToken::new();
         let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
         let leading = tokio::spawn(corral_controller::leader::run(

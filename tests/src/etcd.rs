@@ -106,3 +106,87 @@ impl Etcd {
         self.process.kill();
     }
 }
+
+/// A 3-member (or n-member) etcd cluster on loopback, like production runs it.
+#[derive(Debug)]
+pub struct EtcdCluster {
+    pub endpoints: Vec<String>,
+    members: Vec<ChildGuard>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members and waits until the cluster answers through every endpoint.
+    ///
+    /// # Errors
+    /// If a member exits or the cluster does not form within 30 s.
+    pub async fn start(n: usize) -> anyhow::Result<EtcdCluster> {
+        let dir = tempfile::tempdir().context("temp dir for etcd cluster")?;
+        let mut clients = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..n {
+            clients.push(format!("http://127.0.0.1:{}", crate::free_port()?));
+            peers.push(format!("http://127.0.0.1:{}", crate::free_port()?));
+        }
+        let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
+        let initial = initial.join(",");
+        let mut members = Vec::new();
+        for i in 0..n {
+            let mdir = dir.path().join(format!("m{i}"));
+            std::fs::create_dir_all(&mdir)?;
+            let mut cmd = Command::new("etcd");
+            cmd.args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(mdir.join("data"))
+                .args([
+                    "--listen-client-urls",
+                    &clients[i],
+                    "--advertise-client-urls",
+                    &clients[i],
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peers[i],
+                    "--initial-advertise-peer-urls",
+                    &peers[i],
+                ])
+                .args([
+                    "--initial-cluster",
+                    &initial,
+                    "--initial-cluster-state",
+                    "new",
+                    "--log-level",
+                    "error",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::from(std::fs::File::create(mdir.join("etcd.log"))?));
+            members.push(ChildGuard::spawn("etcd member", cmd)?);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for endpoint in &clients {
+            loop {
+                for m in &mut members {
+                    m.check_alive()?;
+                }
+                if let Ok(mut c) = etcd_client::Client::connect([endpoint.as_str()], None).await
+                    && c.get("/", None).await.is_ok()
+                {
+                    break;
+                }
+                anyhow::ensure!(Instant::now() < deadline, "etcd cluster did not form within 30 s");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(EtcdCluster {
+            endpoints: clients,
+            members,
+            _dir: dir,
+        })
+    }
+
+    /// Kills member `i` (the others keep quorum).
+    pub fn kill_member(&mut self, i: usize) {
+        if let Some(m) = self.members.get_mut(i) {
+            m.kill();
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Corral on a 3-member etcd cluster: it keeps working when one member dies.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
+use corral_tests::corral::{Agent, Controller, converged, wait_for};
+use corral_tests::etcd::EtcdCluster;
+use corral_tests::supervisord::{Options, Supervisord};
+
+fn program(command: &str) -> Resource {
+    let spec = ProgramSpec {
+        command: command.into(),
+        selector: Some(BTreeMap::new()),
+        startsecs: Some(0),
+        ..Default::default()
+    };
+    Resource::Program(Program::new(
+        Metadata {
+            name: "web".into(),
+            ..Default::default()
+        },
+        spec,
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_three_member_cluster_survives_losing_a_member() -> anyhow::Result<()> {
+    let mut cluster = EtcdCluster::start(3).await?;
+    let controller = Controller::start(&cluster.endpoints, "c1").await?;
+    let sd = Supervisord::start(Options::default()).await?;
+    let state = tempfile::tempdir()?;
+    let _agent = Agent::start("h1", &[], &cluster.endpoints, &sd, state.path());
+    let api = controller.api()?;
+    api.apply(&program("/bin/sleep 1000"), false).await?;
+    wait_for(&api, Duration::from_secs(30), |s| converged(s) && s.programs.len() == 1).await?;
+
+    cluster.kill_member(0);
+    let r = api.apply(&program("/bin/sleep 2000"), false).await?;
+    assert_eq!(r["result"], "configured");
+    wait_for(&api, Duration::from_secs(60), |s| {
+        converged(s) && s.programs[0].generation == 2
+    })
+    .await?;
+    let info = sd.client().await?.get_process_info("web").await?;
+    assert!(info.pid > 0);
+    let cmdline = std::fs::read_to_string(format!("/proc/{}/cmdline", info.pid))?;
+    assert_eq!(cmdline, "/bin/sleep\u{0}2000\u{0}");
+    Ok(())
+}
