@@ -311,6 +311,17 @@ async fn restarts_and_outages_restart_no_workload() -> anyhow::Result<()> {
     let after = (fleet.nodes[0].pids().await?, fleet.nodes[1].pids().await?);
     assert_eq!(after.0["web"].0, pid_after_drift, "h1 restarted web again");
     assert_eq!(after.1["web"].0, before.1["web"].0, "h2 restarted web");
+
+    // etcd compacts its history: the agents keep following changes.
+    let mut c = fleet.etcd.client().await?;
+    let rev = c.get("/", None).await?.header().map_or(0, |h| h.revision());
+    c.compact(rev, None).await?;
+    api.apply(&program("web", |s| s.command = "/bin/sleep 1002".into()), false)
+        .await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].generation == 2 && s.programs[0].ready == 2
+    })
+    .await?;
     Ok(())
 }
 
