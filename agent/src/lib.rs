@@ -2,6 +2,7 @@
 
 pub mod confdir;
 pub mod etcd;
+pub mod metrics;
 pub mod plan;
 pub mod reconcile;
 pub mod run;

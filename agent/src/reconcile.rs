@@ -57,6 +57,8 @@ pub struct PassReport {
     pub corrections: Vec<&'static str>,
     /// supervisord's processes, as last seen.
     pub processes: Vec<ProcessInfo>,
+    /// `group:process` of every process this pass stopped or restarted on purpose.
+    pub stopped_by_agent: BTreeSet<String>,
 }
 
 /// Runs reconcile passes for one host.
@@ -172,6 +174,12 @@ impl Reconciler {
                     let desired_groups = desired.groups();
                     for action in plan_groups(&reload, &desired_groups, &self.state.managed_groups) {
                         report.corrections.push("group");
+                        if let GroupAction::Remove(g) | GroupAction::Replace(g) = &action {
+                            let members = desired.programs.values().filter(|p| &p.group == g);
+                            report
+                                .stopped_by_agent
+                                .extend(members.flat_map(|p| p.namespecs.iter().cloned()));
+                        }
                         if let Err(e) = self.apply_group(&action).await {
                             let g = match &action {
                                 GroupAction::Remove(g) | GroupAction::Replace(g) | GroupAction::Add(g) => g,
@@ -226,6 +234,9 @@ impl Reconciler {
                 ProcessAction::Signal(ns, _) => (ns, "process_signalled"),
             };
             report.corrections.push(kind);
+            if matches!(action, ProcessAction::Stop(_) | ProcessAction::Restart(_)) {
+                report.stopped_by_agent.insert(ns.clone());
+            }
             if let Err(e) = self.apply_process(action).await
                 && let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns))
             {

@@ -7,13 +7,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::response::IntoResponse as _;
 use notify::Watcher as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use prometheus_client::registry::Registry;
+
 use crate::confdir::{self, ConfDir};
 use crate::etcd::{self, Assignments, EtcdConfig, Statuses};
+use crate::metrics::{AgentMetrics, ProcessHistory};
 use crate::plan;
 use crate::reconcile::Reconciler;
 use crate::supervisor::{self, Client, ClientConfig};
@@ -101,11 +105,27 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             source,
         })?;
 
+    let mut registry = Registry::default();
+    let metrics = AgentMetrics::register(&mut registry, &cfg.etcd.host);
+    let registry = Arc::new(registry);
+    {
+        let (m, mut rx, stop) = (metrics.clone(), connected_rx.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            loop {
+                m.set_etcd_connected(*rx.borrow_and_update());
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    r = rx.changed() => if r.is_err() { break },
+                }
+            }
+        });
+    }
+
     if let Some(addr) = cfg.listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| StartError::Listen { addr, source })?;
-        let app = health_router(connected_rx.clone());
+        let app = http_router(connected_rx.clone(), registry.clone());
         let stop = shutdown.clone();
         tracker.spawn(async move {
             let _ = axum::serve(listener, app)
@@ -158,6 +178,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reload = Instant::now();
     let mut cached: Option<Assignments> = None;
+    let mut history = ProcessHistory::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -180,14 +201,19 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             last_reload = Instant::now();
         }
         let desired = plan::desired(&assignments, &cfg.etcd.host);
+        let started = Instant::now();
         match reconciler.pass(&desired).await {
             Ok(report) => {
+                metrics.pass_done(started.elapsed(), &desired, &report, &mut history);
                 if !report.corrections.is_empty() {
                     tracing::info!(corrections = ?report.corrections, "reconciled");
                 }
                 status_tx.send_replace(Arc::new(report.statuses));
             }
-            Err(e) => tracing::warn!(error = %e, "reconcile pass failed"),
+            Err(e) => {
+                metrics.pass_failed(started.elapsed(), e.metric_label());
+                tracing::warn!(error = %e, "reconcile pass failed");
+            }
         }
     }
     drop(watcher);
@@ -196,12 +222,36 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     Ok(())
 }
 
-fn health_router(connected: watch::Receiver<bool>) -> axum::Router {
-    axum::Router::new().route(
-        "/healthz",
-        axum::routing::get(move || {
-            let etcd = *connected.borrow();
-            async move { format!("ok\netcd_connected {etcd}\n") }
-        }),
-    )
+fn http_router(connected: watch::Receiver<bool>, registry: Arc<Registry>) -> axum::Router {
+    axum::Router::new()
+        .route(
+            "/healthz",
+            axum::routing::get(move || {
+                let etcd = *connected.borrow();
+                async move { format!("ok\netcd_connected {etcd}\n") }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move { encode_metrics(&registry) }
+            }),
+        )
+}
+
+/// The registry in the OpenMetrics text format.
+pub fn encode_metrics(registry: &Registry) -> axum::response::Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, registry) {
+        Ok(()) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }

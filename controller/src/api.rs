@@ -3,7 +3,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -11,10 +13,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use corral_proto::{ValidationErrors, parse_json, validate_group, validate_program};
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::metrics::ControllerMetrics;
 use crate::placement::selects;
 use crate::status::{fleet_status, program_status};
 use crate::store::{Applied, Object, Store, StoreError};
@@ -26,6 +30,23 @@ pub struct AppState {
     pub store: Store,
     pub tokens: Arc<Vec<String>>,
     pub is_leader: watch::Receiver<bool>,
+    pub metrics: ControllerMetrics,
+    registry: Arc<Registry>,
+}
+
+impl AppState {
+    /// State with a fresh metrics registry.
+    pub fn new(store: Store, tokens: Vec<String>, is_leader: watch::Receiver<bool>) -> AppState {
+        let mut registry = Registry::default();
+        let metrics = ControllerMetrics::register(&mut registry);
+        AppState {
+            store,
+            tokens: Arc::new(tokens),
+            is_leader,
+            metrics,
+            registry: Arc::new(registry),
+        }
+    }
 }
 
 /// An error answer: `{"error": "...", "details": [...]}`.
@@ -126,8 +147,46 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/", get(health))
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
         .nest("/v1", v1)
+        .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
+}
+
+/// Counts every request by its route pattern (never the raw path: names stay out of labels).
+async fn track(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_string();
+    let route = format!("{} {route}", req.method());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    state.metrics.request(&route, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+/// `/metrics`: open like `/healthz`, so Prometheus needs no token. It shows program and host
+/// names and counts, never specs.
+async fn metrics(State(state): State<AppState>) -> Response {
+    state.metrics.set_leader(*state.is_leader.borrow());
+    match fleet(&state.store).await {
+        Ok((status, hosts)) => state.metrics.set_fleet(&status, &hosts),
+        Err(e) => tracing::warn!(error = %e.message, "metrics: cannot read the fleet status"),
+    }
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
 }
 
 async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -336,10 +395,15 @@ async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
 }
 
 async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
-    let programs: Vec<Program> = state.store.list().await?;
-    let hosts = state.store.hosts().await?;
-    let alive = state.store.alive().await?;
-    let reports = state.store.reports().await?;
+    Ok(Json(fleet(&state.store).await?.0))
+}
+
+/// The fleet summary, and the registered host names.
+async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiError> {
+    let programs: Vec<Program> = store.list().await?;
+    let hosts = store.hosts().await?;
+    let alive = store.alive().await?;
+    let reports = store.reports().await?;
     let mut assigned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in &programs {
         assigned.insert(
@@ -351,5 +415,6 @@ async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
                 .collect(),
         );
     }
-    Ok(Json(fleet_status(&programs, &assigned, &reports, &hosts, &alive)))
+    let names = hosts.iter().map(|h| h.metadata.name.clone()).collect();
+    Ok((fleet_status(&programs, &assigned, &reports, &hosts, &alive), names))
 }

@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod leader;
+pub mod metrics;
 pub mod placement;
 pub mod status;
 pub mod store;

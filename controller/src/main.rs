@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -65,11 +64,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (leader_tx, leader_rx) = watch::channel(false);
     let leading = tokio::spawn(leader::run(store.clone(), id, leader_tx, shutdown.clone()));
-    let app = router(AppState {
-        store,
-        tokens: Arc::new(tokens),
-        is_leader: leader_rx,
-    });
+    let app = router(AppState::new(store, tokens, leader_rx));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -51,11 +50,7 @@ impl Controller {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = router(AppState {
-            store,
-            tokens: Arc::new(vec![TOKEN.to_string()]),
-            is_leader: leader_rx,
-        });
+        let app = router(AppState::new(store, vec![TOKEN.to_string()], leader_rx));
         let stop = shutdown.clone();
         let serving = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -109,6 +104,18 @@ impl Agent {
         sd: &Supervisord,
         state_dir: &Path,
     ) -> Agent {
+        Agent::start_listening(host, labels, etcd_endpoints, sd, state_dir, None)
+    }
+
+    /// Like [`Agent::start`], serving `/metrics` and `/healthz` on `listen`.
+    pub fn start_listening(
+        host: &str,
+        labels: &[(&str, &str)],
+        etcd_endpoints: &[String],
+        sd: &Supervisord,
+        state_dir: &Path,
+        listen: Option<std::net::SocketAddr>,
+    ) -> Agent {
         let mut supervisor = ClientConfig::new(Endpoint::Unix(sd.socket.clone()));
         supervisor.credentials = sd.credentials.clone();
         let cfg = AgentConfig {
@@ -127,7 +134,7 @@ impl Agent {
             state_dir: state_dir.to_path_buf(),
             resync: Duration::from_millis(500),
             reload_every: Duration::from_secs(30),
-            listen: None,
+            listen,
         };
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();

@@ -4,6 +4,7 @@ mod cluster;
 mod conformance;
 mod etcd_kit;
 mod fleet;
+mod metrics;
 mod reconcile;
 mod render_roundtrip;
 mod supervisor_rpc;
