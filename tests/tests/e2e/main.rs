@@ -2,6 +2,7 @@
 
 mod cluster;
 mod conformance;
+mod deploy;
 mod etcd_kit;
 mod fleet;
 mod metrics;
