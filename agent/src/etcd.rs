@@ -42,7 +42,7 @@ pub enum Error {
 /// How the agent talks to etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdConfig {
-    pub endpoints: Vec<String>,
+    pub etcd: corral_etcd::EtcdOptions,
     pub keys: Keys,
     pub host: String,
     pub labels: BTreeMap<String, String>,
@@ -72,7 +72,7 @@ pub async fn session(
 ) -> Result<(), Error> {
     // One member at a time; the next session starts with the member after this one, so a
     // dead member is left behind.
-    let (mut client, member) = corral_etcd::connect_from(&cfg.endpoints, *next_member).await?;
+    let (mut client, member) = corral_etcd::connect_from(&cfg.etcd, *next_member).await?;
     *next_member = member + 1;
     let keys = &cfg.keys;
 

@@ -17,14 +17,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "corral-agent", version, about)]
 struct Args {
-    /// etcd endpoints, comma-separated.
-    #[arg(
-        long,
-        env = "CORRAL_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    etcd: corral_etcd::EtcdFlags,
     /// etcd key prefix.
     #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
     prefix: String,
@@ -114,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let cfg = AgentConfig {
         etcd: EtcdConfig {
-            endpoints: args.etcd_endpoints,
+            etcd: args.etcd.options().context("etcd flags")?,
             keys: Keys::new(&args.prefix),
             host,
             labels,

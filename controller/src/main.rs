@@ -16,14 +16,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(name = "corral-controller", version, about)]
 struct Args {
-    /// etcd endpoints, comma-separated (all members of the cluster).
-    #[arg(
-        long,
-        env = "CORRAL_ETCD_ENDPOINTS",
-        value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
-    )]
-    etcd_endpoints: Vec<String>,
+    #[command(flatten)]
+    etcd: corral_etcd::EtcdFlags,
     /// Address the HTTP API listens on.
     #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -52,7 +46,7 @@ async fn main() -> anyhow::Result<()> {
         .map(String::from)
         .collect();
     anyhow::ensure!(!tokens.is_empty(), "{} holds no token", args.token_file.display());
-    let etcd = corral_etcd::Etcd::connect(&args.etcd_endpoints)
+    let etcd = corral_etcd::Etcd::connect(&args.etcd.options().context("etcd flags")?)
         .await
         .context("connect to etcd")?;
     let store = Store::new(etcd, Keys::new(&args.prefix));

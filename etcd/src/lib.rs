@@ -9,8 +9,57 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, GetOptions};
+use std::path::PathBuf;
+
+use etcd_client::{Certificate, Client, ConnectOptions, GetOptions, Identity, TlsOptions};
 use tokio::sync::RwLock;
+
+/// How to reach and authenticate to the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdOptions {
+    /// Client URLs of the members (`https://` with TLS).
+    pub endpoints: Vec<String>,
+    /// CA bundle that signed the members' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key, for members that require client certificates.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// etcd user name and password (etcd's own authentication).
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdOptions {
+    /// Plain endpoints, no TLS, no auth (tests, `corral dev`).
+    pub fn plain(endpoints: &[String]) -> EtcdOptions {
+        EtcdOptions {
+            endpoints: endpoints.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn connect_options(&self) -> Result<ConnectOptions, String> {
+        let mut o = ConnectOptions::new()
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_connect_timeout(Duration::from_secs(2));
+        if self.ca_file.is_some() || self.cert_file.is_some() {
+            let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            match (&self.cert_file, &self.key_file) {
+                (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+                (None, None) => {}
+                _ => return Err("a client certificate needs both --etcd-cert-file and --etcd-key-file".into()),
+            }
+            o = o.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            o = o.with_user(user.clone(), password.clone());
+        }
+        Ok(o)
+    }
+}
 
 /// No member answered.
 #[derive(Debug, thiserror::Error)]
@@ -20,26 +69,23 @@ pub struct ConnectError {
     pub tried: Vec<String>,
 }
 
-/// Keep-alive pings no faster than every 10 s (etcd 3.4 drops clients that ping more often
-/// than every 5 s), and short connect timeouts so failover is quick.
-fn options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
-        .with_connect_timeout(Duration::from_secs(2))
-}
-
 /// Connects to the first member, starting at `start`, that serves a linearizable read.
 /// Returns the client and the index of its endpoint.
 ///
+/// Keep-alive pings go no faster than every 10 s (etcd 3.4 drops clients that ping more often
+/// than every 5 s); connect timeouts are short so failover is quick.
+///
 /// # Errors
 /// [`ConnectError`] listing why each endpoint was skipped.
-pub async fn connect_from(endpoints: &[String], start: usize) -> Result<(Client, usize), ConnectError> {
+pub async fn connect_from(opts: &EtcdOptions, start: usize) -> Result<(Client, usize), ConnectError> {
+    let endpoints = &opts.endpoints;
+    let options = opts.connect_options().map_err(|e| ConnectError { tried: vec![e] })?;
     let mut tried = Vec::new();
     for k in 0..endpoints.len() {
         let i = (start + k) % endpoints.len();
         let ep = &endpoints[i];
         let attempt = async {
-            let mut c = Client::connect([ep.as_str()], Some(options())).await?;
+            let mut c = Client::connect([ep.as_str()], Some(options.clone())).await?;
             c.get("/", Some(GetOptions::new().with_count_only())).await?;
             Ok::<_, etcd_client::Error>(c)
         };
@@ -55,7 +101,7 @@ pub async fn connect_from(endpoints: &[String], start: usize) -> Result<(Client,
 /// A shared connection that moves to another member when told its member failed.
 #[derive(Clone)]
 pub struct Etcd {
-    endpoints: Arc<Vec<String>>,
+    opts: Arc<EtcdOptions>,
     current: Arc<RwLock<(Client, usize)>>,
     failovers: Arc<AtomicUsize>,
 }
@@ -65,10 +111,10 @@ impl Etcd {
     ///
     /// # Errors
     /// [`ConnectError`] when none answers.
-    pub async fn connect(endpoints: &[String]) -> Result<Etcd, ConnectError> {
-        let current = connect_from(endpoints, 0).await?;
+    pub async fn connect(opts: &EtcdOptions) -> Result<Etcd, ConnectError> {
+        let current = connect_from(opts, 0).await?;
         Ok(Etcd {
-            endpoints: Arc::new(endpoints.to_vec()),
+            opts: Arc::new(opts.clone()),
             current: Arc::new(RwLock::new(current)),
             failovers: Arc::new(AtomicUsize::new(0)),
         })
@@ -106,10 +152,63 @@ impl Etcd {
         if guard.1 != failed {
             return Ok(());
         }
-        let next = connect_from(&self.endpoints, failed + 1).await?;
-        tracing::warn!(from = %self.endpoints[failed], to = %self.endpoints[next.1], "etcd: moved to another member");
+        let next = connect_from(&self.opts, failed + 1).await?;
+        let eps = &self.opts.endpoints;
+        tracing::warn!(from = %eps[failed], to = %eps[next.1], "etcd: moved to another member");
         *guard = next;
         self.failovers.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// The etcd flags both binaries take (`#[command(flatten)]`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct EtcdFlags {
+    /// etcd client URLs, comma-separated (every member of the cluster).
+    #[arg(
+        long,
+        env = "CORRAL_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// CA certificate (PEM) that signed the etcd members' certificates.
+    #[arg(long, env = "CORRAL_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for members started with --client-cert-auth.
+    #[arg(long, env = "CORRAL_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Client key (PEM) for --etcd-cert-file.
+    #[arg(long, env = "CORRAL_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (with etcd's authentication enabled).
+    #[arg(long, env = "CORRAL_ETCD_USERNAME", requires = "etcd_password_file")]
+    pub etcd_username: Option<String>,
+    /// File holding that user's password (never pass secrets on the command line).
+    #[arg(long, env = "CORRAL_ETCD_PASSWORD_FILE", requires = "etcd_username")]
+    pub etcd_password_file: Option<PathBuf>,
+}
+
+impl EtcdFlags {
+    /// The connection options these flags describe.
+    ///
+    /// # Errors
+    /// If the password file cannot be read.
+    pub fn options(&self) -> Result<EtcdOptions, std::io::Error> {
+        let user = match (&self.etcd_username, &self.etcd_password_file) {
+            (Some(u), Some(p)) => {
+                let password = std::fs::read_to_string(p)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))?;
+                Some((u.clone(), password.trim_end_matches('\n').to_string()))
+            }
+            _ => None,
+        };
+        Ok(EtcdOptions {
+            endpoints: self.etcd_endpoints.clone(),
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            user,
+        })
     }
 }

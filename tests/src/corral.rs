@@ -36,7 +36,15 @@ impl Controller {
     /// # Errors
     /// If etcd cannot be reached or the port cannot be bound.
     pub async fn start(etcd_endpoints: &[String], id: &str) -> anyhow::Result<Controller> {
-        let etcd = corral_etcd::Etcd::connect(etcd_endpoints)
+        Controller::start_with(&corral_etcd::EtcdOptions::plain(etcd_endpoints), id).await
+    }
+
+    /// Like [`Controller::start`], with full etcd options (TLS, authentication).
+    ///
+    /// # Errors
+    /// If etcd cannot be reached or the port cannot be bound.
+    pub async fn start_with(etcd_options: &corral_etcd::EtcdOptions, id: &str) -> anyhow::Result<Controller> {
+        let etcd = corral_etcd::Etcd::connect(etcd_options)
             .await
             .context("controller: connect to etcd")?;
         let store = Store::new(etcd, Keys::default());
@@ -116,11 +124,30 @@ impl Agent {
         state_dir: &Path,
         listen: Option<std::net::SocketAddr>,
     ) -> Agent {
+        Agent::start_with(
+            host,
+            labels,
+            &corral_etcd::EtcdOptions::plain(etcd_endpoints),
+            sd,
+            state_dir,
+            listen,
+        )
+    }
+
+    /// Like [`Agent::start_listening`], with full etcd options (TLS, authentication).
+    pub fn start_with(
+        host: &str,
+        labels: &[(&str, &str)],
+        etcd_options: &corral_etcd::EtcdOptions,
+        sd: &Supervisord,
+        state_dir: &Path,
+        listen: Option<std::net::SocketAddr>,
+    ) -> Agent {
         let mut supervisor = ClientConfig::new(Endpoint::Unix(sd.socket.clone()));
         supervisor.credentials = sd.credentials.clone();
         let cfg = AgentConfig {
             etcd: EtcdConfig {
-                endpoints: etcd_endpoints.to_vec(),
+                etcd: etcd_options.clone(),
                 keys: Keys::default(),
                 host: host.to_string(),
                 labels: labels

@@ -190,3 +190,154 @@ impl EtcdCluster {
         }
     }
 }
+
+/// A single-member etcd that requires TLS client certificates and has authentication on
+/// (user `root`), like the production setup in deploy/etcd.
+#[derive(Debug)]
+pub struct SecureEtcd {
+    pub endpoint: String,
+    pub ca: std::path::PathBuf,
+    pub client_cert: std::path::PathBuf,
+    pub client_key: std::path::PathBuf,
+    pub password: String,
+    _process: ChildGuard,
+    pub dir: tempfile::TempDir,
+}
+
+fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .context("run openssl")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+impl SecureEtcd {
+    /// Makes a CA, a server and a client certificate, starts etcd with them, and enables
+    /// authentication with a `root` user.
+    ///
+    /// # Errors
+    /// If openssl or etcd fail, or etcd does not answer within 20 s.
+    pub async fn start() -> anyhow::Result<SecureEtcd> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let key = ["-newkey", "rsa:2048", "-nodes"];
+        openssl(
+            d,
+            &[
+                &["req", "-x509"],
+                &key[..],
+                &[
+                    "-keyout",
+                    "ca.key",
+                    "-out",
+                    "ca.pem",
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=corral-test-ca",
+                ],
+            ]
+            .concat(),
+        )?;
+        // X.509 v3 with the right extensions: rustls refuses v1 certificates.
+        std::fs::write(
+            d.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        )?;
+        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+        for (name, cn) in [("server", "/CN=etcd"), ("client", "/CN=root")] {
+            let (k, csr, pem, ext) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("{name}.pem"),
+                format!("{name}.ext"),
+            );
+            openssl(
+                d,
+                &[&["req"], &key[..], &["-keyout", &k, "-out", &csr, "-subj", cn]].concat(),
+            )?;
+            let sign = [
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ];
+            openssl(d, &sign)?;
+        }
+        let endpoint = format!("https://127.0.0.1:{}", crate::free_port()?);
+        let peer = format!("http://127.0.0.1:{}", crate::free_port()?);
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "secure", "--data-dir"])
+            .arg(d.join("data"))
+            .args(["--listen-client-urls", &endpoint, "--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("secure={peer}"), "--log-level", "error"])
+            .arg("--cert-file")
+            .arg(d.join("server.pem"))
+            .arg("--key-file")
+            .arg(d.join("server.key"))
+            .arg("--trusted-ca-file")
+            .arg(d.join("ca.pem"))
+            .arg("--client-cert-auth")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(std::fs::File::create(d.join("etcd.log"))?));
+        let mut process = ChildGuard::spawn("etcd", cmd)?;
+        let password = "s3cret-etcd".to_string();
+        let tls = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(d.join("ca.pem"))?))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(d.join("client.pem"))?,
+                std::fs::read(d.join("client.key"))?,
+            ));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut client = loop {
+            process
+                .check_alive()
+                .with_context(|| std::fs::read_to_string(d.join("etcd.log")).unwrap_or_default())?;
+            let opts = etcd_client::ConnectOptions::new().with_tls(tls.clone());
+            let last = match etcd_client::Client::connect([endpoint.as_str()], Some(opts)).await {
+                Ok(mut c) => match c.status().await {
+                    Ok(_) => break c,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "secure etcd did not answer within 20 s: {last}\n{}",
+                std::fs::read_to_string(d.join("etcd.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        client.user_add("root", password.clone(), None).await?;
+        client.user_grant_role("root", "root").await?;
+        client.auth_enable().await?;
+        Ok(SecureEtcd {
+            ca: d.join("ca.pem"),
+            client_cert: d.join("client.pem"),
+            client_key: d.join("client.key"),
+            endpoint,
+            password,
+            _process: process,
+            dir,
+        })
+    }
+}
