@@ -186,3 +186,66 @@ fn every_promql_expression_in_the_dashboards_and_grafana_alerts_parses() {
     let (ok, out) = promtool(&["check", "rules", &file.display().to_string()]);
     assert!(ok, "{out}");
 }
+
+/// `target/<profile>/NAME`, built by `cargo build --bins` (scripts/test does).
+fn built_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+#[test]
+fn systemd_units_verify_and_their_environment_files_name_real_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut units = Vec::new();
+    for name in ["corral-agent", "corral-controller"] {
+        let text = std::fs::read_to_string(deploy(&format!("systemd/{name}.service"))).expect("unit");
+        assert!(text.contains(&format!("ExecStart=/usr/local/bin/{name}\n")), "{name}");
+        let unit = dir.path().join(format!("{name}.service"));
+        let bin = built_binary(name);
+        std::fs::write(
+            &unit,
+            text.replace(&format!("/usr/local/bin/{name}"), &bin.display().to_string()),
+        )
+        .expect("write");
+        units.push(unit.display().to_string());
+
+        // Every CORRAL_* variable of the environment file is one the binary reads.
+        let help = Command::new(&bin).arg("--help").output().expect("help");
+        let help = String::from_utf8_lossy(&help.stdout);
+        let env = std::fs::read_to_string(deploy(&format!("systemd/{name}.env"))).expect("env file");
+        let vars: Vec<&str> = env
+            .lines()
+            .map(|l| l.trim_start_matches('#'))
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+            .filter(|k| k.starts_with("CORRAL_"))
+            .collect();
+        assert!(vars.len() >= 5, "{name}: {vars:?}");
+        for v in vars {
+            assert!(
+                help.contains(&format!("[env: {v}=")),
+                "{name} does not read {v}:\n{help}"
+            );
+        }
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .expect("systemd-analyze");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "systemd-analyze verify:\n{text}"
+    );
+}
