@@ -249,3 +249,115 @@ fn systemd_units_verify_and_their_environment_files_name_real_flags() {
         "systemd-analyze verify:\n{text}"
     );
 }
+
+fn ansible(args: &[&str], cwd: &Path) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(cwd)
+        .env("ANSIBLE_LOCALHOST_WARNING", "false")
+        .env("ANSIBLE_NOCOLOR", "true")
+        // Modules run with Debian's python (supervisor's own), whatever python ansible itself uses.
+        .env("ANSIBLE_PYTHON_INTERPRETER", "/usr/bin/python3")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (ansible-core comes from PyPI; scripts/install-deps installs it)",
+                args[0]
+            )
+        });
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{args:?}:\n{text}");
+    text
+}
+
+#[tokio::test]
+async fn the_ansible_role_passes_syntax_check_and_its_supervisord_conf_runs() -> anyhow::Result<()> {
+    let dir = deploy("ansible");
+    ansible(
+        &[
+            "ansible-playbook",
+            "--syntax-check",
+            "-i",
+            "inventory.example.ini",
+            "site.yml",
+        ],
+        &dir,
+    );
+
+    // Render the role's templates with Ansible itself, into a scratch supervisord layout.
+    let tmp = tempfile::tempdir()?;
+    let t = tmp.path().display().to_string();
+    std::fs::create_dir_all(tmp.path().join("conf.d"))?;
+    std::fs::create_dir_all(tmp.path().join("log"))?;
+    let role = dir.join("roles/corral_agent/templates");
+    let vars = format!(
+        "{{\"corral_supervisor_socket\": \"{t}/s.sock\", \"corral_supervisor_log_dir\": \"{t}/log\", \"corral_supervisor_run_dir\": \"{t}\", \"corral_supervisor_conf_dir\": \"{t}/conf.d\", \"corral_etcd_endpoints\": [\"https://e1:2379\", \"https://e2:2379\"], \"corral_etcd_ca_file\": \"/etc/corral/ca.pem\", \"corral_etcd_cert_file\": \"\", \"corral_etcd_key_file\": \"\", \"corral_prefix\": \"/corral\", \"corral_host_labels\": {{\"role\": \"app\", \"zone\": \"b\"}}, \"corral_state_dir\": \"/var/lib/corral-agent\", \"corral_metrics_listen\": \"0.0.0.0:9464\"}}"
+    );
+    for (src, dest) in [
+        ("supervisord.conf.j2", "supervisord.conf"),
+        ("corral-agent.env.j2", "agent.env"),
+    ] {
+        ansible(
+            &[
+                "ansible",
+                "localhost",
+                "-i",
+                "localhost,",
+                "-c",
+                "local",
+                "-m",
+                "ansible.builtin.template",
+                "-a",
+                &format!("src={} dest={t}/{dest}", role.join(src).display()),
+                "-e",
+                &vars,
+            ],
+            tmp.path(),
+        );
+    }
+    let env = std::fs::read_to_string(tmp.path().join("agent.env"))?;
+    for line in [
+        "CORRAL_ETCD_ENDPOINTS=https://e1:2379,https://e2:2379",
+        "CORRAL_ETCD_CA_FILE=/etc/corral/ca.pem",
+        "CORRAL_LABELS=role=app,zone=b",
+        &format!("CORRAL_CONF_DIR={t}/conf.d"),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line:?} missing:\n{env}");
+    }
+    assert!(!env.contains("CORRAL_ETCD_CERT_FILE"), "{env}");
+
+    // A real supervisord accepts the rendered supervisord.conf and includes the conf dir.
+    let conf = tmp.path().join("supervisord.conf");
+    let mut child = corral_tests::process::ChildGuard::spawn("supervisord", {
+        let mut c = Command::new("supervisord");
+        c.arg("-n")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    })?;
+    let client = corral_agent::supervisor::Client::new(corral_agent::supervisor::ClientConfig::new(
+        corral_agent::supervisor::Endpoint::Unix(tmp.path().join("s.sock")),
+    ))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while client.get_state().await.is_err() {
+        child.check_alive()?;
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "supervisord did not start with the rendered config"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    std::fs::write(
+        tmp.path().join("conf.d/corral-program-x.conf"),
+        "[program:x]\ncommand=/bin/sleep 100\nautostart=false\n",
+    )?;
+    assert_eq!(client.reload_config().await?.added, ["x"]);
+    child.terminate(std::time::Duration::from_secs(10));
+    Ok(())
+}
