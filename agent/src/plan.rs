@@ -36,6 +36,8 @@ pub struct DesiredProgram {
     pub signal_request: Option<(String, String)>,
     /// `group:process` of every process.
     pub namespecs: Vec<String>,
+    /// supervisord's startsecs: how long a process stays STARTING before RUNNING.
+    pub startsecs: u64,
 }
 
 /// Everything this host must run.
@@ -99,6 +101,7 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                     .as_ref()
                     .map(|r| (r.signal.clone(), r.id.clone())),
                 namespecs,
+                startsecs: program.spec.startsecs.unwrap_or(1).max(0) as u64,
             },
         );
     }

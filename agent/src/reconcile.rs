@@ -12,7 +12,7 @@ use crate::confdir::{self, ConfDir};
 use crate::plan::{
     self, Desired, FileAction, GroupAction, ObservedProcess, ProcessAction, plan_files, plan_groups, plan_processes,
 };
-use crate::supervisor::{self, Client, FaultCode, ProcessInfo};
+use crate::supervisor::{self, Client, FaultCode, ProcessInfo, ProcessState};
 
 /// What the agent remembers across restarts (`<state-dir>/state.json`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +59,9 @@ pub struct PassReport {
     pub processes: Vec<ProcessInfo>,
     /// `group:process` of every process this pass stopped or restarted on purpose.
     pub stopped_by_agent: BTreeSet<String>,
+    /// When to look again because a process should reach RUNNING by then (its startsecs end),
+    /// so readiness is reported as soon as supervisord declares it, not at the next resync.
+    pub recheck_after: Option<std::time::Duration>,
 }
 
 /// Runs reconcile passes for one host.
@@ -310,6 +313,23 @@ impl Reconciler {
                 },
             );
         }
+        report.recheck_after = desired
+            .programs
+            .values()
+            .flat_map(|p| {
+                infos
+                    .iter()
+                    .filter(|i| p.namespecs.contains(&i.namespec()))
+                    .map(move |i| (p, i))
+            })
+            .filter(|(_, i)| i.state == ProcessState::Starting)
+            .map(|(p, i)| {
+                // supervisord reports whole seconds: once the due second is here, poll every
+                // 100 ms until it declares the process RUNNING.
+                let due = i.start + p.startsecs as i64 - i.now;
+                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(100))
+            })
+            .min();
         report.processes = infos;
         Ok(report)
     }

@@ -179,12 +179,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut last_reload = Instant::now();
     let mut cached: Option<Assignments> = None;
     let mut history = ProcessHistory::default();
+    let mut recheck: Option<Duration> = None;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             r = desired_rx.changed() => { if r.is_err() { break; } }
             _ = trigger.notified() => {}
             _ = tick.tick() => {}
+            _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
         }
         // Coalesce bursts (a watch event and the file events it causes) into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -205,6 +207,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         match reconciler.pass(&desired).await {
             Ok(report) => {
                 metrics.pass_done(started.elapsed(), &desired, &report, &mut history);
+                recheck = report.recheck_after;
                 if !report.corrections.is_empty() {
                     tracing::info!(corrections = ?report.corrections, "reconciled");
                 }

@@ -299,3 +299,36 @@ async fn a_restart_marker_restarts_once() -> anyhow::Result<()> {
     assert_eq!(host.pids().await?["web"], restarted);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_starting_process_asks_for_a_recheck_when_its_startsecs_end() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let a: BTreeMap<_, _> = [assignment("slow", 1, |s| s.startsecs = Some(2))].into();
+    let d = desired(&a, "h1");
+    r.pass(&d).await?;
+    // The group was just added: the next pass sees it STARTING.
+    let mut report = r.pass(&d).await?;
+    for _ in 0..20 {
+        if report.recheck_after.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        report = r.pass(&d).await?;
+    }
+    let wait = report.recheck_after.expect("a recheck is asked for while STARTING");
+    assert!(!report.statuses["slow"].ready);
+    assert!(
+        wait >= Duration::from_millis(100) && wait <= Duration::from_secs(2),
+        "{wait:?}"
+    );
+    // Following the rechecks reaches ready within startsecs and a little.
+    let started = std::time::Instant::now();
+    while let Some(wait) = report.recheck_after {
+        tokio::time::sleep(wait).await;
+        report = r.pass(&d).await?;
+    }
+    assert!(report.statuses["slow"].ready, "{report:#?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    Ok(())
+}
