@@ -120,6 +120,7 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds.max(1)),
         reload_every: Duration::from_secs(60),
         listen: args.metrics_listen,
+        watch_conf_dir: true,
     };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();

@@ -313,6 +313,13 @@ impl Reconciler {
                 },
             );
         }
+        // After adding a group or starting a process, look again soon: supervisord spawns
+        // asynchronously, and the process's STARTING phase decides the next recheck.
+        let acted = report
+            .corrections
+            .iter()
+            .any(|c| matches!(*c, "group" | "process_started" | "process_restarted"));
+        let soon = acted.then_some(std::time::Duration::from_millis(100));
         report.recheck_after = desired
             .programs
             .values()
@@ -325,10 +332,11 @@ impl Reconciler {
             .filter(|(_, i)| i.state == ProcessState::Starting)
             .map(|(p, i)| {
                 // supervisord reports whole seconds: once the due second is here, poll every
-                // 100 ms until it declares the process RUNNING.
+                // 25 ms until it declares the process RUNNING (each call also wakes its loop).
                 let due = i.start + p.startsecs as i64 - i.now;
-                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(100))
+                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(25))
             })
+            .chain(soon)
             .min();
         report.processes = infos;
         Ok(report)

@@ -34,6 +34,9 @@ pub struct AgentConfig {
     /// How often a pass also asks supervisord to re-read its config.
     pub reload_every: Duration,
     pub listen: Option<SocketAddr>,
+    /// Watch the conf dir for edits (on by default; a simulation of many agents in one
+    /// process turns it off, as each watch takes one of the user's few inotify instances).
+    pub watch_conf_dir: bool,
 }
 
 /// Why the agent could not start.
@@ -92,18 +95,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let tracker = TaskTracker::new();
 
     // Conf dir events: watch the directory (atomic renames lose watches on files).
-    let t = trigger.clone();
-    let mut watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| t.notify_one())
-        .map_err(|source| StartError::Watch {
+    let watcher = if cfg.watch_conf_dir {
+        let t = trigger.clone();
+        let watch_err = |source| StartError::Watch {
             path: cfg.conf_dir.clone(),
             source,
-        })?;
-    watcher
-        .watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
-        .map_err(|source| StartError::Watch {
-            path: cfg.conf_dir.clone(),
-            source,
-        })?;
+        };
+        let mut w = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| t.notify_one())
+            .map_err(watch_err)?;
+        w.watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
+            .map_err(watch_err)?;
+        Some(w)
+    } else {
+        None
+    };
 
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry, &cfg.etcd.host);
@@ -189,7 +194,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
         }
         // Coalesce bursts (a watch event and the file events it causes) into one pass.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
         let assignments = desired_rx.borrow_and_update().clone();
         if cached.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &assignments)) {
             let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();

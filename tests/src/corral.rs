@@ -162,6 +162,7 @@ impl Agent {
             resync: Duration::from_millis(500),
             reload_every: Duration::from_secs(30),
             listen,
+            watch_conf_dir: true,
         };
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
