@@ -24,15 +24,40 @@ fn err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Erro
     move |source| Error { action, path, source }
 }
 
+/// What identifies a version of a file without reading it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp {
+            modified: m.modified().ok(),
+            len: m.len(),
+            ino: m.ino(),
+        }
+    }
+}
+
 /// The directory supervisord's `[include]` reads.
 #[derive(Clone, Debug)]
 pub struct ConfDir {
     dir: PathBuf,
+    /// Contents read before, by name, with the stamp they had: a file whose stamp did not
+    /// change is not read again (every pass looks at every managed file).
+    cache: BTreeMap<String, (Stamp, String)>,
 }
 
 impl ConfDir {
     pub fn new(dir: impl Into<PathBuf>) -> ConfDir {
-        ConfDir { dir: dir.into() }
+        ConfDir {
+            dir: dir.into(),
+            cache: BTreeMap::new(),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -48,7 +73,7 @@ impl ConfDir {
     ///
     /// # Errors
     /// If the directory cannot be listed or a managed file cannot be read.
-    pub fn read_managed(&self) -> Result<BTreeMap<String, String>, Error> {
+    pub fn read_managed(&mut self) -> Result<BTreeMap<String, String>, Error> {
         let mut out = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(err("list", &self.dir))? {
             let entry = entry.map_err(err("list", &self.dir))?;
@@ -57,8 +82,20 @@ impl ConfDir {
                 continue;
             }
             let path = entry.path();
+            let stamp = match std::fs::metadata(&path) {
+                Ok(m) => Stamp::of(&m),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(err("stat", &path)(e)),
+            };
+            if let Some((s, text)) = self.cache.get(&name)
+                && *s == stamp
+            {
+                out.insert(name, text.clone());
+                continue;
+            }
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
+                    self.cache.insert(name.clone(), (stamp, text.clone()));
                     out.insert(name, text);
                 }
                 // Not UTF-8: certainly not what Corral wrote; an empty string forces a rewrite.
@@ -69,6 +106,7 @@ impl ConfDir {
                 Err(e) => return Err(err("read", &path)(e)),
             }
         }
+        self.cache.retain(|name, _| out.contains_key(name));
         Ok(out)
     }
 
@@ -76,7 +114,8 @@ impl ConfDir {
     ///
     /// # Errors
     /// If the temporary file cannot be written, synced or renamed.
-    pub fn write(&self, name: &str, content: &str) -> Result<(), Error> {
+    pub fn write(&mut self, name: &str, content: &str) -> Result<(), Error> {
+        self.cache.remove(name);
         debug_assert!(content.starts_with(HEADER));
         let target = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
@@ -91,7 +130,8 @@ impl ConfDir {
     ///
     /// # Errors
     /// Any other removal error.
-    pub fn remove(&self, name: &str) -> Result<(), Error> {
+    pub fn remove(&mut self, name: &str) -> Result<(), Error> {
+        self.cache.remove(name);
         let path = self.dir.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err("remove", &path)(e)),
@@ -120,7 +160,7 @@ mod tests {
     #[test]
     fn reads_only_managed_files_and_writes_atomically() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let cd = ConfDir::new(dir.path());
+        let mut cd = ConfDir::new(dir.path());
         std::fs::write(dir.path().join("theirs.conf"), "[program:theirs]\n")?;
         std::fs::write(dir.path().join("corral-program-Bad.conf"), "x")?;
         let content = format!("{HEADER}\n[program:a]\ncommand=x\n");
@@ -131,6 +171,9 @@ mod tests {
             [("corral-program-a.conf".to_string(), content)]
         );
         assert!(!dir.path().join(".corral-program-a.conf.tmp").exists());
+        // A cached file edited by hand is read again.
+        std::fs::write(dir.path().join("corral-program-a.conf"), "edited")?;
+        assert_eq!(cd.read_managed()?["corral-program-a.conf"], "edited");
         cd.remove("corral-program-a.conf")?;
         cd.remove("corral-program-a.conf")?;
         assert!(cd.read_managed()?.is_empty());

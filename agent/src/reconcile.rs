@@ -71,6 +71,8 @@ pub struct Reconciler {
     conf: ConfDir,
     state_path: PathBuf,
     state: AgentState,
+    /// What `state.json` holds, so it is written only when the state changes.
+    saved: AgentState,
     /// Call `reloadConfig` next pass even if no file changed (first pass, periodic check).
     reload_due: bool,
     /// Managed file -> (content, supervisord's complaint) for files supervisord refused.
@@ -101,6 +103,7 @@ impl Reconciler {
             client,
             conf,
             state_path,
+            saved: state.clone(),
             state,
             reload_due: true,
             rejected: BTreeMap::new(),
@@ -262,7 +265,10 @@ impl Reconciler {
         self.state
             .applied_signals
             .retain(|name, _| desired.programs.contains_key(name));
-        self.save_state()?;
+        if self.state != self.saved {
+            self.save_state()?;
+            self.saved = self.state.clone();
+        }
 
         // 4. Status.
         let infos = if actions.is_empty() {
@@ -319,7 +325,7 @@ impl Reconciler {
             .corrections
             .iter()
             .any(|c| matches!(*c, "group" | "process_started" | "process_restarted"));
-        let soon = acted.then_some(std::time::Duration::from_millis(100));
+        let soon = acted.then_some(std::time::Duration::from_millis(20));
         report.recheck_after = desired
             .programs
             .values()

@@ -101,8 +101,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             path: cfg.conf_dir.clone(),
             source,
         };
-        let mut w = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| t.notify_one())
-            .map_err(watch_err)?;
+        // Only changes count: the agent's own reads of the files must not trigger passes.
+        let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_err() || event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                t.notify_one();
+            }
+        })
+        .map_err(watch_err)?;
         w.watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
             .map_err(watch_err)?;
         Some(w)

@@ -1,0 +1,712 @@
+//! `corral-bench`: Corral's figures, measured on real etcd and real supervisord (the 1000-host
+//! fan-out and the idle-writes figures replace each host's supervisord with the in-memory
+//! STAND-IN of `standin.rs`, the only place one is used). Prints each figure next to its target.
+
+mod standin;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use corral_agent::etcd::EtcdConfig;
+use corral_agent::run::AgentConfig;
+use corral_agent::supervisor::{ClientConfig, Endpoint};
+use corral_cli::client::ApiClient;
+use corral_proto::fleet::{Assignment, ProgramHostStatus};
+use corral_proto::keys::Keys;
+use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
+use corral_tests::corral::Controller;
+use corral_tests::etcd::Etcd;
+use corral_tests::supervisord::{Options, Supervisord};
+use etcd_client::GetOptions;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "corral-bench", about = "Corral's benchmarks")]
+struct Args {
+    /// Which figures to measure.
+    #[arg(value_enum, default_value = "all")]
+    what: What,
+    /// Simulated hosts for the fan-out figure.
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    /// Seconds to observe idle CPU and idle etcd writes.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum What {
+    All,
+    Latency,
+    Drift,
+    Footprint,
+    Fanout,
+    IdleWrites,
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0))
+        })
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cores} cores ({cpu}), {:.1} GiB RAM, Linux {}",
+        mem as f64 / (1 << 20) as f64,
+        kernel.trim()
+    )
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+fn line(figure: &str, value: String, target: &str, ok: Option<bool>) {
+    let verdict = match ok {
+        Some(true) => "meets",
+        Some(false) => "MISSES",
+        None => "",
+    };
+    println!("{figure:<58} {value:<34} target {target:<22} {verdict}");
+}
+
+fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
+    let mut spec = ProgramSpec {
+        command: "/bin/sleep 100000".into(),
+        selector: Some(BTreeMap::new()),
+        ..Default::default()
+    };
+    f(&mut spec);
+    Resource::Program(Program::new(
+        Metadata {
+            name: name.into(),
+            ..Default::default()
+        },
+        spec,
+    ))
+}
+
+/// Starts the real agent code for one host, as the binary does (2 s resync).
+fn spawn_agent(
+    host: &str,
+    etcd: &[String],
+    supervisor: ClientConfig,
+    conf_dir: &Path,
+    state_dir: &Path,
+    watch_conf_dir: bool,
+) -> CancellationToken {
+    let cfg = AgentConfig {
+        etcd: EtcdConfig {
+            etcd: corral_etcd::EtcdOptions::plain(etcd),
+            keys: Keys::default(),
+            host: host.to_string(),
+            labels: BTreeMap::new(),
+            lease_ttl: 10,
+        },
+        supervisor,
+        conf_dir: conf_dir.to_path_buf(),
+        state_dir: state_dir.to_path_buf(),
+        resync: Duration::from_secs(2),
+        reload_every: Duration::from_secs(3600),
+        listen: None,
+        watch_conf_dir,
+    };
+    let stop = CancellationToken::new();
+    let token = stop.clone();
+    tokio::spawn(async move {
+        if let Err(e) = corral_agent::run::run(cfg, token).await {
+            eprintln!("agent failed to start: {e}");
+        }
+    });
+    stop
+}
+
+/// The status reports for `program`, by host.
+async fn reports(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<BTreeMap<String, ProgramHostStatus>> {
+    let keys = Keys::default();
+    let r = etcd
+        .get(keys.all_status(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let mut out = BTreeMap::new();
+    for kv in r.kvs() {
+        if let Some((h, p)) = keys.host_and_program(kv.key_str()?)
+            && p == program
+        {
+            out.insert(h.to_string(), serde_json::from_slice(kv.value())?);
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until `hosts` report `program` at `generation` and ready; returns when each did,
+/// measured from `t0` (polling etcd every 2 ms).
+async fn wait_ready(
+    etcd: &mut etcd_client::Client,
+    program: &str,
+    generation: u64,
+    hosts: usize,
+    t0: Instant,
+    timeout: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let mut done: BTreeMap<String, f64> = BTreeMap::new();
+    while done.len() < hosts {
+        anyhow::ensure!(
+            t0.elapsed() < timeout,
+            "{program}: only {}/{hosts} hosts ready after {timeout:?}",
+            done.len()
+        );
+        for (h, s) in reports(etcd, program).await? {
+            if s.observed_generation >= generation && s.ready {
+                done.entry(h).or_insert_with(|| t0.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    Ok(done.into_values().collect())
+}
+
+async fn wait_gone(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while !reports(etcd, program).await?.is_empty() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(60), "{program} never went away");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Figure 1: apply -> every process RUNNING and reported, on real supervisords.
+async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "bench").await?;
+    let api = controller.api()?;
+    let mut sds = Vec::new();
+    let mut stops = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..hosts {
+        let sd = Supervisord::start(Options::default()).await?;
+        let state = tempfile::tempdir()?;
+        stops.push(spawn_agent(
+            &format!("h{i}"),
+            &etcd.endpoints(),
+            ClientConfig::new(Endpoint::Unix(sd.socket.clone())),
+            &sd.conf_dir,
+            state.path(),
+            true,
+        ));
+        sds.push(sd);
+        dirs.push(state);
+    }
+    let mut client = etcd.client().await?;
+    for startsecs in [0i64, 1] {
+        let mut samples = Vec::new();
+        for rep in 0..reps {
+            let name = format!("lat-{startsecs}-{rep}");
+            api.apply(&program(&name, |s| s.startsecs = Some(startsecs)), false)
+                .await?;
+            let t0 = Instant::now();
+            let each = wait_ready(&mut client, &name, 1, hosts, t0, Duration::from_secs(60)).await?;
+            samples.push(each.into_iter().fold(0.0, f64::max));
+            api.delete(corral_proto::Kind::Program, &name, false).await?;
+            wait_gone(&mut client, &name).await?;
+        }
+        let s = sorted(samples);
+        let over: Vec<f64> = s.iter().map(|x| (x - startsecs as f64) * 1000.0).collect();
+        let (p50, p99) = (pct(&over, 50.0), pct(&over, 99.0));
+        let target_ok = (hosts == 1).then_some(p99 <= 50.0);
+        line(
+            &format!("1. apply -> RUNNING, {hosts} host(s), startsecs={startsecs} ({reps} applies)"),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms",
+                pct(&s, 50.0) * 1000.0,
+                pct(&s, 99.0) * 1000.0
+            ),
+            "",
+            None,
+        );
+        line(
+            "   overhead above startsecs",
+            format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
+            if hosts == 1 { "p99 <= 50 ms" } else { "(reported)" },
+            target_ok,
+        );
+    }
+    for s in stops {
+        s.cancel();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(())
+}
+
+/// CPU time this thread has used, in nanoseconds (/proc/thread-self/schedstat).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn assignments(n: usize) -> BTreeMap<String, Assignment> {
+    (0..n)
+        .map(|i| {
+            let name = format!("p{i:03}");
+            let spec = ProgramSpec {
+                command: "/bin/sleep 100000".into(),
+                selector: Some(BTreeMap::new()),
+                startsecs: Some(0),
+                ..Default::default()
+            };
+            let program = Program::new(
+                Metadata {
+                    name: name.clone(),
+                    generation: 1,
+                    ..Default::default()
+                },
+                spec,
+            );
+            (
+                name,
+                Assignment {
+                    program,
+                    native_group: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// Figure 2a: CPU time of one pass with 100 programs and nothing to do (one thread, so the
+/// whole pass, I/O included, is on the measured thread).
+fn drift(programs: usize, passes: usize) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let sd = Supervisord::start(Options::default()).await?;
+        let state = tempfile::tempdir()?;
+        let mut r = corral_agent::reconcile::Reconciler::new(
+            "bench",
+            sd.client().await?,
+            corral_agent::confdir::ConfDir::new(&sd.conf_dir),
+            state.path().into(),
+        )?;
+        let desired = corral_agent::plan::desired(&assignments(programs), "bench");
+        let t0 = Instant::now();
+        loop {
+            let report = r.pass(&desired).await?;
+            if report.statuses.values().all(|s| s.ready) {
+                break;
+            }
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(120),
+                "{programs} programs never all ran"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut cpu = Vec::new();
+        let mut wall = Vec::new();
+        for _ in 0..passes {
+            let (c0, w0) = (thread_cpu_ns(), Instant::now());
+            let report = r.pass(&desired).await?;
+            cpu.push((thread_cpu_ns() - c0) as f64 / 1e6);
+            wall.push(w0.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(
+                report.corrections.is_empty(),
+                "a pass with nothing to do acted: {:?}",
+                report.corrections
+            );
+        }
+        // Where the time goes: the one XML-RPC call a quiet pass makes.
+        let client = sd.client().await?;
+        let mut rpc = Vec::new();
+        for _ in 0..passes {
+            let c0 = thread_cpu_ns();
+            client.get_all_process_info().await?;
+            rpc.push((thread_cpu_ns() - c0) as f64 / 1e6);
+        }
+        let rpc = sorted(rpc);
+        let (cpu, wall) = (sorted(cpu), sorted(wall));
+        let p50 = pct(&cpu, 50.0);
+        line(
+            &format!("2. drift check: one pass, {programs} programs, nothing to do"),
+            format!("CPU p50 {p50:.2} ms, p99 {:.2} ms", pct(&cpu, 99.0)),
+            "<= 2 ms per pass",
+            Some(p50 <= 2.0),
+        );
+        line(
+            "   of which getAllProcessInfo (HTTP + XML decoding)",
+            format!("CPU p50 {:.2} ms", pct(&rpc, 50.0)),
+            "",
+            None,
+        );
+        line(
+            "   (wall time of that pass, supervisord answering)",
+            format!("p50 {:.2} ms, p99 {:.2} ms", pct(&wall, 50.0), pct(&wall, 99.0)),
+            "",
+            None,
+        );
+        Ok(())
+    })
+}
+
+fn proc_stat(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok((ticks, rss_kb))
+}
+
+fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let p = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        p.exists(),
+        "{} not found: build the workspace binaries first (scripts/bench does)",
+        p.display()
+    );
+    Ok(p)
+}
+
+/// Figures 2b and 3: the real binaries, as processes, with 100 programs.
+async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let sd = Supervisord::start(Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::write(dir.path().join("tokens"), "bench-token\n")?;
+    let port = corral_tests::free_port()?;
+    let mut controller = tokio::process::Command::new(sibling("corral-controller")?)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(dir.path().join("tokens"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut agent = tokio::process::Command::new(sibling("corral-agent")?)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--host",
+            "bench",
+            "--supervisor-url",
+            &sd.unix_url(),
+            "--conf-dir",
+        ])
+        .arg(&sd.conf_dir)
+        .arg("--state-dir")
+        .arg(dir.path().join("agent"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
+    let t0 = Instant::now();
+    while api.status().await.is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (_, a) in assignments(programs) {
+        api.apply(&Resource::Program(a.program), false).await?;
+    }
+    let t0 = Instant::now();
+    loop {
+        let s = api.status().await?;
+        if s.programs.len() == programs && s.programs.iter().all(|p| p.ready == 1) {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(180),
+            "the {programs} programs never all ran"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (agent_pid, controller_pid) = (
+        agent.id().context("agent pid")?,
+        controller.id().context("controller pid")?,
+    );
+    let (t_start, _) = proc_stat(agent_pid)?;
+    let w0 = Instant::now();
+    tokio::time::sleep(idle).await;
+    let (t_end, agent_rss) = proc_stat(agent_pid)?;
+    let (_, controller_rss) = proc_stat(controller_pid)?;
+    let tck = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let cpu_s = (t_end - t_start) as f64 / tck;
+    line(
+        &format!(
+            "2. agent idle CPU over {}s ({programs} programs, 2 s resync)",
+            idle.as_secs()
+        ),
+        format!(
+            "{:.2}% of one core ({cpu_s:.2} s)",
+            100.0 * cpu_s / w0.elapsed().as_secs_f64()
+        ),
+        "(reported)",
+        None,
+    );
+    line(
+        &format!("3. agent RSS with {programs} programs"),
+        format!("{:.1} MB", agent_rss as f64 / 1024.0),
+        "<= 15 MB",
+        Some(agent_rss <= 15 * 1024),
+    );
+    line(
+        &format!("3. controller RSS with {programs} programs"),
+        format!("{:.1} MB", controller_rss as f64 / 1024.0),
+        "(reported)",
+        None,
+    );
+    let _ = agent.kill().await;
+    let _ = controller.kill().await;
+    Ok(())
+}
+
+/// A fleet of simulated hosts: the real agent code against STAND-IN supervisords.
+struct Sim {
+    etcd: Etcd,
+    _controller: Controller,
+    api: ApiClient,
+    standins: Vec<standin::StandIn>,
+    stops: Vec<CancellationToken>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+async fn simulate(hosts: usize) -> anyhow::Result<Sim> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "bench").await?;
+    let api = controller.api()?;
+    let pids = Arc::new(AtomicI64::new(1000));
+    let mut standins = Vec::new();
+    let mut stops = Vec::new();
+    let mut dirs = Vec::new();
+    for i in 0..hosts {
+        let dir = tempfile::tempdir()?;
+        std::fs::create_dir_all(dir.path().join("conf.d"))?;
+        let s = standin::StandIn::new(dir.path().join("conf.d"), pids.clone());
+        let url = s.clone().serve().await?;
+        stops.push(spawn_agent(
+            &format!("h-{i:04}"),
+            &etcd.endpoints(),
+            ClientConfig::new(Endpoint::parse(&url)?),
+            &dir.path().join("conf.d"),
+            &dir.path().join("state"),
+            false,
+        ));
+        standins.push(s);
+        dirs.push(dir);
+    }
+    let t0 = Instant::now();
+    loop {
+        let hs = api.hosts().await?;
+        if hs.iter().filter(|h| h.status.as_ref().is_some_and(|s| s.ready)).count() == hosts {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "only {} of {hosts} hosts registered",
+            hs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(Sim {
+        etcd,
+        _controller: controller,
+        api,
+        standins,
+        stops,
+        _dirs: dirs,
+    })
+}
+
+/// Figure 4: one change to 1000 hosts, and a change to one host.
+async fn fanout(hosts: usize) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let sim = simulate(hosts).await?;
+    println!(
+        "   ({hosts} simulated hosts registered in {:.1} s)",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut client = sim.etcd.client().await?;
+    sim.api.apply(&program("everywhere", |_| {}), false).await?;
+    let first = Instant::now();
+    wait_ready(&mut client, "everywhere", 1, hosts, first, Duration::from_secs(300)).await?;
+    sim.api
+        .apply(
+            &program("everywhere", |s| s.command = "/bin/sleep 200000".into()),
+            false,
+        )
+        .await?;
+    let t0 = Instant::now();
+    let each = sorted(wait_ready(&mut client, "everywhere", 2, hosts, t0, Duration::from_secs(300)).await?);
+    line(
+        &format!("4. fan-out: one spec change to {hosts} hosts, applied and reported"),
+        format!(
+            "p50 {:.0} ms, p99 {:.0} ms, all {:.0} ms",
+            pct(&each, 50.0) * 1e3,
+            pct(&each, 99.0) * 1e3,
+            each.last().copied().unwrap_or(0.0) * 1e3
+        ),
+        "(reported)",
+        None,
+    );
+    // A change that targets one host: only that host's agent sees an assignment change and
+    // re-reads its config (reloadConfig is the only trace an agent leaves when it acts).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before: Vec<usize> = sim.standins.iter().map(|s| s.reloads.load(Ordering::Relaxed)).collect();
+    let target = format!("h-{:04}", hosts / 2);
+    sim.api
+        .apply(
+            &program("solo", |s| {
+                s.selector = None;
+                s.hosts = Some(vec![target.clone()]);
+            }),
+            false,
+        )
+        .await?;
+    wait_ready(&mut client, "solo", 1, 1, Instant::now(), Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let woke: BTreeSet<usize> = sim
+        .standins
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| s.reloads.load(Ordering::Relaxed) > before[*i])
+        .map(|(i, _)| i)
+        .collect();
+    line(
+        "4. agents that acted on a change targeting one host",
+        format!("{} of {hosts}", woke.len()),
+        "only that one",
+        Some(woke.len() == 1 && woke.contains(&(hosts / 2))),
+    );
+    for s in &sim.stops {
+        s.cancel();
+    }
+    Ok(())
+}
+
+async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    let text = reqwest::get(format!("{endpoint}/metrics")).await?.text().await?;
+    let mut out = BTreeMap::new();
+    for name in [
+        "etcd_mvcc_put_total",
+        "etcd_mvcc_delete_total",
+        "etcd_mvcc_txn_total",
+        "etcd_server_proposals_committed_total",
+    ] {
+        let v = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        out.insert(name.to_string(), v);
+    }
+    Ok(out)
+}
+
+/// Figure 5: etcd writes with 100 idle hosts.
+async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
+    let sim = simulate(hosts).await?;
+    let mut client = sim.etcd.client().await?;
+    sim.api.apply(&program("everywhere", |_| {}), false).await?;
+    wait_ready(
+        &mut client,
+        "everywhere",
+        1,
+        hosts,
+        Instant::now(),
+        Duration::from_secs(120),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let a = etcd_counters(&sim.etcd.endpoint).await?;
+    tokio::time::sleep(idle).await;
+    let b = etcd_counters(&sim.etcd.endpoint).await?;
+    let per_min = |k: &str| (b[k] - a[k]) * 60.0 / idle.as_secs_f64();
+    let writes = per_min("etcd_mvcc_put_total") + per_min("etcd_mvcc_delete_total");
+    line(
+        &format!("5. idle etcd writes, {hosts} hosts, no changes"),
+        format!("{writes:.0} puts+deletes/min"),
+        "keep-alives only (0)",
+        Some(writes == 0.0),
+    );
+    line(
+        "   raft proposals committed (lease keep-alives are not)",
+        format!("{:.0}/min", per_min("etcd_server_proposals_committed_total")),
+        "(reported)",
+        None,
+    );
+    for s in &sim.stops {
+        s.cancel();
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let started = Instant::now();
+    println!("corral-bench {} on {}", env!("CARGO_PKG_VERSION"), machine());
+    println!("{:-<130}", "");
+    let idle = Duration::from_secs(args.idle_seconds);
+    let all = args.what == What::All;
+    if all || args.what == What::Latency {
+        latency(1, 20).await?;
+        latency(10, 8).await?;
+    }
+    if all || args.what == What::Drift {
+        tokio::task::spawn_blocking(|| drift(100, 200)).await??;
+    }
+    if all || args.what == What::Footprint {
+        footprint(100, idle).await?;
+    }
+    if all || args.what == What::IdleWrites {
+        idle_writes(100, idle).await?;
+    }
+    if all || args.what == What::Fanout {
+        fanout(args.hosts).await?;
+    }
+    println!("{:-<130}", "");
+    println!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
