@@ -338,9 +338,9 @@ impl Reconciler {
             .filter(|(_, i)| i.state == ProcessState::Starting)
             .map(|(p, i)| {
                 // supervisord reports whole seconds: once the due second is here, poll every
-                // 25 ms until it declares the process RUNNING (each call also wakes its loop).
+                // 10 ms until it declares the process RUNNING (each call also wakes its loop).
                 let due = i.start + p.startsecs as i64 - i.now;
-                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(25))
+                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(10))
             })
             .chain(soon)
             .min();

@@ -8,10 +8,11 @@ use etcd_client::{ResignOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::placement::{diff, place};
+use crate::placement::{diff, place, rollout};
 use crate::store::{Store, StoreError};
 
-/// Recomputes every assignment and writes the differences. Returns how many keys changed.
+/// Recomputes every assignment (placement, then the rollout's pace) and writes the
+/// differences. Returns how many keys changed.
 ///
 /// # Errors
 /// Store errors; nothing is half-decided (the writes are computed before any is made).
@@ -19,8 +20,9 @@ pub async fn place_all(store: &Store) -> Result<usize, StoreError> {
     let programs: Vec<Program> = store.list().await?;
     let groups: Vec<Group> = store.list().await?;
     let hosts = store.hosts().await?;
-    let desired = place(&programs, &groups, &hosts);
     let current = store.assignments().await?;
+    let reports = store.reports().await?;
+    let desired = rollout(place(&programs, &groups, &hosts), &current, &reports);
     let writes = diff(&desired, &current);
     let n = writes.put.len() + writes.delete.len();
     if n > 0 {
@@ -101,7 +103,14 @@ async fn lead_once(
     let mut watch = client
         .watch(format!("{prefix}/"), Some(WatchOptions::new().with_prefix()))
         .await?;
-    let relevant = [store.keys().programs(), store.keys().groups(), store.keys().hosts()];
+    // Status reports matter too: a host reporting the new generation ready lets a rollout
+    // move to the next host.
+    let relevant = [
+        store.keys().programs(),
+        store.keys().groups(),
+        store.keys().hosts(),
+        store.keys().all_status(),
+    ];
     let mut resync = tokio::time::interval(Duration::from_secs(5));
     place_all(store).await?;
     loop {

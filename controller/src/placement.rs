@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use corral_proto::fleet::{Assignment, NativeGroup};
+use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
 use corral_proto::resource::{Group, Host, Program};
 
 /// `(host, program)`.
@@ -43,6 +43,62 @@ pub fn place(programs: &[Program], groups: &[Group], hosts: &[Host]) -> BTreeMap
         };
         for h in hosts.iter().filter(|h| selects(p, h)) {
             out.insert((h.metadata.name.clone(), p.metadata.name.clone()), assignment.clone());
+        }
+    }
+    out
+}
+
+/// Holds spec changes back so that a program updates at most `rollout.max_unavailable`
+/// hosts at a time (default 1).
+///
+/// A host is *in flight* when it was given the program's current generation but has not yet
+/// reported it ready. While `max_unavailable` hosts are in flight, hosts running an older
+/// generation keep their current assignment; as in-flight hosts report ready, the next ones
+/// (in host name order) get the new one. A batch that fails (a host that never gets ready)
+/// therefore pauses the rollout, and the older version keeps running everywhere else.
+/// New hosts and removals are not held back: they replace nothing that runs.
+pub fn rollout(
+    desired: BTreeMap<Slot, Assignment>,
+    current: &BTreeMap<Slot, Assignment>,
+    reports: &BTreeMap<Slot, ProgramHostStatus>,
+) -> BTreeMap<Slot, Assignment> {
+    let mut out = BTreeMap::new();
+    // program -> (in flight, hosts waiting for the new generation)
+    let mut waiting: BTreeMap<String, (usize, Vec<Slot>)> = BTreeMap::new();
+    for (slot, want) in &desired {
+        let generation = want.program.metadata.generation;
+        let entry = waiting.entry(slot.1.clone()).or_default();
+        match current.get(slot) {
+            Some(cur) if cur.program.metadata.generation < generation => {
+                entry.1.push(slot.clone());
+                out.insert(slot.clone(), cur.clone());
+            }
+            Some(cur) => {
+                let ready = reports
+                    .get(slot)
+                    .is_some_and(|r| r.observed_generation >= generation && r.ready);
+                if cur.program.metadata.generation == generation && !ready {
+                    entry.0 += 1;
+                }
+                out.insert(slot.clone(), want.clone());
+            }
+            None => {
+                out.insert(slot.clone(), want.clone());
+            }
+        }
+    }
+    for (in_flight, hosts) in waiting.into_values() {
+        let Some(first) = hosts.first() else { continue };
+        let max = desired
+            .get(first)
+            .and_then(|a| a.program.spec.rollout.as_ref())
+            .and_then(|r| r.max_unavailable)
+            .unwrap_or(1)
+            .max(1) as usize;
+        for slot in hosts.into_iter().take(max.saturating_sub(in_flight)) {
+            if let Some(want) = desired.get(&slot) {
+                out.insert(slot, want.clone());
+            }
         }
     }
     out
@@ -183,6 +239,69 @@ mod tests {
             &[g, plain],
             &hosts,
             &[("h", "api", Some("shop")), ("h", "job", None)],
+        );
+    }
+
+    fn report(host: &str, program: &str, generation: u64, ready: bool) -> (Slot, ProgramHostStatus) {
+        (
+            (host.to_string(), program.to_string()),
+            ProgramHostStatus {
+                host: host.into(),
+                program: program.into(),
+                observed_generation: generation,
+                desired_state: Default::default(),
+                processes: vec![],
+                ready,
+                error: None,
+            },
+        )
+    }
+
+    fn generation_of(a: &BTreeMap<Slot, Assignment>) -> Vec<(String, u64)> {
+        a.iter()
+            .map(|((h, _), a)| (h.clone(), a.program.metadata.generation))
+            .collect()
+    }
+
+    #[test]
+    fn a_spec_change_rolls_out_max_unavailable_hosts_at_a_time() {
+        let hosts = [host("h1", &[]), host("h2", &[]), host("h3", &[])];
+        let v1 = place(&[program("p", Some(&[]), None)], &[], &hosts);
+        let mut p2 = program("p", Some(&[]), None);
+        p2.metadata.generation = 2;
+        let v2 = place(&[p2.clone()], &[], &hosts);
+        let g = |v: &[(&str, u64)]| v.iter().map(|(h, g)| (h.to_string(), *g)).collect::<Vec<_>>();
+
+        // Everyone runs 1: the first host gets 2.
+        let ready1: BTreeMap<_, _> = ["h1", "h2", "h3"].map(|h| report(h, "p", 1, true)).into();
+        let step = rollout(v2.clone(), &v1, &ready1);
+        assert_eq!(generation_of(&step), g(&[("h1", 2), ("h2", 1), ("h3", 1)]));
+        // h1 not ready yet: nothing more moves (the same answer, so no write).
+        assert_eq!(rollout(v2.clone(), &step, &ready1), step);
+        // h1 ready at 2: h2 goes.
+        let mut reports = ready1.clone();
+        reports.extend([report("h1", "p", 2, true)]);
+        let step = rollout(v2.clone(), &step, &reports);
+        assert_eq!(generation_of(&step), g(&[("h1", 2), ("h2", 2), ("h3", 1)]));
+        // h2 fails at 2: the rollout pauses, h3 keeps 1.
+        reports.extend([report("h2", "p", 2, false)]);
+        assert_eq!(
+            generation_of(&rollout(v2.clone(), &step, &reports)),
+            g(&[("h1", 2), ("h2", 2), ("h3", 1)])
+        );
+
+        // max_unavailable 2 moves two at once; new hosts are not held back.
+        p2.spec.rollout = Some(corral_proto::RolloutSpec {
+            max_unavailable: Some(2),
+        });
+        let v2 = place(
+            &[p2],
+            &[],
+            &[host("h1", &[]), host("h2", &[]), host("h3", &[]), host("h4", &[])],
+        );
+        assert_eq!(
+            generation_of(&rollout(v2, &v1, &ready1)),
+            g(&[("h1", 2), ("h2", 2), ("h3", 1), ("h4", 2)])
         );
     }
 

@@ -352,3 +352,57 @@ async fn a_silent_host_goes_not_ready_and_keeps_its_programs() -> anyhow::Result
     assert_eq!(status.programs[0].desired, 2);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_updates_one_host_at_a_time_and_a_failing_batch_pauses_it() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    api.apply(&program("web", |_| {}), false).await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs.len() == 1 && s.programs[0].ready == 2
+    })
+    .await?;
+    let before = (
+        fleet.nodes[0].pids().await?["web"].0,
+        fleet.nodes[1].pids().await?["web"].0,
+    );
+
+    // A broken new version: the first host (h1) gets it and fails (it never lasts its
+    // startsecs); h2 keeps the old one.
+    api.apply(
+        &program("web", |s| {
+            s.command = "/bin/false".into();
+            s.startsecs = Some(1);
+        }),
+        false,
+    )
+    .await?;
+    let status = wait_for(&api, WAIT, |s| {
+        s.programs[0].updated == 1
+            && s.programs[0]
+                .problems
+                .iter()
+                .any(|p| p.starts_with("h2: runs generation 1 of 2"))
+    })
+    .await?;
+    assert_eq!(status.programs[0].ready, 0, "{status:#?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let h2 = fleet.nodes[1].pids().await?;
+    assert_eq!(
+        h2["web"],
+        (before.1, ProcessState::Running),
+        "h2 was touched by a paused rollout"
+    );
+    let p = api.program("web").await?;
+    assert_eq!(p.status.expect("status")["updated"], 1);
+
+    // A good version: the rollout goes on, host by host, and finishes.
+    api.apply(&program("web", |s| s.command = "/bin/sleep 1003".into()), false)
+        .await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].generation == 3 && s.programs[0].ready == 2
+    })
+    .await?;
+    assert_ne!(fleet.nodes[1].pids().await?["web"].0, before.1);
+    Ok(())
+}
