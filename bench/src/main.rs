@@ -572,7 +572,13 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     wait_ready(&mut client, "everywhere", 1, hosts, first, Duration::from_secs(300)).await?;
     sim.api
         .apply(
-            &program("everywhere", |s| s.command = "/bin/sleep 200000".into()),
+            &program("everywhere", |s| {
+                s.command = "/bin/sleep 200000".into();
+                // All hosts at once: the figure is the fan-out, not a paced rollout.
+                s.rollout = Some(corral_proto::RolloutSpec {
+                    max_unavailable: Some(hosts as i64),
+                });
+            }),
             false,
         )
         .await?;

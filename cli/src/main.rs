@@ -44,6 +44,9 @@ enum Command {
     Diff {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
+        /// Show environment values (hidden by default: they are often secrets).
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// List programs, groups or hosts.
     Get {
@@ -53,7 +56,13 @@ enum Command {
         output: Option<Output>,
     },
     /// Show a program's spec, per-host status and errors.
-    Describe { kind: KindArg, name: String },
+    Describe {
+        kind: KindArg,
+        name: String,
+        /// Show environment values (hidden by default: they are often secrets).
+        #[arg(long)]
+        show_secrets: bool,
+    },
     /// Delete a program or group (or everything in -f FILE).
     Delete {
         kind: Option<KindArg>,
@@ -127,9 +136,13 @@ async fn main() -> ExitCode {
                 dev::dev(dir, apply, *port).await
             }
             Command::Apply { files, dry_run } => online::apply(&api()?, files, *dry_run).await,
-            Command::Diff { files } => online::diff(&api()?, files).await,
+            Command::Diff { files, show_secrets } => online::diff(&api()?, files, *show_secrets).await,
             Command::Get { what, name, output } => online::get(&api()?, *what, name.as_deref(), *output).await,
-            Command::Describe { kind, name } => online::describe(&api()?, *kind, name).await,
+            Command::Describe {
+                kind,
+                name,
+                show_secrets,
+            } => online::describe(&api()?, *kind, name, *show_secrets).await,
             Command::Delete {
                 kind,
                 name,

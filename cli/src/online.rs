@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use comfy_table::{Table, presets::NOTHING};
 use corral_cli::client::{ApiClient, ClientError};
 use corral_proto::fleet::{FleetStatus, ProgramStatusView};
-use corral_proto::resource::{DesiredState, Group, Kind, Program, Resource};
+use corral_proto::resource::{DesiredState, Group, Kind, Program, ProgramSpec, Resource};
 use corral_proto::{validate_group, validate_program};
 use serde::Serialize;
 
@@ -112,12 +112,32 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+/// A spec for display with environment values hidden (they are often secrets): each reads
+/// `(hidden)`, or `(hidden, changed)` where it differs from `compare`'s.
+fn redacted(spec: &ProgramSpec, compare: Option<&ProgramSpec>, show: bool) -> ProgramSpec {
+    let mut out = spec.clone();
+    if show {
+        return out;
+    }
+    if let Some(env) = out.environment.as_mut() {
+        for (k, v) in env.iter_mut() {
+            let other = compare.and_then(|c| c.environment.as_ref()).and_then(|e| e.get(k));
+            *v = match (compare, other) {
+                (Some(_), Some(o)) if o == v => "(hidden)".to_string(),
+                (Some(_), _) => "(hidden, changed)".to_string(),
+                (None, _) => "(hidden)".to_string(),
+            };
+        }
+    }
+    out
+}
+
 fn yaml_of<T: Serialize>(v: &T) -> String {
     serde_saphyr::to_string(v).unwrap_or_default()
 }
 
 /// Prints what `apply` would change. Exit 0: nothing; 1: changes; 2: errors.
-pub async fn diff(api: &ApiClient, files: &[String]) -> anyhow::Result<ExitCode> {
+pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyhow::Result<ExitCode> {
     let docs = read_resources(files)?;
     if !docs.errors.is_empty() {
         for e in &docs.errors {
@@ -131,11 +151,19 @@ pub async fn diff(api: &ApiClient, files: &[String]) -> anyhow::Result<ExitCode>
         let name = r.metadata().name.clone();
         let (current, wanted, native_note) = match &r {
             Resource::Program(p) => {
-                let current = match api.program(&name).await {
-                    Ok(c) => Some(yaml_of(&c.spec)),
+                let live = match api.program(&name).await {
+                    Ok(c) => Some(c.spec),
                     Err(e) if e.status() == Some(404) => None,
                     Err(e) => return Err(e.into()),
                 };
+                // As the controller does on apply: markers the file leaves out are kept.
+                let mut wanted = p.spec.clone();
+                if let Some(l) = &live {
+                    wanted.restarted_at = wanted.restarted_at.or_else(|| l.restarted_at.clone());
+                    wanted.signal_request = wanted.signal_request.or_else(|| l.signal_request.clone());
+                }
+                let current = live.as_ref().map(|l| yaml_of(&redacted(l, None, show_secrets)));
+                let wanted = yaml_of(&redacted(&wanted, live.as_ref(), show_secrets));
                 let native = groups.iter().find(|g| g.spec.native && g.spec.programs.contains(&name));
                 let note = native.map(|g| {
                     format!(
@@ -143,7 +171,7 @@ pub async fn diff(api: &ApiClient, files: &[String]) -> anyhow::Result<ExitCode>
                         g.metadata.name
                     )
                 });
-                (current, yaml_of(&p.spec), note)
+                (current, wanted, note)
             }
             Resource::Group(g) => {
                 let current = match api.group(&name).await {
@@ -293,7 +321,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
 }
 
 /// `describe program NAME`: spec, then per-host status and errors.
-pub async fn describe(api: &ApiClient, kind: KindArg, name: &str) -> anyhow::Result<ExitCode> {
+pub async fn describe(api: &ApiClient, kind: KindArg, name: &str, show_secrets: bool) -> anyhow::Result<ExitCode> {
     match kind {
         KindArg::Group => {
             let g: Group = api.group(name).await?;
@@ -311,7 +339,7 @@ pub async fn describe(api: &ApiClient, kind: KindArg, name: &str) -> anyhow::Res
                 v.desired, v.updated, v.ready
             );
             println!("Spec:");
-            for l in yaml_of(&p.spec).lines() {
+            for l in yaml_of(&redacted(&p.spec, None, show_secrets)).lines() {
                 println!("  {l}");
             }
             let mut t = table(&[

@@ -84,6 +84,13 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         out.contains("celery-worker:celery-worker_01") && out.contains("RUNNING"),
         "{out}"
     );
+    // Environment values are secrets until asked for.
+    assert!(
+        !out.contains("redis://127.0.0.1:6379/0") && out.contains("CELERY_BROKER_URL: (hidden)"),
+        "{out}"
+    );
+    let (out, _) = text(&corral(s, &["describe", "program", "celery-worker", "--show-secrets"]));
+    assert!(out.contains("redis://127.0.0.1:6379/0"), "{out}");
     let (out, _) = text(&corral(s, &["get", "hosts"]));
     assert!(
         out.contains("h1") && out.contains("Ready") && out.contains("role=app"),
@@ -105,6 +112,18 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
             .contains("+command: /bin/sh -c 'while true; do date; sleep 31; done'"),
         "{:?}",
         text(&o)
+    );
+    // A changed secret shows as changed, never in clear.
+    let secret = dir.path().join("secret.yaml");
+    let with_password = std::fs::read_to_string(Path::new(&examples).join("myapp.yaml"))?
+        .replace("redis://127.0.0.1:6379/0", "redis://:hunter2@db:6379/0");
+    std::fs::write(&secret, with_password)?;
+    let o = corral(s, &["diff", "-f", &secret.display().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let (out, _) = text(&o);
+    assert!(
+        out.contains("+  CELERY_BROKER_URL: (hidden, changed)") && !out.contains("hunter2"),
+        "{out}"
     );
 
     // stop, start, restart a group.

@@ -11,18 +11,29 @@ use tokio_util::sync::CancellationToken;
 use crate::placement::{diff, place, rollout};
 use crate::store::{Store, StoreError};
 
+/// What one placement did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Placed {
+    /// Assignment keys written or deleted.
+    pub writes: usize,
+    /// Some rollout holds hosts back, waiting for others to report ready.
+    pub rollout_waiting: bool,
+}
+
 /// Recomputes every assignment (placement, then the rollout's pace) and writes the
-/// differences. Returns how many keys changed.
+/// differences.
 ///
 /// # Errors
 /// Store errors; nothing is half-decided (the writes are computed before any is made).
-pub async fn place_all(store: &Store) -> Result<usize, StoreError> {
+pub async fn place_all(store: &Store) -> Result<Placed, StoreError> {
     let programs: Vec<Program> = store.list().await?;
     let groups: Vec<Group> = store.list().await?;
     let hosts = store.hosts().await?;
     let current = store.assignments().await?;
     let reports = store.reports().await?;
-    let desired = rollout(place(&programs, &groups, &hosts), &current, &reports);
+    let placed = place(&programs, &groups, &hosts);
+    let desired = rollout(placed.clone(), &current, &reports);
+    let rollout_waiting = desired != placed;
     let writes = diff(&desired, &current);
     let n = writes.put.len() + writes.delete.len();
     if n > 0 {
@@ -33,7 +44,10 @@ pub async fn place_all(store: &Store) -> Result<usize, StoreError> {
             "assignments updated"
         );
     }
-    Ok(n)
+    Ok(Placed {
+        writes: n,
+        rollout_waiting,
+    })
 }
 
 /// Campaigns, and while leader keeps assignments in line with programs, groups and hosts.
@@ -103,16 +117,13 @@ async fn lead_once(
     let mut watch = client
         .watch(format!("{prefix}/"), Some(WatchOptions::new().with_prefix()))
         .await?;
-    // Status reports matter too: a host reporting the new generation ready lets a rollout
-    // move to the next host.
-    let relevant = [
-        store.keys().programs(),
-        store.keys().groups(),
-        store.keys().hosts(),
-        store.keys().all_status(),
-    ];
+    let relevant = [store.keys().programs(), store.keys().groups(), store.keys().hosts()];
+    // Status reports matter only while a rollout waits: a host reporting the new generation
+    // ready lets it move on. Otherwise a thousand hosts' reports would each cost a placement.
+    let status = store.keys().all_status();
     let mut resync = tokio::time::interval(Duration::from_secs(5));
-    place_all(store).await?;
+    let mut placed = place_all(store).await?;
+    let mut last_placed = tokio::time::Instant::now();
     loop {
         let dirty = tokio::select! {
             _ = shutdown.cancelled() => {
@@ -132,11 +143,21 @@ async fn lead_once(
                 resp.events().iter().filter_map(|e| e.kv()).any(|kv| {
                     let k = String::from_utf8_lossy(kv.key());
                     relevant.iter().any(|r| k.starts_with(r.as_str()))
+                        || (placed.rollout_waiting && k.starts_with(status.as_str()))
                 })
             }
         };
         if dirty {
-            place_all(store).await?;
+            // Coalesce bursts (a thousand hosts reporting a rollout's progress): at most one
+            // placement per 100 ms, taking every event that arrived meanwhile into account.
+            tokio::time::sleep_until(last_placed + Duration::from_millis(100)).await;
+            while let Ok(Ok(Some(resp))) = tokio::time::timeout(Duration::from_millis(1), watch.message()).await {
+                if resp.canceled() {
+                    return Err(StoreError::Timeout("watch (cancelled)"));
+                }
+            }
+            placed = place_all(store).await?;
+            last_placed = tokio::time::Instant::now();
         }
     }
 }
