@@ -149,8 +149,8 @@ async fn lead_once(
         };
         if dirty {
             // Coalesce bursts (a thousand hosts reporting a rollout's progress): at most one
-            // placement per 100 ms, taking every event that arrived meanwhile into account.
-            tokio::time::sleep_until(last_placed + Duration::from_millis(100)).await;
+            // placement per 20 ms, taking every event that arrived meanwhile into account.
+            tokio::time::sleep_until(last_placed + Duration::from_millis(20)).await;
             while let Ok(Ok(Some(resp))) = tokio::time::timeout(Duration::from_millis(1), watch.message()).await {
                 if resp.canceled() {
                     return Err(StoreError::Timeout("watch (cancelled)"));
