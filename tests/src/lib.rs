@@ -7,6 +7,7 @@ pub mod corral;
 pub mod etcd;
 pub mod loader;
 pub mod process;
+pub mod specs;
 pub mod supervisord;
 
 /// A free TCP port on 127.0.0.1 (the OS picks it; it is free when this returns).

@@ -1,27 +1,14 @@
 //! Corral on a 3-member etcd cluster: it keeps working when one member dies.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
+use corral_proto::resource::Resource;
 use corral_tests::corral::{Agent, Controller, converged, wait_for};
 use corral_tests::etcd::EtcdCluster;
 use corral_tests::supervisord::{Options, Supervisord};
 
 fn program(command: &str) -> Resource {
-    let spec = ProgramSpec {
-        command: command.into(),
-        selector: Some(BTreeMap::new()),
-        startsecs: Some(0),
-        ..Default::default()
-    };
-    Resource::Program(Program::new(
-        Metadata {
-            name: "web".into(),
-            ..Default::default()
-        },
-        spec,
-    ))
+    corral_tests::specs::program("web", |s| s.command = command.into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

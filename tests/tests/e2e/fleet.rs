@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use corral_agent::supervisor::ProcessState;
 use corral_cli::client::ApiClient;
-use corral_proto::resource::{DesiredState, Group, GroupSpec, Metadata, Program, ProgramSpec, Resource};
+use corral_proto::resource::{DesiredState, Group, GroupSpec, Metadata, Resource};
 use corral_tests::corral::{Agent, Controller, converged, wait_for};
 use corral_tests::etcd::Etcd;
+use corral_tests::specs::program;
 use corral_tests::supervisord::{Options, Supervisord};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -85,23 +86,6 @@ impl Fleet {
             .ok_or_else(|| anyhow::anyhow!("no controller"))?
             .api()
     }
-}
-
-fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
-    let mut spec = ProgramSpec {
-        command: "/bin/sleep 1000".into(),
-        selector: Some(BTreeMap::new()),
-        startsecs: Some(0),
-        ..Default::default()
-    };
-    f(&mut spec);
-    Resource::Program(Program::new(
-        Metadata {
-            name: name.into(),
-            ..Default::default()
-        },
-        spec,
-    ))
 }
 
 fn role(r: &str) -> Option<BTreeMap<String, String>> {

@@ -1,29 +1,11 @@
 //! What the agent and the controller export on /metrics, scraped over HTTP.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
 use corral_tests::corral::{Agent, Controller, wait_for};
 use corral_tests::etcd::Etcd;
+use corral_tests::specs::program;
 use corral_tests::supervisord::{Options, Supervisord};
-
-fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
-    let mut spec = ProgramSpec {
-        command: "/bin/sleep 1000".into(),
-        selector: Some(BTreeMap::new()),
-        startsecs: Some(0),
-        ..Default::default()
-    };
-    f(&mut spec);
-    Resource::Program(Program::new(
-        Metadata {
-            name: name.into(),
-            ..Default::default()
-        },
-        spec,
-    ))
-}
 
 async fn scrape(url: &str) -> anyhow::Result<String> {
     let resp = reqwest::get(url).await?;
