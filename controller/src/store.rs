@@ -47,26 +47,39 @@ pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync {
     fn keep_markers_from(&mut self, _stored: &Self) {}
 }
 
-impl Object for Program {
-    const KIND: &'static str = "Program";
-    fn metadata(&self) -> &Metadata {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut Metadata {
-        &mut self.metadata
-    }
-    fn same_spec(&self, other: &Self) -> bool {
-        self.spec == other.spec
-    }
-    fn key(keys: &Keys, name: &str) -> String {
-        keys.program(name)
-    }
-    fn prefix(keys: &Keys) -> String {
-        keys.programs()
-    }
-    fn clear_status(&mut self) {
-        self.status = None;
-    }
+/// The parts of `Object` that Program and Group share (both resources have the same shape).
+macro_rules! object {
+    ($ty:ty, $kind:literal, $key:ident, $prefix:ident $(, $markers:item)?) => {
+        impl Object for $ty {
+            const KIND: &'static str = $kind;
+            fn metadata(&self) -> &Metadata {
+                &self.metadata
+            }
+            fn metadata_mut(&mut self) -> &mut Metadata {
+                &mut self.metadata
+            }
+            fn same_spec(&self, other: &Self) -> bool {
+                self.spec == other.spec
+            }
+            fn key(keys: &Keys, name: &str) -> String {
+                keys.$key(name)
+            }
+            fn prefix(keys: &Keys) -> String {
+                keys.$prefix()
+            }
+            fn clear_status(&mut self) {
+                self.status = None;
+            }
+            $($markers)?
+        }
+    };
+}
+
+object!(
+    Program,
+    "Program",
+    program,
+    programs,
     fn keep_markers_from(&mut self, stored: &Self) {
         if self.spec.restarted_at.is_none() {
             self.spec.restarted_at = stored.spec.restarted_at.clone();
@@ -75,29 +88,8 @@ impl Object for Program {
             self.spec.signal_request = stored.spec.signal_request.clone();
         }
     }
-}
-
-impl Object for Group {
-    const KIND: &'static str = "Group";
-    fn metadata(&self) -> &Metadata {
-        &self.metadata
-    }
-    fn metadata_mut(&mut self) -> &mut Metadata {
-        &mut self.metadata
-    }
-    fn same_spec(&self, other: &Self) -> bool {
-        self.spec == other.spec
-    }
-    fn key(keys: &Keys, name: &str) -> String {
-        keys.group(name)
-    }
-    fn prefix(keys: &Keys) -> String {
-        keys.groups()
-    }
-    fn clear_status(&mut self) {
-        self.status = None;
-    }
-}
+);
+object!(Group, "Group", group, groups);
 
 /// The result of an apply.
 #[derive(Clone, Debug)]
