@@ -391,31 +391,20 @@ impl Reconciler {
     }
 
     async fn apply_group(&self, action: &GroupAction) -> Result<(), supervisor::Error> {
-        let ok_if = |r: Result<bool, supervisor::Error>, fine: FaultCode| match r {
-            Err(e) if e.fault() == Some(fine) => Ok(()),
-            other => other.map(|_| ()),
-        };
         match action {
             GroupAction::Remove(g) | GroupAction::Replace(g) => {
-                match self.client.stop_process_group(g, true).await {
-                    Err(e) if e.fault() != Some(FaultCode::BadName) => return Err(e),
-                    _ => {}
-                }
-                ok_if(self.client.remove_process_group(g).await, FaultCode::BadName)?;
+                tolerate(self.client.stop_process_group(g, true).await, FaultCode::BadName)?;
+                tolerate(self.client.remove_process_group(g).await, FaultCode::BadName)?;
                 if let GroupAction::Replace(g) = action {
-                    ok_if(self.client.add_process_group(g).await, FaultCode::AlreadyAdded)?;
+                    tolerate(self.client.add_process_group(g).await, FaultCode::AlreadyAdded)?;
                 }
                 Ok(())
             }
-            GroupAction::Add(g) => ok_if(self.client.add_process_group(g).await, FaultCode::AlreadyAdded),
+            GroupAction::Add(g) => tolerate(self.client.add_process_group(g).await, FaultCode::AlreadyAdded),
         }
     }
 
     async fn apply_process(&self, action: &ProcessAction) -> Result<(), supervisor::Error> {
-        let tolerate = |r: Result<bool, supervisor::Error>, fine: FaultCode| match r {
-            Err(e) if e.fault() == Some(fine) => Ok(()),
-            other => other.map(|_| ()),
-        };
         match action {
             ProcessAction::Start(ns) => tolerate(self.client.start_process(ns, false).await, FaultCode::AlreadyStarted),
             ProcessAction::Stop(ns) => tolerate(self.client.stop_process(ns, true).await, FaultCode::NotRunning),
@@ -428,6 +417,15 @@ impl Reconciler {
                 tolerate(self.client.signal_process(ns, sig).await, FaultCode::NotRunning)
             }
         }
+    }
+}
+
+/// Treats the fault `fine` as success: the call's goal already holds (already started,
+/// not running, already added, no such group).
+fn tolerate<T>(r: Result<T, supervisor::Error>, fine: FaultCode) -> Result<(), supervisor::Error> {
+    match r {
+        Err(e) if e.fault() == Some(fine) => Ok(()),
+        other => other.map(|_| ()),
     }
 }
 

@@ -187,7 +187,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut tick = tokio::time::interval(cfg.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reload = Instant::now();
-    let mut cached: Option<Assignments> = None;
+    // The assignments last seen, and what they render to: rendered again only when they change.
+    let mut cached: Option<(Assignments, plan::Desired)> = None;
     let mut history = ProcessHistory::default();
     let mut recheck: Option<Duration> = None;
     loop {
@@ -201,22 +202,25 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         // Coalesce bursts (a watch event and the file events it causes) into one pass.
         tokio::time::sleep(Duration::from_millis(10)).await;
         let assignments = desired_rx.borrow_and_update().clone();
-        if cached.as_ref().is_none_or(|c| !Arc::ptr_eq(c, &assignments)) {
-            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
-            if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
-                tracing::warn!(error = %e, "cannot cache assignments");
+        let desired = match &cached {
+            Some((seen, desired)) if Arc::ptr_eq(seen, &assignments) => desired,
+            _ => {
+                let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
+                if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
+                    tracing::warn!(error = %e, "cannot cache assignments");
+                }
+                let desired = plan::desired(&assignments, &cfg.etcd.host);
+                &cached.insert((assignments, desired)).1
             }
-            cached = Some(assignments.clone());
-        }
+        };
         if last_reload.elapsed() >= cfg.reload_every {
             reconciler.request_reload();
             last_reload = Instant::now();
         }
-        let desired = plan::desired(&assignments, &cfg.etcd.host);
         let started = Instant::now();
-        match reconciler.pass(&desired).await {
+        match reconciler.pass(desired).await {
             Ok(report) => {
-                metrics.pass_done(started.elapsed(), &desired, &report, &mut history);
+                metrics.pass_done(started.elapsed(), desired, &report, &mut history);
                 recheck = report.recheck_after;
                 if !report.corrections.is_empty() {
                     tracing::info!(corrections = ?report.corrections, "reconciled");
