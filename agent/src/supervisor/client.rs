@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use dxr::{FaultResponse, MethodCall, MethodResponse, Value};
 
+use super::scan::decode_all_process_info;
 use super::types::{
     Decode, Error, FaultCode, LogTail, ProcessInfo, ProcessResult, ReloadResult, SupervisorState, as_fault,
-    decode_process_info, decode_process_results, decode_reload, decode_state, decode_tail,
+    decode_process_info, decode_process_infos, decode_process_results, decode_reload, decode_state, decode_tail,
 };
 
 /// Where supervisord listens.
@@ -128,6 +129,19 @@ impl Client {
     /// Transport and HTTP errors, [`Error::Unauthorized`] on 401, [`Error::Fault`] when
     /// supervisord answers with a fault, [`Error::Decode`] when the body is not XML-RPC.
     pub async fn call_value(&self, method: &str, params: Vec<Value>) -> Result<Value, Error> {
+        let text = self.call_text(method, params).await?;
+        decode_value(method, &text)
+    }
+
+    /// Calls `method` and returns the body of its answer, which is not a fault.
+    async fn call_text(&self, method: &str, params: Vec<Value>) -> Result<String, Error> {
+        let text = self.call_raw(method, params).await?;
+        check_fault(method, &text)?;
+        Ok(text)
+    }
+
+    /// Calls `method` and returns the body of its answer, which may be a fault.
+    async fn call_raw(&self, method: &str, params: Vec<Value>) -> Result<String, Error> {
         let body = MethodCall {
             name: method.into(),
             params,
@@ -166,22 +180,9 @@ impl Client {
                 });
             }
         }
-        let text = resp.text().await.map_err(transport)?;
-        if text.contains("<fault>") {
-            let fault = FaultResponse::from_xml(&text)
-                .map_err(|e| Error::Decode {
-                    method: method.to_string(),
-                    detail: format!("bad fault response: {e}"),
-                })?
-                .fault;
-            return Err(fault_error(method, fault.code(), fault.string()));
-        }
-        MethodResponse::from_xml(&text)
-            .map(|r| r.value)
-            .map_err(|e| Error::Decode {
-                method: method.to_string(),
-                detail: e.to_string(),
-            })
+        // Validated in one pass (`text()` takes the slower lossy route for every answer).
+        let body = Vec::from(resp.bytes().await.map_err(transport)?);
+        Ok(String::from_utf8(body).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
     }
 
     async fn call<T>(
@@ -208,13 +209,12 @@ impl Client {
             .await
     }
 
-    /// `supervisor.getAllProcessInfo`.
+    /// `supervisor.getAllProcessInfo`, the call every pass makes: decoded by the fast
+    /// decoder, and by dxr only if that one does not recognise the answer.
     pub async fn get_all_process_info(&self) -> Result<Vec<ProcessInfo>, Error> {
-        self.call("supervisor.getAllProcessInfo", vec![], |v| match v {
-            Value::Array(items) => items.iter().map(decode_process_info).collect(),
-            other => Err(format!("expected an array, got {other:?}")),
-        })
-        .await
+        // The fast decoder refuses a fault, so the answer is only searched for one after that.
+        let text = self.call_raw(ALL_PROCESS_INFO, vec![]).await?;
+        decode_all_process_info_answer(&text)
     }
 
     /// `supervisor.getProcessInfo(group:name)`.
@@ -367,6 +367,43 @@ impl Client {
     }
 }
 
+const ALL_PROCESS_INFO: &str = "supervisor.getAllProcessInfo";
+
+fn decode_all_process_info_answer(text: &str) -> Result<Vec<ProcessInfo>, Error> {
+    decode_all_process_info(text).or_else(|why| {
+        check_fault(ALL_PROCESS_INFO, text)?;
+        tracing::debug!("{ALL_PROCESS_INFO}: fast decoder declined ({why}); decoding with dxr");
+        decode_process_infos(&decode_value(ALL_PROCESS_INFO, text)?).map_err(|detail| Error::Decode {
+            method: ALL_PROCESS_INFO.to_string(),
+            detail,
+        })
+    })
+}
+
+/// The fault in `text`, if it is a fault answer.
+fn check_fault(method: &str, text: &str) -> Result<(), Error> {
+    // Markup inside values is escaped, so this tag only appears in a fault answer.
+    if !text.contains("<fault>") {
+        return Ok(());
+    }
+    let fault = FaultResponse::from_xml(text)
+        .map_err(|e| Error::Decode {
+            method: method.to_string(),
+            detail: format!("bad fault response: {e}"),
+        })?
+        .fault;
+    Err(fault_error(method, fault.code(), fault.string()))
+}
+
+fn decode_value(method: &str, text: &str) -> Result<Value, Error> {
+    MethodResponse::from_xml(text)
+        .map(|r| r.value)
+        .map_err(|e| Error::Decode {
+            method: method.to_string(),
+            detail: e.to_string(),
+        })
+}
+
 fn fault_error(method: &str, code: i32, message: &str) -> Error {
     Error::Fault {
         method: method.to_string(),
@@ -395,6 +432,90 @@ mod tests {
         );
         for bad in ["unix://rel.sock", "ftp://x", "http://", "http://h/x/y", "/run/s.sock"] {
             assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    const MEMBERS: &str = "<member><name>name</name><value><string>web</string></value></member>\
+        <member><name>group</name><value><string>web</string></value></member>\
+        <member><name>start</name><value><int>1</int></value></member>\
+        <member><name>stop</name><value><int>0</int></value></member>\
+        <member><name>now</name><value><int>2</int></value></member>\
+        <member><name>state</name><value><int>20</int></value></member>\
+        <member><name>statename</name><value><string>RUNNING</string></value></member>\
+        <member><name>spawnerr</name><value><string></string></value></member>\
+        <member><name>exitstatus</name><value><int>0</int></value></member>\
+        <member><name>stdout_logfile</name><value><string>/o</string></value></member>\
+        <member><name>stderr_logfile</name><value><string>/e</string></value></member>\
+        <member><name>pid</name><value><int>42</int></value></member>\
+        <member><name>description</name><value><string>pid 42</string></value></member>";
+
+    fn answer(extra_member: &str) -> String {
+        format!(
+            "<?xml version='1.0'?><methodResponse><params><param><value><array><data>\
+             <value><struct>{MEMBERS}{extra_member}</struct></value>\
+             </data></array></value></param></params></methodResponse>"
+        )
+    }
+
+    #[test]
+    fn an_answer_the_fast_decoder_declines_is_decoded_by_dxr() {
+        // A later supervisord adding a struct-valued member: not this decoder's shape, but a
+        // valid answer, so dxr decodes it and the unknown member is ignored.
+        let text = answer("<member><name>extra</name><value><struct></struct></value></member>");
+        assert!(decode_all_process_info(&text).is_err());
+        let infos = decode_all_process_info_answer(&text).expect("dxr decodes it");
+        assert_eq!(infos.len(), 1);
+        assert_eq!((infos[0].name.as_str(), infos[0].pid), ("web", 42));
+        // The usual shape never needs the fallback.
+        assert_eq!(decode_all_process_info(&answer("")).ok(), Some(infos));
+    }
+
+    #[test]
+    fn valid_shapes_outside_the_fast_grammar_decode_the_same_through_dxr() {
+        let d = "<member><name>description</name><value><string>pid 42</string></value></member>";
+        let cases = [
+            ("<string><![CDATA[<a&b>]]></string>", "<a&b>"),
+            ("<string>a<!-- note -->b</string>", "ab"),
+            // XML line ends are normalised, as every XML parser does.
+            ("<string>a\r\nb</string>", "a\nb"),
+        ];
+        for (value, want) in cases {
+            let text = answer("").replace(
+                d,
+                &format!("<member><name>description</name><value>{value}</value></member>"),
+            );
+            assert!(
+                decode_all_process_info(&text).is_err(),
+                "{value} is outside the fast grammar"
+            );
+            let infos = decode_all_process_info_answer(&text).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(infos[0].description, want, "{value}");
+        }
+    }
+
+    #[test]
+    fn a_fault_answer_is_a_fault_not_a_decode_error() {
+        let text = "<?xml version='1.0'?><methodResponse><fault><value><struct>\
+            <member><name>faultCode</name><value><int>6</int></value></member>\
+            <member><name>faultString</name><value><string>SHUTDOWN_STATE</string></value></member>\
+            </struct></value></fault></methodResponse>";
+        match decode_all_process_info_answer(text) {
+            Err(Error::Fault { code, message, .. }) => {
+                assert_eq!((code, message.as_str()), (FaultCode::ShutdownState, "SHUTDOWN_STATE"));
+            }
+            other => panic!("expected a fault, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_broken_answer_is_a_decode_error_from_either_decoder() {
+        let text = answer("").replace("<name>pid</name>", "<name>pidx</name>");
+        match decode_all_process_info_answer(&text) {
+            Err(Error::Decode { method, detail }) => {
+                assert_eq!(method, "supervisor.getAllProcessInfo");
+                assert!(detail.contains("pid"), "{detail}");
+            }
+            other => panic!("expected a decode error, got {other:?}"),
         }
     }
 }

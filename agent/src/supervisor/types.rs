@@ -262,6 +262,14 @@ pub(crate) fn decode_process_info(v: &Value) -> Result<ProcessInfo, String> {
     })
 }
 
+/// `getAllProcessInfo`'s answer, decoded from dxr's generic value.
+pub(crate) fn decode_process_infos(v: &Value) -> Result<Vec<ProcessInfo>, String> {
+    match v {
+        Value::Array(items) => items.iter().map(decode_process_info).collect(),
+        other => Err(format!("expected an array, got {other:?}")),
+    }
+}
+
 /// Groups `reloadConfig` found added, changed and removed since the last update.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ReloadResult {

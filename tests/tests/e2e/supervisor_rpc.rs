@@ -180,3 +180,59 @@ async fn an_absent_supervisord_is_a_transport_error() -> anyhow::Result<()> {
     assert!(matches!(r, Err(Error::Transport { .. })), "{r:?}");
     Ok(())
 }
+
+/// `getAllProcessInfo` goes through the streaming decoder, `getProcessInfo` through dxr: on
+/// supervisord's own answers, with markup and non-ASCII in the strings, they must agree.
+#[tokio::test]
+async fn all_process_info_reads_what_each_process_info_reads() -> anyhow::Result<()> {
+    let sd = Supervisord::start(Options::default()).await?;
+    let c = sd.client().await?;
+    add(&c, &sd, "w.conf", WORKERS).await?;
+    add(
+        &c,
+        &sd,
+        "odd.conf",
+        "[program:odd]\ncommand=/nonexistent/a&b<c>\"d\"/caf\u{e9}\nstartretries=0\n",
+    )
+    .await?;
+    add(
+        &c,
+        &sd,
+        "up.conf",
+        "[program:up]\ncommand=/bin/sleep 1000\nstartsecs=0\n",
+    )
+    .await?;
+    assert!(c.start_process("w:w_01", true).await?);
+    let mut all = Vec::new();
+    for _ in 0..100 {
+        all = c.get_all_process_info().await?;
+        let settled = |name: &str, state| all.iter().any(|p| p.name == name && p.state == state);
+        if settled("odd", ProcessState::Fatal) && settled("up", ProcessState::Running) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let names: Vec<_> = all.iter().map(|p| (p.namespec(), p.state)).collect();
+    assert_eq!(
+        names,
+        [
+            ("odd".to_string(), ProcessState::Fatal),
+            ("up".to_string(), ProcessState::Running),
+            ("w:w_00".to_string(), ProcessState::Stopped),
+            ("w:w_01".to_string(), ProcessState::Running),
+        ]
+    );
+    let odd = &all[0];
+    // supervisord splits the command like a shell, so the quotes are gone.
+    assert_eq!(odd.spawnerr, "can't find command '/nonexistent/a&b<c>d/caf\u{e9}'");
+    for from_all in &all {
+        let mut one = c.get_process_info(&from_all.namespec()).await?;
+        // Only the clock may move between the two calls.
+        one.now = from_all.now;
+        if one.state == ProcessState::Running {
+            one.description.clone_from(&from_all.description);
+        }
+        assert_eq!(&one, from_all);
+    }
+    Ok(())
+}
