@@ -5,7 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
+
+use notify::Watcher as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use corral_proto::render::{HEADER, managed_file_kind};
 
@@ -43,13 +48,28 @@ impl Stamp {
     }
 }
 
+/// How often a watched directory is listed and stat'ed all the same (inotify sees no change
+/// made on another machine, as on NFS).
+pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
+
 /// The directory supervisord's `[include]` reads.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ConfDir {
     dir: PathBuf,
     /// Contents read before, by name, with the stamp they had: a file whose stamp did not
     /// change is not read again (every pass looks at every managed file).
     cache: BTreeMap<String, (Stamp, String)>,
+    /// With [`ConfDir::watch`]: set by every change event, so a pass after none can trust
+    /// the cache without a `stat` per file.
+    watch: Option<Watch>,
+    scans: u64,
+}
+
+#[derive(Debug)]
+struct Watch {
+    changed: Arc<AtomicBool>,
+    last_scan: Option<Instant>,
+    _watcher: notify::RecommendedWatcher,
 }
 
 impl ConfDir {
@@ -57,7 +77,41 @@ impl ConfDir {
         ConfDir {
             dir: dir.into(),
             cache: BTreeMap::new(),
+            watch: None,
+            scans: 0,
         }
+    }
+
+    /// Watches the directory (not the files: atomic renames would lose a file's watch) and
+    /// calls `on_change` on every change in it. From then on [`ConfDir::read_managed`] lists
+    /// and stats the files only after a change event, after the agent's own writes, and every
+    /// [`FULL_SCAN_EVERY`]; otherwise its last reading stands.
+    ///
+    /// # Errors
+    /// If the watch cannot be set up (no inotify instance left, directory missing).
+    pub fn watch(&mut self, on_change: impl Fn() + Send + 'static) -> Result<(), notify::Error> {
+        let changed = Arc::new(AtomicBool::new(true));
+        let flag = changed.clone();
+        // Only changes count: the agent's own reads of the files are not events. An error
+        // (such as a queue overflow) means events were lost: scan.
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_err() || event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                flag.store(true, Ordering::SeqCst);
+                on_change();
+            }
+        })?;
+        watcher.watch(&self.dir, notify::RecursiveMode::NonRecursive)?;
+        self.watch = Some(Watch {
+            changed,
+            last_scan: None,
+            _watcher: watcher,
+        });
+        Ok(())
+    }
+
+    /// How many times the directory was listed and stat'ed.
+    pub fn scans(&self) -> u64 {
+        self.scans
     }
 
     pub fn path(&self) -> &Path {
@@ -74,6 +128,19 @@ impl ConfDir {
     /// # Errors
     /// If the directory cannot be listed or a managed file cannot be read.
     pub fn read_managed(&mut self) -> Result<BTreeMap<String, String>, Error> {
+        if let Some(w) = &mut self.watch {
+            let due = w.last_scan.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);
+            // Taken before the scan: an event during it leaves the flag set for next time.
+            if !w.changed.swap(false, Ordering::SeqCst) && !due {
+                return Ok(self
+                    .cache
+                    .iter()
+                    .map(|(name, (_, text))| (name.clone(), text.clone()))
+                    .collect());
+            }
+            w.last_scan = Some(Instant::now());
+        }
+        self.scans += 1;
         let mut out = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(err("list", &self.dir))? {
             let entry = entry.map_err(err("list", &self.dir))?;
@@ -82,7 +149,13 @@ impl ConfDir {
                 continue;
             }
             let path = entry.path();
-            let stamp = match std::fs::metadata(&path) {
+            // Relative to the open directory: no path walk per file. Not following a symlink
+            // would differ from what supervisord reads, so a link is looked at through it.
+            let meta = match entry.file_type() {
+                Ok(t) if t.is_symlink() => std::fs::metadata(&path),
+                _ => entry.metadata(),
+            };
+            let stamp = match meta {
                 Ok(m) => Stamp::of(&m),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(err("stat", &path)(e)),
@@ -116,6 +189,7 @@ impl ConfDir {
     /// If the temporary file cannot be written, synced or renamed.
     pub fn write(&mut self, name: &str, content: &str) -> Result<(), Error> {
         self.cache.remove(name);
+        self.rescan();
         debug_assert!(content.starts_with(HEADER));
         let target = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
@@ -126,12 +200,20 @@ impl ConfDir {
         std::fs::rename(&tmp, &target).map_err(err("rename", &target))
     }
 
+    /// The next [`ConfDir::read_managed`] looks at the directory again.
+    fn rescan(&mut self) {
+        if let Some(w) = &self.watch {
+            w.changed.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Removes `name`; a file already gone is fine.
     ///
     /// # Errors
     /// Any other removal error.
     pub fn remove(&mut self, name: &str) -> Result<(), Error> {
         self.cache.remove(name);
+        self.rescan();
         let path = self.dir.join(name);
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err("remove", &path)(e)),
@@ -178,6 +260,80 @@ mod tests {
         cd.remove("corral-program-a.conf")?;
         assert!(cd.read_managed()?.is_empty());
         assert!(dir.path().join("theirs.conf").exists());
+        Ok(())
+    }
+
+    /// Reads until `check` holds (inotify events arrive on another thread).
+    fn read_until(
+        cd: &mut ConfDir,
+        check: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Result<BTreeMap<String, String>, Box<dyn std::error::Error>> {
+        for _ in 0..500 {
+            let got = cd.read_managed()?;
+            if check(&got) {
+                return Ok(got);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Err("the change was never seen".into())
+    }
+
+    #[test]
+    fn a_watched_dir_is_scanned_only_after_a_change() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("corral-program-a.conf");
+        let events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut cd = ConfDir::new(dir.path());
+        let counter = events.clone();
+        cd.watch(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })?;
+        let content = format!("{HEADER}\n[program:a]\ncommand=x\n");
+        cd.write("corral-program-a.conf", &content)?;
+        // The agent's own write is seen at once, without waiting for its event.
+        assert_eq!(cd.read_managed()?["corral-program-a.conf"], content);
+        // Let the write's events arrive and be consumed; then quiet reads do not scan.
+        read_until(&mut cd, |_| events.load(Ordering::SeqCst) > 0)?;
+        std::thread::sleep(Duration::from_millis(100));
+        cd.read_managed()?;
+        let scans = cd.scans();
+        for _ in 0..5 {
+            assert_eq!(cd.read_managed()?["corral-program-a.conf"], content);
+        }
+        assert_eq!(cd.scans(), scans, "a quiet directory was scanned");
+
+        // A hand edit, an appended line (no rename, same directory) included, is seen.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&file)?;
+        f.write_all(b"autostart=false\n")?;
+        drop(f);
+        let got = read_until(&mut cd, |got| {
+            got["corral-program-a.conf"].ends_with("autostart=false\n")
+        })?;
+        assert!(got["corral-program-a.conf"].starts_with(&content));
+        assert!(cd.scans() > scans);
+        // So is a deletion by hand.
+        std::fs::remove_file(&file)?;
+        read_until(&mut cd, BTreeMap::is_empty)?;
+
+        // Without events, the directory is still scanned every FULL_SCAN_EVERY.
+        let scans = cd.scans();
+        if let Some(w) = &mut cd.watch {
+            w.changed.store(false, Ordering::SeqCst);
+            w.last_scan = Instant::now().checked_sub(FULL_SCAN_EVERY);
+        }
+        cd.read_managed()?;
+        assert_eq!(cd.scans(), scans + 1);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unwatched_dir_is_scanned_every_time() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut cd = ConfDir::new(dir.path());
+        for n in 1..=3 {
+            cd.read_managed()?;
+            assert_eq!(cd.scans(), n);
+        }
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The imperative shell around `plan`: one reconcile pass against the conf dir and
 //! supervisord, and the agent state that must survive restarts.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -138,13 +139,13 @@ impl Reconciler {
 
         // 1. Files. A file supervisord refused is not written again until its content
         // changes; meanwhile the last accepted version (if any) stays.
-        let mut want = desired.files.clone();
+        let mut want = Cow::Borrowed(&desired.files);
         self.rejected
             .retain(|file, (content, _)| want.get(file) == Some(content));
         for (file, (_, why)) in &self.rejected {
             match self.last_good.get(file) {
-                Some(good) => want.insert(file.clone(), good.clone()),
-                None => want.remove(file),
+                Some(good) => want.to_mut().insert(file.clone(), good.clone()),
+                None => want.to_mut().remove(file),
             };
             if let Some(name) = program_of(file) {
                 errors.insert(name, why.clone());
@@ -196,7 +197,7 @@ impl Reconciler {
                         }
                     }
                     self.state.managed_groups = desired_groups;
-                    self.last_good = want.clone();
+                    self.last_good = want.clone().into_owned();
                     self.reload_due = false;
                 }
                 Err(message) => group_error = Some(message),
@@ -206,7 +207,10 @@ impl Reconciler {
         // A program runs its current generation once supervisord accepted exactly its rendered
         // file (a spec change that renders the same file, like a restart marker, counts too).
         for p in desired.programs.values() {
-            if !errors.contains_key(&p.name) && self.last_good.get(&p.file_name) == Some(&p.content) {
+            if !errors.contains_key(&p.name)
+                && self.last_good.get(&p.file_name) == Some(&p.content)
+                && self.state.applied_generations.get(&p.name) != Some(&p.generation)
+            {
                 self.state.applied_generations.insert(p.name.clone(), p.generation);
             }
         }
@@ -252,11 +256,16 @@ impl Reconciler {
         }
         for p in desired.programs.values() {
             if !failed_programs.contains(&p.name) {
-                self.state
-                    .applied_markers
-                    .insert(p.name.clone(), p.restarted_at.clone());
-                let signal_id = p.signal_request.as_ref().map(|(_, id)| id.clone());
-                self.state.applied_signals.insert(p.name.clone(), signal_id);
+                // Written only when they differ: a quiet pass allocates nothing here.
+                if self.state.applied_markers.get(&p.name) != Some(&p.restarted_at) {
+                    self.state
+                        .applied_markers
+                        .insert(p.name.clone(), p.restarted_at.clone());
+                }
+                let signal_id = p.signal_request.as_ref().map(|(_, id)| id);
+                if self.state.applied_signals.get(&p.name).map(Option::as_ref) != Some(signal_id) {
+                    self.state.applied_signals.insert(p.name.clone(), signal_id.cloned());
+                }
             }
         }
         self.state
@@ -277,11 +286,13 @@ impl Reconciler {
             self.client.get_all_process_info().await?
         };
         let observed = observe(&infos);
+        let by_namespec: BTreeMap<&str, &ProcessInfo> =
+            observed.iter().map(|o| o.namespec.as_str()).zip(infos.iter()).collect();
         for p in desired.programs.values() {
             let processes = p
                 .namespecs
                 .iter()
-                .filter_map(|ns| infos.iter().find(|i| &i.namespec() == ns))
+                .filter_map(|ns| by_namespec.get(ns.as_str()))
                 .map(|i| ProcessStatus {
                     name: i.namespec(),
                     state: i.statename.clone(),

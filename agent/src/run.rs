@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse as _;
-use notify::Watcher as _;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -80,40 +79,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     };
     std::fs::create_dir_all(&cfg.state_dir).map_err(state_err)?;
     let client = Client::new(cfg.supervisor.clone())?;
-    let mut reconciler = Reconciler::new(
-        &cfg.etcd.host,
-        client.clone(),
-        ConfDir::new(&cfg.conf_dir),
-        cfg.state_dir.clone(),
-    )
-    .map_err(state_err)?;
+    let trigger = Arc::new(Notify::new());
+    let mut conf = ConfDir::new(&cfg.conf_dir);
+    if cfg.watch_conf_dir {
+        let t = trigger.clone();
+        conf.watch(move || t.notify_one()).map_err(|source| StartError::Watch {
+            path: cfg.conf_dir.clone(),
+            source,
+        })?;
+    }
+    let mut reconciler =
+        Reconciler::new(&cfg.etcd.host, client.clone(), conf, cfg.state_dir.clone()).map_err(state_err)?;
 
     let (desired_tx, mut desired_rx) = watch::channel::<Assignments>(Arc::new(load_cache(&cfg.state_dir)));
     let (status_tx, status_rx) = watch::channel::<Statuses>(Arc::new(BTreeMap::new()));
     let (connected_tx, connected_rx) = watch::channel(false);
-    let trigger = Arc::new(Notify::new());
     let tracker = TaskTracker::new();
-
-    // Conf dir events: watch the directory (atomic renames lose watches on files).
-    let watcher = if cfg.watch_conf_dir {
-        let t = trigger.clone();
-        let watch_err = |source| StartError::Watch {
-            path: cfg.conf_dir.clone(),
-            source,
-        };
-        // Only changes count: the agent's own reads of the files must not trigger passes.
-        let mut w = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_err() || event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-                t.notify_one();
-            }
-        })
-        .map_err(watch_err)?;
-        w.watch(&cfg.conf_dir, notify::RecursiveMode::NonRecursive)
-            .map_err(watch_err)?;
-        Some(w)
-    } else {
-        None
-    };
 
     let mut registry = Registry::default();
     let metrics = AgentMetrics::register(&mut registry, &cfg.etcd.host);
@@ -233,7 +214,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             }
         }
     }
-    drop(watcher);
     tracker.close();
     tracker.wait().await;
     Ok(())

@@ -264,12 +264,11 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// CPU time this thread has used, in nanoseconds (/proc/thread-self/schedstat).
+/// CPU time this thread has used, in nanoseconds (`CLOCK_THREAD_CPUTIME_ID`, exact; the
+/// kernel's schedstat counters only move at scheduler ticks).
 fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse().ok()))
-        .unwrap_or(0)
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
 }
 
 fn assignments(n: usize) -> BTreeMap<String, Assignment> {
@@ -301,6 +300,9 @@ fn assignments(n: usize) -> BTreeMap<String, Assignment> {
         .collect()
 }
 
+/// The pause before each measured pass of figure 2a.
+const PASS_GAP: Duration = Duration::from_millis(50);
+
 /// Figure 2a: CPU time of one pass with 100 programs and nothing to do (one thread, so the
 /// whole pass, I/O included, is on the measured thread).
 fn drift(programs: usize, passes: usize) -> anyhow::Result<()> {
@@ -308,12 +310,10 @@ fn drift(programs: usize, passes: usize) -> anyhow::Result<()> {
     rt.block_on(async {
         let sd = Supervisord::start(Options::default()).await?;
         let state = tempfile::tempdir()?;
-        let mut r = corral_agent::reconcile::Reconciler::new(
-            "bench",
-            sd.client().await?,
-            corral_agent::confdir::ConfDir::new(&sd.conf_dir),
-            state.path().into(),
-        )?;
+        // As the agent runs it: the conf dir watched, so a quiet pass trusts its last reading.
+        let mut conf = corral_agent::confdir::ConfDir::new(&sd.conf_dir);
+        conf.watch(|| {})?;
+        let mut r = corral_agent::reconcile::Reconciler::new("bench", sd.client().await?, conf, state.path().into())?;
         let desired = corral_agent::plan::desired(&assignments(programs), "bench");
         let t0 = Instant::now();
         loop {
@@ -329,7 +329,11 @@ fn drift(programs: usize, passes: usize) -> anyhow::Result<()> {
         }
         let mut cpu = Vec::new();
         let mut wall = Vec::new();
+        // Resync passes come seconds apart, not back to back; a pause before each one keeps
+        // the measurement to what a pass costs when it runs (back to back, supervisord is
+        // still busy with the previous answer and each pass pays for more wake-ups).
         for _ in 0..passes {
+            tokio::time::sleep(PASS_GAP).await;
             let (c0, w0) = (thread_cpu_ns(), Instant::now());
             let report = r.pass(&desired).await?;
             cpu.push((thread_cpu_ns() - c0) as f64 / 1e6);
@@ -344,6 +348,7 @@ fn drift(programs: usize, passes: usize) -> anyhow::Result<()> {
         let client = sd.client().await?;
         let mut rpc = Vec::new();
         for _ in 0..passes {
+            tokio::time::sleep(PASS_GAP).await;
             let c0 = thread_cpu_ns();
             client.get_all_process_info().await?;
             rpc.push((thread_cpu_ns() - c0) as f64 / 1e6);
