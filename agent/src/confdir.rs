@@ -56,11 +56,12 @@ pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct ConfDir {
     dir: PathBuf,
-    /// Contents read before, by name, with the stamp they had: a file whose stamp did not
-    /// change is not read again (every pass looks at every managed file).
-    cache: BTreeMap<String, (Stamp, String)>,
+    /// The managed files as last read, by name, and the stamps they had then: a file whose
+    /// stamp did not change is not read again (every scan looks at every managed file).
+    contents: BTreeMap<String, String>,
+    stamps: BTreeMap<String, Stamp>,
     /// With [`ConfDir::watch`]: set by every change event, so a pass after none can trust
-    /// the cache without a `stat` per file.
+    /// its last reading without a `stat` per file.
     watch: Option<Watch>,
     scans: u64,
 }
@@ -76,7 +77,8 @@ impl ConfDir {
     pub fn new(dir: impl Into<PathBuf>) -> ConfDir {
         ConfDir {
             dir: dir.into(),
-            cache: BTreeMap::new(),
+            contents: BTreeMap::new(),
+            stamps: BTreeMap::new(),
             watch: None,
             scans: 0,
         }
@@ -127,21 +129,18 @@ impl ConfDir {
     ///
     /// # Errors
     /// If the directory cannot be listed or a managed file cannot be read.
-    pub fn read_managed(&mut self) -> Result<BTreeMap<String, String>, Error> {
+    pub fn read_managed(&mut self) -> Result<&BTreeMap<String, String>, Error> {
         if let Some(w) = &mut self.watch {
             let due = w.last_scan.is_none_or(|t| t.elapsed() >= FULL_SCAN_EVERY);
             // Taken before the scan: an event during it leaves the flag set for next time.
             if !w.changed.swap(false, Ordering::SeqCst) && !due {
-                return Ok(self
-                    .cache
-                    .iter()
-                    .map(|(name, (_, text))| (name.clone(), text.clone()))
-                    .collect());
+                return Ok(&self.contents);
             }
             w.last_scan = Some(Instant::now());
         }
         self.scans += 1;
-        let mut out = BTreeMap::new();
+        let mut contents = BTreeMap::new();
+        let mut stamps = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(err("list", &self.dir))? {
             let entry = entry.map_err(err("list", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -160,27 +159,30 @@ impl ConfDir {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(err("stat", &path)(e)),
             };
-            if let Some((s, text)) = self.cache.get(&name)
-                && *s == stamp
+            if self.stamps.get(&name) == Some(&stamp)
+                && let Some(text) = self.contents.remove(&name)
             {
-                out.insert(name, text.clone());
+                contents.insert(name.clone(), text);
+                stamps.insert(name, stamp);
                 continue;
             }
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
-                    self.cache.insert(name.clone(), (stamp, text.clone()));
-                    out.insert(name, text);
+                    contents.insert(name.clone(), text);
+                    stamps.insert(name, stamp);
                 }
-                // Not UTF-8: certainly not what Corral wrote; an empty string forces a rewrite.
+                // Not UTF-8: certainly not what Corral wrote; an empty string forces a rewrite
+                // (no stamp: it is read again next time).
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                    out.insert(name, String::new());
+                    contents.insert(name, String::new());
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(err("read", &path)(e)),
             }
         }
-        self.cache.retain(|name, _| out.contains_key(name));
-        Ok(out)
+        self.contents = contents;
+        self.stamps = stamps;
+        Ok(&self.contents)
     }
 
     /// Writes `name` atomically.
@@ -188,7 +190,7 @@ impl ConfDir {
     /// # Errors
     /// If the temporary file cannot be written, synced or renamed.
     pub fn write(&mut self, name: &str, content: &str) -> Result<(), Error> {
-        self.cache.remove(name);
+        self.stamps.remove(name);
         self.rescan();
         debug_assert!(content.starts_with(HEADER));
         let target = self.dir.join(name);
@@ -212,7 +214,7 @@ impl ConfDir {
     /// # Errors
     /// Any other removal error.
     pub fn remove(&mut self, name: &str) -> Result<(), Error> {
-        self.cache.remove(name);
+        self.stamps.remove(name);
         self.rescan();
         let path = self.dir.join(name);
         match std::fs::remove_file(&path) {
@@ -249,8 +251,8 @@ mod tests {
         cd.write("corral-program-a.conf", &content)?;
         let got = cd.read_managed()?;
         assert_eq!(
-            got.into_iter().collect::<Vec<_>>(),
-            [("corral-program-a.conf".to_string(), content)]
+            got.iter().collect::<Vec<_>>(),
+            [(&"corral-program-a.conf".to_string(), &content)]
         );
         assert!(!dir.path().join(".corral-program-a.conf.tmp").exists());
         // A cached file edited by hand is read again.
@@ -270,8 +272,8 @@ mod tests {
     ) -> Result<BTreeMap<String, String>, Box<dyn std::error::Error>> {
         for _ in 0..500 {
             let got = cd.read_managed()?;
-            if check(&got) {
-                return Ok(got);
+            if check(got) {
+                return Ok(got.clone());
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -200,12 +200,8 @@ pub fn plan_groups(reload: &ReloadResult, desired: &BTreeSet<String>, managed: &
     actions
 }
 
-/// A process as observed: its `group:name` and state.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ObservedProcess {
-    pub namespec: String,
-    pub state: ProcessState,
-}
+/// The processes supervisord runs: state by `group:name`.
+pub type Observed = std::collections::HashMap<String, ProcessState>;
 
 /// A runtime action on one process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -231,8 +227,7 @@ pub struct Applied<'a> {
 ///
 /// A desired program whose processes supervisord does not know yet is skipped: the group
 /// step adds them, and the next pass sees them.
-pub fn plan_processes(desired: &Desired, observed: &[ObservedProcess], applied: &Applied<'_>) -> Vec<ProcessAction> {
-    let by_name: BTreeMap<&str, ProcessState> = observed.iter().map(|p| (p.namespec.as_str(), p.state)).collect();
+pub fn plan_processes(desired: &Desired, observed: &Observed, applied: &Applied<'_>) -> Vec<ProcessAction> {
     let mut actions = Vec::new();
     for p in desired.programs.values() {
         // Only a new marker asks for a restart; a marker that disappears does not.
@@ -247,7 +242,7 @@ pub fn plan_processes(desired: &Desired, observed: &[ObservedProcess], applied: 
                 .is_some_and(|a| a.as_deref() != Some(id.as_str()))
         });
         for ns in &p.namespecs {
-            let Some(&state) = by_name.get(ns.as_str()) else {
+            let Some(&state) = observed.get(ns) else {
                 continue;
             };
             let action = match (p.state, state) {
@@ -267,15 +262,12 @@ pub fn plan_processes(desired: &Desired, observed: &[ObservedProcess], applied: 
 
 /// Whether every process of `p` is in its desired state: RUNNING (past startsecs) when it
 /// must run, not running when it must not.
-pub fn is_ready(p: &DesiredProgram, observed: &[ObservedProcess]) -> bool {
+pub fn is_ready(p: &DesiredProgram, observed: &Observed) -> bool {
     p.namespecs.iter().all(|ns| {
-        observed
-            .iter()
-            .find(|o| &o.namespec == ns)
-            .is_some_and(|o| match p.state {
-                DesiredState::Running => o.state == ProcessState::Running,
-                DesiredState::Stopped => !o.state.is_running() && o.state != ProcessState::Stopping,
-            })
+        observed.get(ns).is_some_and(|&state| match p.state {
+            DesiredState::Running => state == ProcessState::Running,
+            DesiredState::Stopped => !state.is_running() && state != ProcessState::Stopping,
+        })
     })
 }
 
@@ -390,13 +382,8 @@ mod tests {
         assert_eq!(plan_groups(&reload(&[], &[], &[]), &set(&["web"]), &set(&["web"])), []);
     }
 
-    fn observed(list: &[(&str, ProcessState)]) -> Vec<ObservedProcess> {
-        list.iter()
-            .map(|(n, s)| ObservedProcess {
-                namespec: n.to_string(),
-                state: *s,
-            })
-            .collect()
+    fn observed(list: &[(&str, ProcessState)]) -> Observed {
+        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! supervisord, and the agent state that must survive restarts.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 
 use corral_proto::fleet::{ProcessStatus, ProgramHostStatus};
@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::confdir::{self, ConfDir};
 use crate::plan::{
-    self, Desired, FileAction, GroupAction, ObservedProcess, ProcessAction, plan_files, plan_groups, plan_processes,
+    self, Desired, FileAction, GroupAction, Observed, ProcessAction, plan_files, plan_groups, plan_processes,
 };
 use crate::supervisor::{self, Client, FaultCode, ProcessInfo, ProcessState};
 
@@ -152,20 +152,22 @@ impl Reconciler {
             }
         }
         let observed = self.conf.read_managed()?;
-        let actions = plan_files(&want, &observed);
+        let actions = plan_files(&want, observed);
+        // Drift: a file on disk is no longer what supervisord last accepted from us.
+        let drifted = actions
+            .iter()
+            .filter(|a| match a {
+                FileAction::Write { file, .. } => self
+                    .last_good
+                    .get(file)
+                    .is_some_and(|good| observed.get(file) != Some(good)),
+                FileAction::Remove { .. } => false,
+            })
+            .count();
+        report.corrections.extend(std::iter::repeat_n("conf_file", drifted));
         for a in &actions {
             match a {
-                FileAction::Write { file, content } => {
-                    // Drift: the file on disk is no longer what supervisord last accepted from us.
-                    if self
-                        .last_good
-                        .get(file)
-                        .is_some_and(|good| observed.get(file) != Some(good))
-                    {
-                        report.corrections.push("conf_file");
-                    }
-                    self.conf.write(file, content)?;
-                }
+                FileAction::Write { file, content } => self.conf.write(file, content)?,
                 FileAction::Remove { file } => self.conf.remove(file)?,
             }
         }
@@ -224,7 +226,7 @@ impl Reconciler {
         if desired
             .programs
             .values()
-            .any(|p| p.namespecs.iter().any(|ns| !observed.iter().any(|o| &o.namespec == ns)))
+            .any(|p| p.namespecs.iter().any(|ns| !observed.contains_key(ns)))
         {
             // A desired group is not loaded (supervisord restarted from older files, or a
             // reload failed): check again next pass.
@@ -280,19 +282,19 @@ impl Reconciler {
         }
 
         // 4. Status.
-        let infos = if actions.is_empty() {
-            infos
+        let (infos, observed) = if actions.is_empty() {
+            (infos, observed)
         } else {
-            self.client.get_all_process_info().await?
+            let infos = self.client.get_all_process_info().await?;
+            let observed = observe(&infos);
+            (infos, observed)
         };
-        let observed = observe(&infos);
-        let by_namespec: BTreeMap<&str, &ProcessInfo> =
-            observed.iter().map(|o| o.namespec.as_str()).zip(infos.iter()).collect();
+        let by_namespec: HashMap<String, &ProcessInfo> = infos.iter().map(|i| (i.namespec(), i)).collect();
         for p in desired.programs.values() {
             let processes = p
                 .namespecs
                 .iter()
-                .filter_map(|ns| by_namespec.get(ns.as_str()))
+                .filter_map(|ns| by_namespec.get(ns))
                 .map(|i| ProcessStatus {
                     name: i.namespec(),
                     state: i.statename.clone(),
@@ -337,16 +339,11 @@ impl Reconciler {
             .iter()
             .any(|c| matches!(*c, "group" | "process_started" | "process_restarted"));
         let soon = acted.then_some(std::time::Duration::from_millis(20));
-        report.recheck_after = desired
-            .programs
-            .values()
-            .flat_map(|p| {
-                infos
-                    .iter()
-                    .filter(|i| p.namespecs.contains(&i.namespec()))
-                    .map(move |i| (p, i))
-            })
+        // Few processes are STARTING at once: look their programs up one by one.
+        report.recheck_after = by_namespec
+            .iter()
             .filter(|(_, i)| i.state == ProcessState::Starting)
+            .filter_map(|(ns, i)| Some((desired.programs.values().find(|p| p.namespecs.contains(ns))?, *i)))
             .map(|(p, i)| {
                 // supervisord reports whole seconds: once the due second is here, poll every
                 // 10 ms until it declares the process RUNNING (each call also wakes its loop).
@@ -440,14 +437,8 @@ fn tolerate<T>(r: Result<T, supervisor::Error>, fine: FaultCode) -> Result<(), s
     }
 }
 
-fn observe(infos: &[ProcessInfo]) -> Vec<ObservedProcess> {
-    infos
-        .iter()
-        .map(|i| ObservedProcess {
-            namespec: i.namespec(),
-            state: i.state,
-        })
-        .collect()
+fn observe(infos: &[ProcessInfo]) -> Observed {
+    infos.iter().map(|i| (i.namespec(), i.state)).collect()
 }
 
 fn program_of(file: &str) -> Option<String> {
