@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use corral_proto::fleet::{ProcessStatus, ProgramHostStatus};
 use corral_proto::render::managed_file_kind;
@@ -62,10 +63,17 @@ pub struct PassReport {
     pub stopped_by_agent: BTreeSet<String>,
     /// When to look again because a process should reach RUNNING by then (its startsecs end),
     /// so readiness is reported as soon as supervisord declares it, not at the next resync.
-    pub recheck_after: Option<std::time::Duration>,
+    pub recheck_after: Option<Duration>,
 }
 
 /// Runs reconcile passes for one host.
+/// How soon a pass looks again after acting, and how often while a process it started is
+/// due RUNNING.
+const POLL: Duration = Duration::from_millis(5);
+
+/// How long past its startsecs a process the agent started is still polled for.
+const SPAWN_GRACE: Duration = Duration::from_secs(5);
+
 pub struct Reconciler {
     host: String,
     client: Client,
@@ -80,6 +88,10 @@ pub struct Reconciler {
     rejected: BTreeMap<String, (String, String)>,
     /// Managed file -> content supervisord last accepted.
     last_good: BTreeMap<String, String>,
+    /// Processes this agent started (group added, process started), by namespec, and when:
+    /// it knows to the millisecond when they are due RUNNING, which supervisord reports only
+    /// in whole seconds.
+    spawned: HashMap<String, Instant>,
 }
 
 impl Reconciler {
@@ -109,6 +121,7 @@ impl Reconciler {
             reload_due: true,
             rejected: BTreeMap::new(),
             last_good: BTreeMap::new(),
+            spawned: HashMap::new(),
         })
     }
 
@@ -189,13 +202,24 @@ impl Reconciler {
                                 .stopped_by_agent
                                 .extend(members.flat_map(|p| p.namespecs.iter().cloned()));
                         }
-                        if let Err(e) = self.apply_group(&action).await {
-                            let g = match &action {
-                                GroupAction::Remove(g) | GroupAction::Replace(g) | GroupAction::Add(g) => g,
-                            };
-                            for p in desired.programs.values().filter(|p| &p.group == g) {
-                                errors.insert(p.name.clone(), e.to_string());
+                        let g = match &action {
+                            GroupAction::Remove(g) | GroupAction::Replace(g) | GroupAction::Add(g) => g,
+                        };
+                        let members = desired.programs.values().filter(|p| &p.group == g);
+                        match self.apply_group(&action).await {
+                            Err(e) => {
+                                for p in members {
+                                    errors.insert(p.name.clone(), e.to_string());
+                                }
                             }
+                            Ok(()) if !matches!(action, GroupAction::Remove(_)) => {
+                                let now = Instant::now();
+                                let started =
+                                    members.filter(|p| p.state == corral_proto::resource::DesiredState::Running);
+                                self.spawned
+                                    .extend(started.flat_map(|p| p.namespecs.iter().map(move |ns| (ns.clone(), now))));
+                            }
+                            Ok(()) => {}
                         }
                     }
                     self.state.managed_groups = desired_groups;
@@ -249,11 +273,17 @@ impl Reconciler {
             if matches!(action, ProcessAction::Stop(_) | ProcessAction::Restart(_)) {
                 report.stopped_by_agent.insert(ns.clone());
             }
-            if let Err(e) = self.apply_process(action).await
-                && let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns))
-            {
-                failed_programs.insert(p.name.clone());
-                errors.insert(p.name.clone(), e.to_string());
+            match self.apply_process(action).await {
+                Err(e) => {
+                    if let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns)) {
+                        failed_programs.insert(p.name.clone());
+                        errors.insert(p.name.clone(), e.to_string());
+                    }
+                }
+                Ok(()) if matches!(action, ProcessAction::Start(_) | ProcessAction::Restart(_)) => {
+                    self.spawned.insert(ns.clone(), Instant::now());
+                }
+                Ok(()) => {}
             }
         }
         for p in desired.programs.values() {
@@ -338,20 +368,30 @@ impl Reconciler {
             .corrections
             .iter()
             .any(|c| matches!(*c, "group" | "process_started" | "process_restarted"));
-        let soon = acted.then_some(std::time::Duration::from_millis(20));
-        // Few processes are STARTING at once: look their programs up one by one.
-        report.recheck_after = by_namespec
+        let soon = acted.then_some(POLL);
+        // Processes this agent started are polled from when they are due RUNNING (supervisord
+        // declares it on its own loop, which each call also wakes). Others (autorestarts) are
+        // reported by the next resync: no polling for a crash loop.
+        let now = Instant::now();
+        self.spawned.retain(|ns, at| {
+            let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns)) else {
+                return false;
+            };
+            let pending = by_namespec
+                .get(ns)
+                .is_some_and(|i| matches!(i.state, ProcessState::Starting | ProcessState::Stopped));
+            pending && now.duration_since(*at) < Duration::from_secs(p.startsecs) + SPAWN_GRACE
+        });
+        let due = self
+            .spawned
             .iter()
-            .filter(|(_, i)| i.state == ProcessState::Starting)
-            .filter_map(|(ns, i)| Some((desired.programs.values().find(|p| p.namespecs.contains(ns))?, *i)))
-            .map(|(p, i)| {
-                // supervisord reports whole seconds: once the due second is here, poll every
-                // 10 ms until it declares the process RUNNING (each call also wakes its loop).
-                let due = i.start + p.startsecs as i64 - i.now;
-                std::time::Duration::from_secs(due.max(0) as u64).max(std::time::Duration::from_millis(10))
+            .filter_map(|(ns, at)| {
+                let p = desired.programs.values().find(|p| p.namespecs.contains(ns))?;
+                Some((*at + Duration::from_secs(p.startsecs)).saturating_duration_since(now))
             })
-            .chain(soon)
-            .min();
+            .min()
+            .map(|d| d.max(POLL));
+        report.recheck_after = due.into_iter().chain(soon).min();
         report.processes = infos;
         Ok(report)
     }

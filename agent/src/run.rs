@@ -173,27 +173,24 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut history = ProcessHistory::default();
     let mut recheck: Option<Duration> = None;
     loop {
-        tokio::select! {
+        let files_changed = tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = desired_rx.changed() => { if r.is_err() { break; } }
-            _ = trigger.notified() => {}
-            _ = tick.tick() => {}
-            _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
-        }
-        // Coalesce bursts (a watch event and the file events it causes) into one pass.
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        let assignments = desired_rx.borrow_and_update().clone();
-        let desired = match &cached {
-            Some((seen, desired)) if Arc::ptr_eq(seen, &assignments) => desired,
-            _ => {
-                let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
-                if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
-                    tracing::warn!(error = %e, "cannot cache assignments");
-                }
-                let desired = plan::desired(&assignments, &cfg.etcd.host);
-                &cached.insert((assignments, desired)).1
-            }
+            r = desired_rx.changed() => { if r.is_err() { break; } false }
+            _ = trigger.notified() => true,
+            _ = tick.tick() => false,
+            _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => false,
         };
+        if files_changed {
+            // Let a burst of file events (an editor saving, a deployment tool) settle.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let assignments = desired_rx.borrow_and_update().clone();
+        let new_assignments = !matches!(&cached, Some((seen, _)) if Arc::ptr_eq(seen, &assignments));
+        if new_assignments {
+            let desired = plan::desired(&assignments, &cfg.etcd.host);
+            cached = Some((assignments.clone(), desired));
+        }
+        let Some((_, desired)) = &cached else { continue };
         if last_reload.elapsed() >= cfg.reload_every {
             reconciler.request_reload();
             last_reload = Instant::now();
@@ -211,6 +208,13 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             Err(e) => {
                 metrics.pass_failed(started.elapsed(), e.metric_label());
                 tracing::warn!(error = %e, "reconcile pass failed");
+            }
+        }
+        // Cached for a start without etcd; after the pass, which it must not delay.
+        if new_assignments {
+            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
+            if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
+                tracing::warn!(error = %e, "cannot cache assignments");
             }
         }
     }

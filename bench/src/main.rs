@@ -22,7 +22,7 @@ use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
 use corral_tests::corral::Controller;
 use corral_tests::etcd::Etcd;
 use corral_tests::supervisord::{Options, Supervisord};
-use etcd_client::GetOptions;
+use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -165,31 +165,55 @@ async fn reports(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Resul
     Ok(out)
 }
 
-/// Waits until `hosts` report `program` at `generation` and ready; returns when each did,
-/// measured from `t0` (polling etcd every 2 ms).
-async fn wait_ready(
-    etcd: &mut etcd_client::Client,
-    program: &str,
-    generation: u64,
-    hosts: usize,
-    t0: Instant,
-    timeout: Duration,
-) -> anyhow::Result<Vec<f64>> {
-    let mut done: BTreeMap<String, f64> = BTreeMap::new();
-    while done.len() < hosts {
-        anyhow::ensure!(
-            t0.elapsed() < timeout,
-            "{program}: only {}/{hosts} hosts ready after {timeout:?}",
-            done.len()
-        );
-        for (h, s) in reports(etcd, program).await? {
-            if s.observed_generation >= generation && s.ready {
-                done.entry(h).or_insert_with(|| t0.elapsed().as_secs_f64());
+/// The status reports of one program as etcd delivers them: a watch opened before the apply,
+/// so each host is timed when its report is written, not when a poll happens to find it.
+struct ReadyWatch {
+    stream: etcd_client::WatchStream,
+    program: String,
+}
+
+impl ReadyWatch {
+    async fn open(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<ReadyWatch> {
+        let stream = etcd
+            .watch(Keys::default().all_status(), Some(WatchOptions::new().with_prefix()))
+            .await?;
+        Ok(ReadyWatch {
+            stream,
+            program: program.to_string(),
+        })
+    }
+
+    /// Waits until `hosts` report the program at `generation` and ready; returns when each
+    /// did, measured from `t0`.
+    async fn wait(mut self, generation: u64, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<Vec<f64>> {
+        let keys = Keys::default();
+        let program = &self.program;
+        let mut done: BTreeMap<String, f64> = BTreeMap::new();
+        while done.len() < hosts {
+            let late = || anyhow::anyhow!("{program}: only {}/{hosts} hosts ready after {timeout:?}", done.len());
+            let left = timeout.checked_sub(t0.elapsed()).ok_or_else(late)?;
+            let resp = tokio::time::timeout(left, self.stream.message())
+                .await
+                .map_err(|_| late())??
+                .ok_or_else(|| anyhow::anyhow!("{program}: the status watch ended"))?;
+            for kv in resp
+                .events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv())
+            {
+                let Some((h, p)) = keys.host_and_program(kv.key_str()?) else {
+                    continue;
+                };
+                let status: ProgramHostStatus = serde_json::from_slice(kv.value())?;
+                if p == program && status.observed_generation >= generation && status.ready {
+                    done.entry(h.to_string()).or_insert_with(|| t0.elapsed().as_secs_f64());
+                }
             }
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Dropping the stream ends the watch.
+        Ok(done.into_values().collect())
     }
-    Ok(done.into_values().collect())
 }
 
 async fn wait_gone(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<()> {
@@ -228,10 +252,11 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
         let mut samples = Vec::new();
         for rep in 0..reps {
             let name = format!("lat-{startsecs}-{rep}");
+            let ready = ReadyWatch::open(&mut client, &name).await?;
             api.apply(&program(&name, |s| s.startsecs = Some(startsecs)), false)
                 .await?;
             let t0 = Instant::now();
-            let each = wait_ready(&mut client, &name, 1, hosts, t0, Duration::from_secs(60)).await?;
+            let each = ready.wait(1, hosts, t0, Duration::from_secs(60)).await?;
             samples.push(each.into_iter().fold(0.0, f64::max));
             api.delete(corral_proto::Kind::Program, &name, false).await?;
             wait_gone(&mut client, &name).await?;
@@ -572,9 +597,11 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let mut client = sim.etcd.client().await?;
+    let ready = ReadyWatch::open(&mut client, "everywhere").await?;
     sim.api.apply(&program("everywhere", |_| {}), false).await?;
     let first = Instant::now();
-    wait_ready(&mut client, "everywhere", 1, hosts, first, Duration::from_secs(300)).await?;
+    ready.wait(1, hosts, first, Duration::from_secs(300)).await?;
+    let ready = ReadyWatch::open(&mut client, "everywhere").await?;
     sim.api
         .apply(
             &program("everywhere", |s| {
@@ -588,7 +615,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         )
         .await?;
     let t0 = Instant::now();
-    let each = sorted(wait_ready(&mut client, "everywhere", 2, hosts, t0, Duration::from_secs(300)).await?);
+    let each = sorted(ready.wait(2, hosts, t0, Duration::from_secs(300)).await?);
     line(
         &format!("4. fan-out: one spec change to {hosts} hosts, applied and reported"),
         format!(
@@ -605,6 +632,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before: Vec<usize> = sim.standins.iter().map(|s| s.reloads.load(Ordering::Relaxed)).collect();
     let target = format!("h-{:04}", hosts / 2);
+    let ready = ReadyWatch::open(&mut client, "solo").await?;
     sim.api
         .apply(
             &program("solo", |s| {
@@ -614,7 +642,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
             false,
         )
         .await?;
-    wait_ready(&mut client, "solo", 1, 1, Instant::now(), Duration::from_secs(60)).await?;
+    ready.wait(1, 1, Instant::now(), Duration::from_secs(60)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let woke: BTreeSet<usize> = sim
         .standins
@@ -659,16 +687,9 @@ async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> 
 async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
     let sim = simulate(hosts).await?;
     let mut client = sim.etcd.client().await?;
+    let ready = ReadyWatch::open(&mut client, "everywhere").await?;
     sim.api.apply(&program("everywhere", |_| {}), false).await?;
-    wait_ready(
-        &mut client,
-        "everywhere",
-        1,
-        hosts,
-        Instant::now(),
-        Duration::from_secs(120),
-    )
-    .await?;
+    ready.wait(1, hosts, Instant::now(), Duration::from_secs(120)).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let a = etcd_counters(&sim.etcd.endpoint).await?;
     tokio::time::sleep(idle).await;
