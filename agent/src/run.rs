@@ -173,16 +173,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut history = ProcessHistory::default();
     let mut recheck: Option<Duration> = None;
     loop {
-        let files_changed = tokio::select! {
+        // No waiting for bursts to settle: a burst of conf dir events (the agent's own writes
+        // among them) leaves one stored wake-up, so at most one more pass, which costs less
+        // than the delay would.
+        tokio::select! {
             _ = shutdown.cancelled() => break,
-            r = desired_rx.changed() => { if r.is_err() { break; } false }
-            _ = trigger.notified() => true,
-            _ = tick.tick() => false,
-            _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => false,
-        };
-        if files_changed {
-            // Let a burst of file events (an editor saving, a deployment tool) settle.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            r = desired_rx.changed() => { if r.is_err() { break; } }
+            _ = trigger.notified() => {}
+            _ = tick.tick() => {}
+            _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
         }
         let assignments = desired_rx.borrow_and_update().clone();
         let new_assignments = !matches!(&cached, Some((seen, _)) if Arc::ptr_eq(seen, &assignments));

@@ -723,7 +723,7 @@ async fn main() -> anyhow::Result<()> {
     let idle = Duration::from_secs(args.idle_seconds);
     let all = args.what == What::All;
     if all || args.what == What::Latency {
-        latency(1, 20).await?;
+        latency(1, 40).await?;
         latency(10, 8).await?;
     }
     if all || args.what == What::Drift {
