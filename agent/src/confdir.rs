@@ -94,10 +94,9 @@ impl ConfDir {
     pub fn watch(&mut self, on_change: impl Fn() + Send + 'static) -> Result<(), notify::Error> {
         let changed = Arc::new(AtomicBool::new(true));
         let flag = changed.clone();
-        // Only changes count: the agent's own reads of the files are not events. An error
-        // (such as a queue overflow) means events were lost: scan.
+        let dir = self.dir.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_err() || event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+            if relevant(&dir, &event) {
                 flag.store(true, Ordering::SeqCst);
                 on_change();
             }
@@ -224,6 +223,26 @@ impl ConfDir {
     }
 }
 
+/// Whether a conf dir event can change what the agent reads: a change (not a read: the agent's
+/// own reads are events too) to a managed file or to the directory itself. Other files (other
+/// tools' configs, editors' swap files, the agent's temporary files) never start a pass, so
+/// churn beside Corral's files costs nothing. An error or a rescan flag means events were
+/// lost: scan.
+fn relevant(dir: &Path, event: &notify::Result<notify::Event>) -> bool {
+    let Ok(event) = event else { return true };
+    if matches!(event.kind, notify::EventKind::Access(_)) {
+        return false;
+    }
+    event.need_rescan()
+        || event.paths.is_empty()
+        || event.paths.iter().any(|p| {
+            p == dir
+                || p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| managed_file_kind(n).is_some())
+        })
+}
+
 /// Writes `content` to `path` atomically (for the agent's own state files).
 ///
 /// # Errors
@@ -303,6 +322,19 @@ mod tests {
             assert_eq!(cd.read_managed()?["corral-program-a.conf"], content);
         }
         assert_eq!(cd.scans(), scans, "a quiet directory was scanned");
+
+        // Other files in the directory are none of the agent's business: no event, no scan.
+        let before = events.load(Ordering::SeqCst);
+        std::fs::write(dir.path().join("theirs.conf"), "[program:theirs]\ncommand=x\n")?;
+        std::fs::write(dir.path().join(".corral-program-a.conf.swp"), "x")?;
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            events.load(Ordering::SeqCst),
+            before,
+            "an unrelated file woke the agent"
+        );
+        cd.read_managed()?;
+        assert_eq!(cd.scans(), scans, "an unrelated file caused a scan");
 
         // A hand edit, an appended line (no rename, same directory) included, is seen.
         let mut f = std::fs::OpenOptions::new().append(true).open(&file)?;
