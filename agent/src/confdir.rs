@@ -138,6 +138,17 @@ impl ConfDir {
             w.last_scan = Some(Instant::now());
         }
         self.scans += 1;
+        if let Err(e) = self.scan() {
+            // The reading may be half replaced: read every file again, next time for sure.
+            self.stamps.clear();
+            self.rescan();
+            return Err(e);
+        }
+        Ok(&self.contents)
+    }
+
+    /// Lists the directory and reads the managed files whose stamp changed.
+    fn scan(&mut self) -> Result<(), Error> {
         let mut contents = BTreeMap::new();
         let mut stamps = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(err("list", &self.dir))? {
@@ -181,7 +192,7 @@ impl ConfDir {
         }
         self.contents = contents;
         self.stamps = stamps;
-        Ok(&self.contents)
+        Ok(())
     }
 
     /// Writes `name` atomically.
@@ -368,6 +379,27 @@ mod tests {
             cd.read_managed()?;
             assert_eq!(cd.scans(), n);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn a_failed_scan_is_never_trusted_as_a_reading() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut cd = ConfDir::new(dir.path());
+        cd.watch(|| {})?;
+        cd.write("corral-program-a.conf", &format!("{HEADER}\n[program:a]\ncommand=x\n"))?;
+        // A directory with a managed name cannot be read as a file.
+        std::fs::create_dir(dir.path().join("corral-program-d.conf"))?;
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(cd.read_managed().is_err());
+        let scans = cd.scans();
+        // No event since: the next read still scans (and fails) instead of returning what
+        // the failed scan left.
+        assert!(cd.read_managed().is_err());
+        assert_eq!(cd.scans(), scans + 1);
+        std::fs::remove_dir(dir.path().join("corral-program-d.conf"))?;
+        let got = read_until(&mut cd, |got| got.len() == 1)?;
+        assert!(got.contains_key("corral-program-a.conf"));
         Ok(())
     }
 }
