@@ -372,7 +372,14 @@ const ALL_PROCESS_INFO: &str = "supervisor.getAllProcessInfo";
 fn decode_all_process_info_answer(text: &str) -> Result<Vec<ProcessInfo>, Error> {
     decode_all_process_info(text).or_else(|why| {
         check_fault(ALL_PROCESS_INFO, text)?;
-        tracing::debug!("{ALL_PROCESS_INFO}: fast decoder declined ({why}); decoding with dxr");
+        // Said once at info level: a supervisord whose answer always needs dxr makes every
+        // pass slower, which an operator may want to know; the reason then goes to debug.
+        static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::debug!("{ALL_PROCESS_INFO}: fast decoder declined ({why}); decoding with dxr");
+        } else {
+            tracing::info!("{ALL_PROCESS_INFO}: fast decoder declined ({why}); decoding with dxr (slower)");
+        }
         decode_process_infos(&decode_value(ALL_PROCESS_INFO, text)?).map_err(|detail| Error::Decode {
             method: ALL_PROCESS_INFO.to_string(),
             detail,
