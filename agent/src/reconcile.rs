@@ -66,7 +66,6 @@ pub struct PassReport {
     pub recheck_after: Option<Duration>,
 }
 
-/// Runs reconcile passes for one host.
 /// How soon a pass looks again after acting, and how often while a process it started is
 /// due RUNNING.
 const POLL: Duration = Duration::from_millis(5);
@@ -74,6 +73,7 @@ const POLL: Duration = Duration::from_millis(5);
 /// How long past its startsecs a process the agent started is still polled for.
 const SPAWN_GRACE: Duration = Duration::from_secs(5);
 
+/// Runs reconcile passes for one host.
 pub struct Reconciler {
     host: String,
     client: Client,
@@ -324,9 +324,9 @@ impl Reconciler {
             let processes = p
                 .namespecs
                 .iter()
-                .filter_map(|ns| by_namespec.get(ns))
-                .map(|i| ProcessStatus {
-                    name: i.namespec(),
+                .filter_map(|ns| Some((ns, by_namespec.get(ns)?)))
+                .map(|(ns, i)| ProcessStatus {
+                    name: ns.clone(),
                     state: i.statename.clone(),
                     pid: i.pid,
                     started_at: i.start,
@@ -373,6 +373,7 @@ impl Reconciler {
         // declares it on its own loop, which each call also wakes). Others (autorestarts) are
         // reported by the next resync: no polling for a crash loop.
         let now = Instant::now();
+        let mut due: Option<Duration> = None;
         self.spawned.retain(|ns, at| {
             let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns)) else {
                 return false;
@@ -380,17 +381,14 @@ impl Reconciler {
             let pending = by_namespec
                 .get(ns)
                 .is_some_and(|i| matches!(i.state, ProcessState::Starting | ProcessState::Stopped));
-            pending && now.duration_since(*at) < Duration::from_secs(p.startsecs) + SPAWN_GRACE
+            let running_at = *at + Duration::from_secs(p.startsecs);
+            let keep = pending && now < running_at + SPAWN_GRACE;
+            if keep {
+                let wait = running_at.saturating_duration_since(now).max(POLL);
+                due = Some(due.map_or(wait, |d| d.min(wait)));
+            }
+            keep
         });
-        let due = self
-            .spawned
-            .iter()
-            .filter_map(|(ns, at)| {
-                let p = desired.programs.values().find(|p| p.namespecs.contains(ns))?;
-                Some((*at + Duration::from_secs(p.startsecs)).saturating_duration_since(now))
-            })
-            .min()
-            .map(|d| d.max(POLL));
         report.recheck_after = due.into_iter().chain(soon).min();
         report.processes = infos;
         Ok(report)

@@ -185,11 +185,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         }
         let assignments = desired_rx.borrow_and_update().clone();
         let new_assignments = !matches!(&cached, Some((seen, _)) if Arc::ptr_eq(seen, &assignments));
-        if new_assignments {
-            let desired = plan::desired(&assignments, &cfg.etcd.host);
-            cached = Some((assignments.clone(), desired));
-        }
-        let Some((_, desired)) = &cached else { continue };
+        let desired = match &cached {
+            Some((_, desired)) if !new_assignments => desired,
+            _ => {
+                &cached
+                    .insert((assignments.clone(), plan::desired(&assignments, &cfg.etcd.host)))
+                    .1
+            }
+        };
         if last_reload.elapsed() >= cfg.reload_every {
             reconciler.request_reload();
             last_reload = Instant::now();
