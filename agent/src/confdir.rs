@@ -5,14 +5,13 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-
-use notify::Watcher as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use corral_proto::render::{HEADER, managed_file_kind};
+use notify::Watcher as _;
 
 /// A conf dir operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -203,13 +202,7 @@ impl ConfDir {
         self.stamps.remove(name);
         self.rescan();
         debug_assert!(content.starts_with(HEADER));
-        let target = self.dir.join(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut f = std::fs::File::create(&tmp).map_err(err("create", &tmp))?;
-        f.write_all(content.as_bytes()).map_err(err("write", &tmp))?;
-        f.sync_all().map_err(err("sync", &tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &target).map_err(err("rename", &target))
+        write_atomic(&self.dir.join(name), content.as_bytes())
     }
 
     /// The next [`ConfDir::read_managed`] looks at the directory again.
@@ -254,12 +247,15 @@ fn relevant(dir: &Path, event: &notify::Result<notify::Event>) -> bool {
         })
 }
 
-/// Writes `content` to `path` atomically (for the agent's own state files).
+/// Writes `content` to `path` atomically: to `.<name>.tmp` beside it (a hidden name no
+/// `*.conf` include matches), synced, then renamed over `path`. For managed files and the
+/// agent's own state files alike.
 ///
 /// # Errors
 /// If the temporary file cannot be written, synced or renamed.
 pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension("tmp");
+    let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(err("create", &tmp))?;
     f.write_all(content).map_err(err("write", &tmp))?;
     f.sync_all().map_err(err("sync", &tmp))?;
