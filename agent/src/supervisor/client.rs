@@ -129,15 +129,9 @@ impl Client {
     /// Transport and HTTP errors, [`Error::Unauthorized`] on 401, [`Error::Fault`] when
     /// supervisord answers with a fault, [`Error::Decode`] when the body is not XML-RPC.
     pub async fn call_value(&self, method: &str, params: Vec<Value>) -> Result<Value, Error> {
-        let text = self.call_text(method, params).await?;
-        decode_value(method, &text)
-    }
-
-    /// Calls `method` and returns the body of its answer, which is not a fault.
-    async fn call_text(&self, method: &str, params: Vec<Value>) -> Result<String, Error> {
         let text = self.call_raw(method, params).await?;
         check_fault(method, &text)?;
-        Ok(text)
+        decode_value(method, &text)
     }
 
     /// Calls `method` and returns the body of its answer, which may be a fault.

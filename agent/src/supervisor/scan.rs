@@ -108,8 +108,12 @@ impl<'a> Cursor<'a> {
         if self.eat_ws(lit) {
             return Ok(());
         }
-        let found: String = self.rest().trim_start().chars().take(24).collect();
-        Err(format!("expected {lit} at byte {}, found {found:?}", self.pos))
+        Err(format!("expected {lit} at byte {}, found {:?}", self.pos, self.ahead()))
+    }
+
+    /// What comes next, for an error message.
+    fn ahead(&self) -> String {
+        self.rest().trim_start().chars().take(24).collect()
     }
 
     /// Character data up to the next `<`, unescaped.
@@ -142,43 +146,44 @@ impl<'a> Cursor<'a> {
     }
 
     /// The rest of a `<value>`: `<int>`/`<i4>`, `<string>` or bare text, then `</value>`.
+    /// Typed values, the usual case, are tried first.
     fn scalar(&mut self) -> Result<Scalar<'a>, String> {
-        if self.rest().starts_with("<string>") {
-            self.pos += "<string>".len();
-            let text = self.text()?;
-            self.expect("</string>")?;
-            self.expect("</value>")?;
-            return Ok(Scalar::Str(text));
-        }
-        let start = self.pos;
-        let bare = self.text()?;
-        if self.eat_ws("</value>") {
-            return Ok(Scalar::Str(bare));
-        }
-        if !bare.trim().is_empty() {
-            return Err(format!("mixed content in <value> at byte {start}"));
-        }
-        if self.eat_ws("<string/>") {
-            self.expect("</value>")?;
-            return Ok(Scalar::Str(Cow::Borrowed("")));
-        }
-        for (open, close) in [("<string>", "</string>"), ("<int>", "</int>"), ("<i4>", "</i4>")] {
-            if self.eat_ws(open) {
+        let typed = [
+            ("<string/>", ""),
+            ("<string>", "</string>"),
+            ("<int>", "</int>"),
+            ("<i4>", "</i4>"),
+        ]
+        .into_iter()
+        .find(|(open, _)| self.eat_ws(open));
+        let value = match typed {
+            Some(("<string/>", _)) => Scalar::Str(Cow::Borrowed("")),
+            Some((open, close)) => {
                 let text = self.text()?;
                 self.expect(close)?;
-                self.expect("</value>")?;
-                return if open == "<string>" {
-                    Ok(Scalar::Str(text))
+                if open == "<string>" {
+                    Scalar::Str(text)
                 } else {
-                    text.trim()
-                        .parse()
-                        .map(Scalar::Int)
-                        .map_err(|e| format!("{open}{text}{close}: {e}"))
-                };
+                    let int = text.trim().parse().map_err(|e| format!("{open}{text}{close}: {e}"))?;
+                    Scalar::Int(int)
+                }
             }
-        }
-        let found: String = self.rest().trim_start().chars().take(24).collect();
-        Err(format!("unexpected {found:?} in a process info value"))
+            None => {
+                // Bare text; whitespace before a typed value was skipped above.
+                let start = self.pos;
+                let bare = self.text()?;
+                if !self.rest().starts_with("</value>") {
+                    return Err(if bare.trim().is_empty() {
+                        format!("unexpected {:?} in a process info value", self.ahead())
+                    } else {
+                        format!("mixed content in <value> at byte {start}")
+                    });
+                }
+                Scalar::Str(bare)
+            }
+        };
+        self.expect("</value>")?;
+        Ok(value)
     }
 }
 
