@@ -14,8 +14,6 @@ use crate::store::{Store, StoreError};
 /// What one placement did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Placed {
-    /// Assignment keys written or deleted.
-    pub writes: usize,
     /// Some rollout holds hosts back, waiting for others to report ready.
     pub rollout_waiting: bool,
 }
@@ -47,10 +45,7 @@ pub async fn place_all(store: &Store) -> Result<Placed, StoreError> {
             "assignments updated"
         );
     }
-    Ok(Placed {
-        writes: n,
-        rollout_waiting,
-    })
+    Ok(Placed { rollout_waiting })
 }
 
 /// Campaigns, and while leader keeps assignments in line with programs, groups and hosts.
