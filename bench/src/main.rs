@@ -12,15 +12,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use corral_agent::etcd::EtcdConfig;
-use corral_agent::run::AgentConfig;
 use corral_agent::supervisor::{ClientConfig, Endpoint};
 use corral_cli::client::ApiClient;
 use corral_proto::fleet::{Assignment, ProgramHostStatus};
 use corral_proto::keys::Keys;
-use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
-use corral_tests::corral::Controller;
+use corral_proto::resource::{ProgramSpec, Resource};
+use corral_tests::corral::{Controller, agent_config};
 use corral_tests::etcd::Etcd;
+use corral_tests::specs;
 use corral_tests::supervisord::{Options, Supervisord};
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
@@ -97,20 +96,13 @@ fn line(figure: &str, value: String, target: &str, ok: Option<bool>) {
     println!("{figure:<58} {value:<34} target {target:<22} {verdict}");
 }
 
+/// The shared test program, living longer than any run and with supervisord's own startsecs.
 fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
-    let mut spec = ProgramSpec {
-        command: "/bin/sleep 100000".into(),
-        selector: Some(BTreeMap::new()),
-        ..Default::default()
-    };
-    f(&mut spec);
-    Resource::Program(Program::new(
-        Metadata {
-            name: name.into(),
-            ..Default::default()
-        },
-        spec,
-    ))
+    specs::program(name, |s| {
+        s.command = "/bin/sleep 100000".into();
+        s.startsecs = None;
+        f(s);
+    })
 }
 
 /// Starts the real agent code for one host, as the binary does (2 s resync).
@@ -122,22 +114,18 @@ fn spawn_agent(
     state_dir: &Path,
     watch_conf_dir: bool,
 ) -> CancellationToken {
-    let cfg = AgentConfig {
-        etcd: EtcdConfig {
-            etcd: corral_etcd::EtcdOptions::plain(etcd),
-            keys: Keys::default(),
-            host: host.to_string(),
-            labels: BTreeMap::new(),
-            lease_ttl: 10,
-        },
+    let mut cfg = agent_config(
+        host,
+        &corral_etcd::EtcdOptions::plain(etcd),
         supervisor,
-        conf_dir: conf_dir.to_path_buf(),
-        state_dir: state_dir.to_path_buf(),
-        resync: Duration::from_secs(2),
-        reload_every: Duration::from_secs(3600),
-        listen: None,
-        watch_conf_dir,
-    };
+        conf_dir,
+        state_dir,
+    );
+    // The binary's timings, not the test kit's quick ones.
+    cfg.etcd.lease_ttl = 10;
+    cfg.resync = Duration::from_secs(2);
+    cfg.reload_every = Duration::from_secs(3600);
+    cfg.watch_conf_dir = watch_conf_dir;
     let stop = CancellationToken::new();
     let token = stop.clone();
     tokio::spawn(async move {
@@ -300,27 +288,8 @@ fn assignments(n: usize) -> BTreeMap<String, Assignment> {
     (0..n)
         .map(|i| {
             let name = format!("p{i:03}");
-            let spec = ProgramSpec {
-                command: "/bin/sleep 100000".into(),
-                selector: Some(BTreeMap::new()),
-                startsecs: Some(0),
-                ..Default::default()
-            };
-            let program = Program::new(
-                Metadata {
-                    name: name.clone(),
-                    generation: 1,
-                    ..Default::default()
-                },
-                spec,
-            );
-            (
-                name,
-                Assignment {
-                    program,
-                    native_group: None,
-                },
-            )
+            let a = specs::assignment(&name, 1, |s| s.command = "/bin/sleep 100000".into());
+            (name, a)
         })
         .collect()
 }

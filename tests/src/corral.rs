@@ -95,6 +95,33 @@ impl Drop for Controller {
     }
 }
 
+/// The configuration a test agent runs with: no labels, no listener, the conf dir watched,
+/// and quick timings (3 s lease, 500 ms resync, `reloadConfig` every 30 s).
+pub fn agent_config(
+    host: &str,
+    etcd_options: &corral_etcd::EtcdOptions,
+    supervisor: ClientConfig,
+    conf_dir: &Path,
+    state_dir: &Path,
+) -> AgentConfig {
+    AgentConfig {
+        etcd: EtcdConfig {
+            etcd: etcd_options.clone(),
+            keys: Keys::default(),
+            host: host.to_string(),
+            labels: BTreeMap::new(),
+            lease_ttl: 3,
+        },
+        supervisor,
+        conf_dir: conf_dir.to_path_buf(),
+        state_dir: state_dir.to_path_buf(),
+        resync: Duration::from_millis(500),
+        reload_every: Duration::from_secs(30),
+        listen: None,
+        watch_conf_dir: true,
+    }
+}
+
 /// One host's agent, stopped by [`Agent::stop`] or on drop.
 #[derive(Debug)]
 pub struct Agent {
@@ -145,25 +172,9 @@ impl Agent {
     ) -> Agent {
         let mut supervisor = ClientConfig::new(Endpoint::Unix(sd.socket.clone()));
         supervisor.credentials = sd.credentials.clone();
-        let cfg = AgentConfig {
-            etcd: EtcdConfig {
-                etcd: etcd_options.clone(),
-                keys: Keys::default(),
-                host: host.to_string(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect::<BTreeMap<_, _>>(),
-                lease_ttl: 3,
-            },
-            supervisor,
-            conf_dir: sd.conf_dir.clone(),
-            state_dir: state_dir.to_path_buf(),
-            resync: Duration::from_millis(500),
-            reload_every: Duration::from_secs(30),
-            listen,
-            watch_conf_dir: true,
-        };
+        let mut cfg = agent_config(host, etcd_options, supervisor, &sd.conf_dir, state_dir);
+        cfg.etcd.labels = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        cfg.listen = listen;
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let host_name = host.to_string();

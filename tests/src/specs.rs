@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use corral_proto::fleet::Assignment;
 use corral_proto::resource::{Metadata, Program, ProgramSpec, Resource};
 
 /// A Program resource named `name`; `f` adjusts its spec.
@@ -26,4 +27,14 @@ pub fn program_object(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Program {
         },
         spec,
     )
+}
+
+/// The same, at `generation`, as a host's assignment (no native group).
+pub fn assignment(name: &str, generation: u64, f: impl FnOnce(&mut ProgramSpec)) -> Assignment {
+    let mut program = program_object(name, f);
+    program.metadata.generation = generation;
+    Assignment {
+        program,
+        native_group: None,
+    }
 }

@@ -9,32 +9,11 @@ use corral_agent::plan::desired;
 use corral_agent::reconcile::{PassReport, Reconciler};
 use corral_agent::supervisor::{Client, ProcessState};
 use corral_proto::fleet::Assignment;
-use corral_proto::resource::{DesiredState, Metadata, Program, ProgramSpec};
+use corral_proto::resource::{DesiredState, ProgramSpec};
 use corral_tests::supervisord::{Options, Supervisord};
 
 fn assignment(name: &str, generation: u64, f: impl FnOnce(&mut ProgramSpec)) -> (String, Assignment) {
-    let mut spec = ProgramSpec {
-        command: "/bin/sleep 1000".into(),
-        selector: Some(BTreeMap::new()),
-        startsecs: Some(0),
-        ..Default::default()
-    };
-    f(&mut spec);
-    let program = Program::new(
-        Metadata {
-            name: name.into(),
-            generation,
-            ..Default::default()
-        },
-        spec,
-    );
-    (
-        name.to_string(),
-        Assignment {
-            program,
-            native_group: None,
-        },
-    )
+    (name.to_string(), corral_tests::specs::assignment(name, generation, f))
 }
 
 struct Host {

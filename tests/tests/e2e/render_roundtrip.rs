@@ -146,20 +146,12 @@ fn round_trip(p: &Program, group: Option<&Group>) {
     assert_eq!(got, want, "spec: {:#?}", p.spec);
 }
 
+/// The shared test program, but with supervisord's own startsecs: these tests check defaults.
 fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Program {
-    let mut spec = ProgramSpec {
-        command: "/bin/sleep 1000".into(),
-        selector: Some(BTreeMap::new()),
-        ..Default::default()
-    };
-    f(&mut spec);
-    Program::new(
-        Metadata {
-            name: name.into(),
-            ..Default::default()
-        },
-        spec,
-    )
+    corral_tests::specs::program_object(name, |s| {
+        s.startsecs = None;
+        f(s);
+    })
 }
 
 #[test]
