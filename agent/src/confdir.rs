@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use corral_proto::render::{HEADER, managed_file_kind};
+
+use crate::plan::Foreign;
 use notify::Watcher as _;
 
 /// A conf dir operation that failed.
@@ -59,6 +61,10 @@ pub struct ConfDir {
     /// stamp did not change is not read again (every scan looks at every managed file).
     contents: BTreeMap<String, String>,
     stamps: BTreeMap<String, Stamp>,
+    /// Other files: managed names without Corral's header, and the sections of the other
+    /// `*.conf` files (by name, with the stamp they were read at).
+    foreign: Foreign,
+    others: BTreeMap<String, (Stamp, Vec<String>)>,
     /// With [`ConfDir::watch`]: set by every change event, so a pass after none can trust
     /// its last reading without a `stat` per file.
     watch: Option<Watch>,
@@ -78,6 +84,8 @@ impl ConfDir {
             dir: dir.into(),
             contents: BTreeMap::new(),
             stamps: BTreeMap::new(),
+            foreign: Foreign::default(),
+            others: BTreeMap::new(),
             watch: None,
             scans: 0,
         }
@@ -122,8 +130,9 @@ impl ConfDir {
         self.dir.join(name)
     }
 
-    /// Corral's files (by name) and their contents. A file with a managed name but without
-    /// Corral's header is still reported, so that it is rewritten.
+    /// Corral's files (by name) and their contents: files with a managed name that begin
+    /// with Corral's header. A file with a managed name but without the header is someone
+    /// else's: it is reported by [`ConfDir::foreign`], never here, so it is never touched.
     ///
     /// # Errors
     /// If the directory cannot be listed or a managed file cannot be read.
@@ -146,14 +155,23 @@ impl ConfDir {
         Ok(&self.contents)
     }
 
+    /// What other tools put in the conf dir, as of the last [`ConfDir::read_managed`].
+    pub fn foreign(&self) -> &Foreign {
+        &self.foreign
+    }
+
     /// Lists the directory and reads the managed files whose stamp changed.
     fn scan(&mut self) -> Result<(), Error> {
         let mut contents = BTreeMap::new();
         let mut stamps = BTreeMap::new();
+        let mut others = BTreeMap::new();
         for entry in std::fs::read_dir(&self.dir).map_err(err("list", &self.dir))? {
             let entry = entry.map_err(err("list", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if managed_file_kind(&name).is_none() {
+                if is_other_conf(&name) {
+                    self.read_other(&name, &entry.path(), &mut others);
+                }
                 continue;
             }
             let path = entry.path();
@@ -189,9 +207,50 @@ impl ConfDir {
                 Err(e) => return Err(err("read", &path)(e)),
             }
         }
+        let mut foreign = Foreign::default();
+        contents.retain(|name, text| {
+            let ours = text.starts_with(HEADER);
+            if !ours {
+                foreign.files.insert(name.clone());
+            }
+            ours
+        });
+        for (file, (_, sections)) in &others {
+            for section in sections {
+                foreign.sections.insert(section.clone(), file.clone());
+            }
+        }
         self.contents = contents;
         self.stamps = stamps;
+        self.others = others;
+        self.foreign = foreign;
         Ok(())
+    }
+
+    /// Reads the `[program:x]` and `[group:x]` section names of another tool's conf file
+    /// (again only when its stamp changed). A file that cannot be read is skipped: it is not
+    /// the agent's to judge, and supervisord will say what it thinks of it.
+    fn read_other(&mut self, name: &str, path: &Path, into: &mut BTreeMap<String, (Stamp, Vec<String>)>) {
+        let Ok(meta) = std::fs::metadata(path) else { return };
+        if !meta.is_file() {
+            return;
+        }
+        let stamp = Stamp::of(&meta);
+        if let Some((old, sections)) = self.others.remove(name)
+            && old == stamp
+        {
+            into.insert(name.to_string(), (old, sections));
+            return;
+        }
+        let Ok(text) = std::fs::read(path) else { return };
+        let sections = String::from_utf8_lossy(&text)
+            .lines()
+            .filter_map(|l| {
+                let header = l.trim().strip_prefix('[')?.strip_suffix(']')?;
+                (header.starts_with("program:") || header.starts_with("group:")).then(|| header.to_string())
+            })
+            .collect();
+        into.insert(name.to_string(), (stamp, sections));
     }
 
     /// Writes `name` atomically.
@@ -243,8 +302,14 @@ fn relevant(dir: &Path, event: &notify::Result<notify::Event>) -> bool {
             p == dir
                 || p.file_name()
                     .and_then(|n| n.to_str())
-                    .is_some_and(|n| managed_file_kind(n).is_some())
+                    .is_some_and(|n| managed_file_kind(n).is_some() || is_other_conf(n))
         })
+}
+
+/// Another tool's conf file, which supervisord's usual `*.conf` include reads too (hidden
+/// files, like editors' and the agent's temporary files, are not).
+fn is_other_conf(name: &str) -> bool {
+    name.ends_with(".conf") && !name.starts_with('.') && managed_file_kind(name).is_none()
 }
 
 /// Writes `content` to `path` atomically: to `.<name>.tmp` beside it (a hidden name no
@@ -282,12 +347,41 @@ mod tests {
         );
         assert!(!dir.path().join(".corral-program-a.conf.tmp").exists());
         // A cached file edited by hand is read again.
-        std::fs::write(dir.path().join("corral-program-a.conf"), "edited")?;
-        assert_eq!(cd.read_managed()?["corral-program-a.conf"], "edited");
+        let edited = format!("{content}autostart=false\n");
+        std::fs::write(dir.path().join("corral-program-a.conf"), &edited)?;
+        assert_eq!(cd.read_managed()?["corral-program-a.conf"], edited);
         cd.remove("corral-program-a.conf")?;
         cd.remove("corral-program-a.conf")?;
         assert!(cd.read_managed()?.is_empty());
         assert!(dir.path().join("theirs.conf").exists());
+        Ok(())
+    }
+
+    #[test]
+    fn files_without_corrals_header_and_other_files_sections_are_foreign() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let mut cd = ConfDir::new(dir.path());
+        std::fs::write(
+            dir.path().join("legacy.conf"),
+            "[program:p1]\ncommand=x\n  [group:g]  \nprograms=p1\n[supervisord]\n",
+        )?;
+        // Written by hand under a name Corral would use, without its header.
+        std::fs::write(dir.path().join("corral-program-p2.conf"), "[program:p2]\ncommand=y\n")?;
+        // Editors' and other hidden files are not read by supervisord's *.conf include.
+        std::fs::write(dir.path().join(".hidden.conf"), "[program:p3]\n")?;
+        assert!(cd.read_managed()?.is_empty());
+        let f = cd.foreign();
+        assert_eq!(f.files.iter().collect::<Vec<_>>(), ["corral-program-p2.conf"]);
+        assert_eq!(
+            f.sections.iter().collect::<Vec<_>>(),
+            [
+                (&"group:g".to_string(), &"legacy.conf".to_string()),
+                (&"program:p1".to_string(), &"legacy.conf".to_string())
+            ]
+        );
+        std::fs::remove_file(dir.path().join("legacy.conf"))?;
+        cd.read_managed()?;
+        assert!(cd.foreign().sections.is_empty());
         Ok(())
     }
 
@@ -330,9 +424,9 @@ mod tests {
         }
         assert_eq!(cd.scans(), scans, "a quiet directory was scanned");
 
-        // Other files in the directory are none of the agent's business: no event, no scan.
+        // Files supervisord does not read are none of the agent's business: no event, no scan.
         let before = events.load(Ordering::SeqCst);
-        std::fs::write(dir.path().join("theirs.conf"), "[program:theirs]\ncommand=x\n")?;
+        std::fs::write(dir.path().join("notes.txt"), "[program:theirs]\ncommand=x\n")?;
         std::fs::write(dir.path().join(".corral-program-a.conf.swp"), "x")?;
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(

@@ -22,6 +22,9 @@ pub type Assignments = Arc<BTreeMap<String, Assignment>>;
 /// Statuses the reconcile loop wants reported: program -> status.
 pub type Statuses = Arc<BTreeMap<String, ProgramHostStatus>>;
 
+/// Why the host is not ready, as the reconcile loop last found it (`None`: ready).
+pub type Health = Option<String>;
+
 /// Why an etcd session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -56,8 +59,20 @@ async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_cl
         .map_err(|_| Error::Timeout(what))??)
 }
 
-/// Runs one session until an error or `shutdown`. Sends every new view of the assignments
-/// to `desired`, and writes each status from `statuses` that differs from what etcd holds.
+/// What a session exchanges with the rest of the agent.
+#[derive(Debug)]
+pub struct Channels {
+    /// Every new view of the assignments goes here.
+    pub desired: watch::Sender<Assignments>,
+    /// Statuses to report; each that differs from what etcd holds is written.
+    pub statuses: watch::Receiver<Statuses>,
+    /// The host's readiness, written to its host key when it changes.
+    pub health: watch::Receiver<Health>,
+    /// Whether a session is up.
+    pub connected: watch::Sender<bool>,
+}
+
+/// Runs one session until an error or `shutdown`.
 ///
 /// # Errors
 /// Whatever ended the session; the caller retries.
@@ -65,22 +80,27 @@ pub async fn session(
     cfg: &EtcdConfig,
     next_member: &mut usize,
     supervisord_version: Option<String>,
-    desired: &watch::Sender<Assignments>,
-    statuses: &mut watch::Receiver<Statuses>,
-    connected: &watch::Sender<bool>,
+    channels: &mut Channels,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
+    let Channels {
+        desired,
+        statuses,
+        health,
+        connected,
+    } = channels;
     // One member at a time; the next session starts with the member after this one, so a
     // dead member is left behind.
     let (mut client, member) = corral_etcd::connect_from(&cfg.etcd, *next_member).await?;
     *next_member = member + 1;
     let keys = &cfg.keys;
 
-    let host = Host {
+    let host_record = |reason: Health| Host {
         status: Some(HostStatus {
             agent_version: Some(env!("CARGO_PKG_VERSION").to_string()),
-            supervisord_version,
-            ready: true,
+            supervisord_version: supervisord_version.clone(),
+            ready: reason.is_none(),
+            reason,
         }),
         ..Host::new(
             Metadata {
@@ -91,7 +111,8 @@ pub async fn session(
             HostSpec {},
         )
     };
-    let host_json = serde_json::to_vec(&host).unwrap_or_default();
+    let mut reported = health.borrow_and_update().clone();
+    let host_json = serde_json::to_vec(&host_record(reported.clone())).unwrap_or_default();
     within("register", client.put(keys.host(&cfg.host), host_json, None)).await?;
     let lease = within("lease grant", client.lease_grant(cfg.lease_ttl, None))
         .await?
@@ -181,6 +202,17 @@ pub async fn session(
                 }
                 if changed {
                     desired.send_replace(Arc::new(current.clone()));
+                }
+            }
+            r = health.changed() => {
+                if r.is_err() {
+                    return Ok(());
+                }
+                let now = health.borrow_and_update().clone();
+                if now != reported {
+                    let v = serde_json::to_vec(&host_record(now.clone())).unwrap_or_default();
+                    within("put host", client.put(keys.host(&cfg.host), v, None)).await?;
+                    reported = now;
                 }
             }
             r = statuses.changed() => {

@@ -216,7 +216,7 @@ impl AgentMetrics {
         for kind in &report.corrections {
             self.drift
                 .get_or_create(&KindLabels {
-                    kind: (*kind).to_string(),
+                    kind: kind.as_str().to_string(),
                 })
                 .inc();
         }

@@ -1,25 +1,31 @@
 //! The agent's functional core: desired + observed -> actions, as plain values.
 //!
-//! A pass runs in three steps, each planned here from what the step before it observed:
-//! 1. [`plan_files`]: make the managed conf files on disk equal the rendered ones;
-//! 2. [`plan_groups`]: apply supervisord's own verdict (`reloadConfig`'s added/changed/removed)
-//!    to the groups Corral manages, and to no other group;
-//! 3. [`plan_processes`]: start or stop processes to match each program's desired state, and
-//!    restart those whose restart marker moved.
+//! A pass is observe -> plan -> act. This module decides; `reconcile` observes and executes.
+//! Nothing here does I/O or imports the XML-RPC adapter: the plan owns its types.
+//!
+//! 1. [`plan_want`]: which managed file content the conf dir should hold. A file supervisord
+//!    refused keeps its last accepted version (or stays away) until its spec changes or its
+//!    backoff ends; a program whose name another file also defines is held likewise.
+//! 2. [`file_actions`]: make the disk equal that.
+//! 3. [`culprit`]: which managed file a `reloadConfig` refusal is about.
+//! 4. [`pending_changes`]: supervisord's own verdict (`reloadConfig`'s added/changed/removed),
+//!    kept for Corral's groups only until it is carried out.
+//! 5. [`plan_runtime`]: group replacements, starts, stops, signals and the crash-loop policy,
+//!    never waiting: a stop is asked for, and a later pass (see [`next_look`]) sees it done.
+//! 6. [`runs_generation`] and [`statuses`]: what is reported.
 //!
 //! Architecture Invariant: a program whose rendered config did not change is never restarted:
-//! step 2 only touches groups supervisord itself reports as changed, and step 3 only starts
-//! processes that are not running, stops processes that must not run, and restarts on a new
-//! restart marker.
+//! groups are replaced only on supervisord's own "changed" verdict, processes are started only
+//! when not running (or by the crash-loop policy once FATAL), stopped only when they must not
+//! run, and restarted only on a new restart marker.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
 
-use corral_proto::fleet::Assignment;
+use corral_proto::fleet::{Assignment, ProcessStatus, ProgramHostStatus};
 use corral_proto::render::{self, namespec};
-use corral_proto::resource::{DesiredState, Group, GroupSpec, Metadata};
+use corral_proto::resource::{CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Metadata};
 use corral_proto::{validate_group, validate_program};
-
-use crate::supervisor::{ProcessState, ReloadResult};
 
 /// One program as this host must run it, already rendered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -38,30 +44,31 @@ pub struct DesiredProgram {
     pub namespecs: Vec<String>,
     /// supervisord's startsecs: how long a process stays STARTING before RUNNING.
     pub startsecs: u64,
+    /// What happens once supervisord gives up on a process.
+    pub crash: CrashLoop,
+}
+
+/// A native `[group:x]` this host renders: its priority and its members assigned here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NativeGroup {
+    pub priority: Option<i64>,
+    pub members: Vec<String>,
 }
 
 /// Everything this host must run.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub programs: BTreeMap<String, DesiredProgram>,
-    /// Managed file name -> content, programs' and native groups' files alike.
-    pub files: BTreeMap<String, String>,
+    /// Native groups by name.
+    pub native: BTreeMap<String, NativeGroup>,
     /// Programs that cannot run here, and why (the controller should not have sent them).
     pub invalid: BTreeMap<String, String>,
-}
-
-impl Desired {
-    /// The supervisord groups Corral wants loaded.
-    pub fn groups(&self) -> BTreeSet<String> {
-        self.programs.values().map(|p| p.group.clone()).collect()
-    }
 }
 
 /// Renders this host's assignments. Each program is validated again here: the agent never
 /// writes a file from a spec it has not checked itself.
 pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desired {
     let mut out = Desired::default();
-    let mut native: BTreeMap<String, (Option<i64>, Vec<String>)> = BTreeMap::new();
     for (name, a) in assignments {
         let program = match validate_program(a.program.clone()) {
             Ok(p) => p,
@@ -71,10 +78,6 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
             }
         };
         let group = a.native_group.as_ref().map_or_else(|| name.clone(), |g| g.name.clone());
-        if let Some(g) = &a.native_group {
-            let entry = native.entry(g.name.clone()).or_insert((g.priority, Vec::new()));
-            entry.1.push(name.clone());
-        }
         let namespecs = match render::process_names(&program, host, &group) {
             Ok(names) => names.iter().map(|p| namespec(&group, p)).collect(),
             Err(e) => {
@@ -82,16 +85,20 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                 continue;
             }
         };
-        let file_name = render::program_file_name(name);
-        let content = render::render_program(&program);
-        out.files.insert(file_name.clone(), content.clone());
+        if let Some(g) = &a.native_group {
+            let entry = out.native.entry(g.name.clone()).or_insert(NativeGroup {
+                priority: g.priority,
+                members: Vec::new(),
+            });
+            entry.members.push(name.clone());
+        }
         out.programs.insert(
             name.clone(),
             DesiredProgram {
                 name: name.clone(),
                 group,
-                file_name,
-                content,
+                file_name: render::program_file_name(name),
+                content: render::render_program(&program),
                 state: program.spec.state,
                 generation: program.metadata.generation,
                 restarted_at: program.spec.restarted_at.clone(),
@@ -102,35 +109,188 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                     .map(|r| (r.signal.clone(), r.id.clone())),
                 namespecs,
                 startsecs: program.spec.startsecs.unwrap_or(1).max(0) as u64,
+                crash: CrashLoopSpec::resolve(program.spec.crash_loop.as_ref()),
             },
         );
     }
-    for (group, (priority, members)) in native {
-        // Only the members assigned to this host: naming an absent program would make
-        // supervisord refuse every file.
-        let g = Group::new(
-            Metadata {
-                name: group.clone(),
-                ..Default::default()
-            },
-            GroupSpec {
-                programs: members.clone(),
-                priority,
-                native: true,
-            },
-        );
-        match validate_group(g) {
-            Ok(g) => {
-                out.files
-                    .insert(render::group_file_name(&group), render::render_group(&g));
+    out
+}
+
+/// The `[group:x]` file of a native group listing `members` (those whose files are on disk:
+/// naming an absent program would make supervisord refuse every file).
+fn group_file(name: &str, group: &NativeGroup, members: Vec<String>) -> Result<String, String> {
+    let g = Group::new(
+        Metadata {
+            name: name.to_string(),
+            ..Default::default()
+        },
+        GroupSpec {
+            programs: members,
+            priority: group.priority,
+            native: true,
+        },
+    );
+    validate_group(g)
+        .map(|g| render::render_group(&g))
+        .map_err(|e| e.to_string())
+}
+
+/// A managed file supervisord refused: not written again until its content changes or
+/// [`Refusal::retry_at_ms`] (the host may have changed: a user created, a directory made).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub content: String,
+    pub why: String,
+    /// Unix ms of the last refusal.
+    pub at_ms: i64,
+    /// Refusals of this same content in a row.
+    pub count: u32,
+}
+
+/// The first retry of a refused file comes this long after the refusal, then twice as long
+/// each time, up to [`REFUSAL_MAX_BACKOFF`].
+pub const REFUSAL_BACKOFF: Duration = Duration::from_secs(30);
+pub const REFUSAL_MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+impl Refusal {
+    pub fn retry_at_ms(&self) -> i64 {
+        let shift = self.count.saturating_sub(1).min(8);
+        let wait = (REFUSAL_BACKOFF * (1 << shift)).min(REFUSAL_MAX_BACKOFF);
+        self.at_ms + wait.as_millis() as i64
+    }
+}
+
+/// What the conf dir should hold, and the programs held back from their desired file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Want {
+    /// Managed file name -> content.
+    pub files: BTreeMap<String, String>,
+    /// Program -> why its desired file is not on disk (refused, or a name conflict). It may
+    /// still run its last accepted version.
+    pub held: BTreeMap<String, String>,
+}
+
+/// Decides the conf dir's content: every desired file, except those supervisord refused (the
+/// same content, before its retry time) and those of programs in `conflicts`, which keep the
+/// version supervisord last accepted (`last_good`) or stay away. Native group files name only
+/// the members that are on disk.
+pub fn plan_want(
+    desired: &Desired,
+    last_good: &BTreeMap<String, String>,
+    refusals: &BTreeMap<String, Refusal>,
+    conflicts: &BTreeMap<String, String>,
+    now_ms: i64,
+) -> Want {
+    let mut want = Want::default();
+    for p in desired.programs.values() {
+        let file = &p.file_name;
+        let hold = if let Some(why) = conflicts.get(&p.name) {
+            Some(why.clone())
+        } else {
+            refusals
+                .get(file)
+                .filter(|r| r.content == p.content && now_ms < r.retry_at_ms())
+                .map(|r| r.why.clone())
+        };
+        match hold {
+            None => {
+                want.files.insert(file.clone(), p.content.clone());
             }
-            Err(e) => {
-                for m in members {
-                    out.programs.remove(&m);
-                    out.files.remove(&render::program_file_name(&m));
-                    out.invalid.insert(m, e.to_string());
+            Some(why) => {
+                if let Some(good) = last_good.get(file) {
+                    want.files.insert(file.clone(), good.clone());
+                }
+                want.held.insert(p.name.clone(), why);
+            }
+        }
+    }
+    for (name, g) in &desired.native {
+        let file = render::group_file_name(name);
+        if let Some(why) = conflicts.get(name) {
+            if let Some(good) = last_good.get(&file) {
+                want.files.insert(file, good.clone());
+            }
+            for m in &g.members {
+                want.held.entry(m.clone()).or_insert_with(|| why.clone());
+            }
+            continue;
+        }
+        let present: Vec<String> = g
+            .members
+            .iter()
+            .filter(|m| want.files.contains_key(&render::program_file_name(m)))
+            .cloned()
+            .collect();
+        if present.is_empty() {
+            continue;
+        }
+        let held_group = refusals.get(&file).filter(|r| now_ms < r.retry_at_ms());
+        match group_file(name, g, present) {
+            Ok(content) if held_group.is_none_or(|r| r.content != content) => {
+                want.files.insert(file, content);
+            }
+            Ok(_) | Err(_) => {
+                let why = held_group.map_or_else(|| "native group cannot be rendered".to_string(), |r| r.why.clone());
+                if let Some(good) = last_good.get(&file) {
+                    want.files.insert(file, good.clone());
+                }
+                for m in &g.members {
+                    want.held.entry(m.clone()).or_insert_with(|| why.clone());
                 }
             }
+        }
+    }
+    want
+}
+
+/// Files other tools put where Corral's would be: files with Corral's file names but without
+/// its header, and the sections (`program:x`, `group:x`) of other conf files in the conf dir.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Foreign {
+    pub files: BTreeSet<String>,
+    /// Section name -> file defining it.
+    pub sections: BTreeMap<String, String>,
+}
+
+/// Desired programs whose names another file also defines: supervisord would merge both
+/// definitions, so Corral holds its own back and reports the conflict.
+pub fn conflicts(desired: &Desired, foreign: &Foreign) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for p in desired.programs.values() {
+        if foreign.files.contains(&p.file_name) {
+            out.insert(
+                p.name.clone(),
+                format!(
+                    "conflict: {} exists without Corral's header (written by someone else); Corral leaves it alone",
+                    p.file_name
+                ),
+            );
+        } else if let Some(file) = foreign.sections.get(&format!("program:{}", p.name)) {
+            out.insert(
+                p.name.clone(),
+                format!("conflict: [program:{}] is also defined in {file}", p.name),
+            );
+        } else if p.group == p.name
+            && let Some(file) = foreign.sections.get(&format!("group:{}", p.name))
+        {
+            out.insert(
+                p.name.clone(),
+                format!("conflict: [group:{}] is also defined in {file}", p.name),
+            );
+        }
+    }
+    for name in desired.native.keys() {
+        let file = render::group_file_name(name);
+        let clash = if foreign.files.contains(&file) {
+            Some(format!("conflict: {file} exists without Corral's header"))
+        } else {
+            foreign
+                .sections
+                .get(&format!("group:{name}"))
+                .map(|f| format!("conflict: [group:{name}] is also defined in {f}"))
+        };
+        if let Some(why) = clash {
+            out.insert(name.clone(), why);
         }
     }
     out
@@ -145,10 +305,10 @@ pub enum FileAction {
     Remove { file: String },
 }
 
-/// Makes the managed files on disk (`observed`, name -> content) equal the desired ones.
-pub fn plan_files(desired: &BTreeMap<String, String>, observed: &BTreeMap<String, String>) -> Vec<FileAction> {
+/// Makes the managed files on disk (`observed`, name -> content) equal the wanted ones.
+pub fn file_actions(want: &BTreeMap<String, String>, observed: &BTreeMap<String, String>) -> Vec<FileAction> {
     let mut actions = Vec::new();
-    for (file, content) in desired {
+    for (file, content) in want {
         if observed.get(file) != Some(content) {
             actions.push(FileAction::Write {
                 file: file.clone(),
@@ -157,61 +317,223 @@ pub fn plan_files(desired: &BTreeMap<String, String>, observed: &BTreeMap<String
         }
     }
     for file in observed.keys() {
-        if !desired.contains_key(file) {
+        if !want.contains_key(file) {
             actions.push(FileAction::Remove { file: file.clone() });
         }
     }
     actions
 }
 
-/// What to do to a supervisord group after `reloadConfig`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GroupAction {
-    /// A group Corral managed whose file is gone: stop its processes, remove it.
-    Remove(String),
-    /// A desired group whose config supervisord says changed: stop, remove, add again.
-    Replace(String),
-    /// A desired group supervisord does not run yet.
-    Add(String),
-}
-
-/// Applies supervisord's own verdict to Corral's groups only.
+/// The managed file a `reloadConfig` refusal (fault CANT_REREAD) names, among `files`
+/// (managed file name -> the paths supervisord may print for it: as configured and
+/// canonical, through symlinks).
 ///
-/// `managed` is the set of groups Corral managed before this pass (persisted by the agent),
-/// so that a group whose file Corral removed is removed from the runtime too, while a group
-/// from someone else's conf file is never touched, whatever supervisord reports about it.
-pub fn plan_groups(reload: &ReloadResult, desired: &BTreeSet<String>, managed: &BTreeSet<String>) -> Vec<GroupAction> {
-    let mut actions = Vec::new();
-    for g in &reload.removed {
-        if managed.contains(g) && !desired.contains(g) {
-            actions.push(GroupAction::Remove(g.clone()));
+/// supervisord names a file (`(file: '/etc/supervisor/conf.d/x.conf')`), a section
+/// (`in section 'program:x'`), or for a native group only a member
+/// (`[group:g] names unknown program x`).
+pub fn culprit(message: &str, files: &BTreeMap<String, Vec<String>>) -> Option<String> {
+    let quoted_after = |marker: &str| -> Option<String> {
+        let rest = &message[message.find(marker)? + marker.len()..];
+        let q = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+        let rest = &rest[1..];
+        Some(rest[..rest.find(q)?].to_string())
+    };
+    if let Some(path) = quoted_after("(file: ")
+        && let Some((file, _)) = files.iter().find(|(_, paths)| paths.contains(&path))
+    {
+        return Some(file.clone());
+    }
+    if let Some(section) = quoted_after("in section ") {
+        let file = match section.split_once(':') {
+            Some(("program", name)) => Some(render::program_file_name(name)),
+            Some(("group", name)) => Some(render::group_file_name(name)),
+            _ => None,
+        };
+        if let Some(f) = file.filter(|f| files.contains_key(f)) {
+            return Some(f);
         }
     }
-    for g in &reload.changed {
-        if desired.contains(g) {
-            actions.push(GroupAction::Replace(g.clone()));
+    if let Some(start) = message.find("[group:") {
+        let rest = &message[start + 7..];
+        let group = &rest[..rest.find(']')?];
+        if let Some(member) = rest.split("unknown program or fcgi-program ").nth(1) {
+            let member = member.split_whitespace().next().unwrap_or_default();
+            let f = render::program_file_name(member);
+            if files.contains_key(&f) {
+                return Some(f);
+            }
+        }
+        let f = render::group_file_name(group);
+        if files.contains_key(&f) {
+            return Some(f);
         }
     }
-    for g in &reload.added {
-        if desired.contains(g) {
-            actions.push(GroupAction::Add(g.clone()));
-        }
-    }
-    actions
+    None
 }
 
-/// The processes supervisord runs: state by `group:name`.
-pub type Observed = std::collections::HashMap<String, ProcessState>;
+/// What supervisord says must happen to a group Corral manages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupChange {
+    /// Not loaded yet: add it.
+    Add,
+    /// Its config changed: stop its processes, then remove it and add it again.
+    Replace,
+    /// Corral no longer wants it: stop its processes, then remove it.
+    Remove,
+}
 
-/// A runtime action on one process.
+/// Turns `reloadConfig`'s verdict into the changes Corral carries out: only for groups it
+/// wants loaded (`desired`), or that it loaded itself and wants no more (`managed`); a group
+/// from someone else's conf file is never touched, whatever supervisord reports about it.
+pub fn pending_changes(
+    added: &[String],
+    changed: &[String],
+    removed: &[String],
+    desired: &BTreeSet<String>,
+    managed: &BTreeSet<String>,
+) -> BTreeMap<String, GroupChange> {
+    let mut out = BTreeMap::new();
+    for g in removed {
+        if managed.contains(g) && !desired.contains(g) {
+            out.insert(g.clone(), GroupChange::Remove);
+        }
+    }
+    for g in changed.iter().filter(|g| desired.contains(*g)) {
+        out.insert(g.clone(), GroupChange::Replace);
+    }
+    for g in added.iter().filter(|g| desired.contains(*g)) {
+        out.insert(g.clone(), GroupChange::Add);
+    }
+    out
+}
+
+/// supervisord's process states, as the plan sees them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ProcState {
+    Stopped,
+    Starting,
+    Running,
+    Backoff,
+    Stopping,
+    Exited,
+    Fatal,
+    Unknown,
+}
+
+impl ProcState {
+    /// supervisord's RUNNING_STATES: what `stopProcess` acts on.
+    pub fn is_running(self) -> bool {
+        matches!(self, ProcState::Starting | ProcState::Running | ProcState::Backoff)
+    }
+
+    /// Running or on its way down: a process that still holds its pid.
+    pub fn is_active(self) -> bool {
+        self.is_running() || self == ProcState::Stopping
+    }
+}
+
+/// One supervisord process as observed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ProcessAction {
-    Start(String),
+pub struct Proc {
+    pub group: String,
+    pub state: ProcState,
+    pub pid: i64,
+    /// Unix seconds of the last start (0 if never).
+    pub start: i64,
+    pub exit_status: i64,
+    pub spawn_error: String,
+    pub description: String,
+    pub statename: String,
+}
+
+/// The processes supervisord runs, by `group:name`.
+pub type Observed = HashMap<String, Proc>;
+
+/// A runtime action. None of them waits for supervisord's main loop.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// Load a group supervisord has parsed but does not run.
+    AddGroup(String),
+    /// Remove a group whose processes are all stopped.
+    RemoveGroup(String),
+    /// Remove and add again a changed group whose processes are all stopped.
+    ReplaceGroup(String),
+    /// Ask a process to stop (`stopProcess(wait=false)`).
     Stop(String),
-    /// Stop (if running) then start: the restart marker moved.
-    Restart(String),
+    /// Start a process (`startProcess(wait=false)`).
+    Start(String),
     /// Send a signal (a new signal request).
     Signal(String, String),
+}
+
+impl Action {
+    /// The group or process the action is about.
+    pub fn target(&self) -> &str {
+        match self {
+            Action::AddGroup(t)
+            | Action::RemoveGroup(t)
+            | Action::ReplaceGroup(t)
+            | Action::Stop(t)
+            | Action::Start(t)
+            | Action::Signal(t, _) => t,
+        }
+    }
+}
+
+/// Why something changed on the host, for metrics and logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Correction {
+    ConfFile,
+    Group,
+    ProcessStarted,
+    ProcessStopped,
+    ProcessRestarted,
+    ProcessSignalled,
+    CrashLoopRestart,
+}
+
+impl Correction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Correction::ConfFile => "conf_file",
+            Correction::Group => "group",
+            Correction::ProcessStarted => "process_started",
+            Correction::ProcessStopped => "process_stopped",
+            Correction::ProcessRestarted => "process_restarted",
+            Correction::ProcessSignalled => "process_signalled",
+            Correction::CrashLoopRestart => "crash_loop_restart",
+        }
+    }
+}
+
+/// Crash-loop bookkeeping of one process.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Crash {
+    /// Starts by the policy since the process last stayed up.
+    pub attempts: u32,
+    /// Unix ms of the next start, once it is FATAL and waiting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_retry_ms: Option<i64>,
+}
+
+/// The delay before crash-loop start number `attempts + 1`.
+pub fn crash_delay(policy: &CrashLoop, attempts: u32) -> Duration {
+    let secs = policy
+        .initial_delay_secs
+        .saturating_mul(1u64 << attempts.min(20))
+        .min(policy.max_delay_secs);
+    Duration::from_secs(secs)
+}
+
+/// What the plan remembers from pass to pass. `crash` survives agent restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub crash: BTreeMap<String, Crash>,
+    /// Processes the agent asked to stop, and since when (unix ms): polled until stopped.
+    pub stopping: BTreeMap<String, i64>,
+    /// Processes the agent started, and when (unix ms): polled from when they are due
+    /// RUNNING (supervisord reports whole seconds; the agent knows the millisecond).
+    pub started: BTreeMap<String, i64>,
 }
 
 /// Restart markers and signal requests already acted on, per program.
@@ -221,283 +543,312 @@ pub struct Applied<'a> {
     pub signals: &'a BTreeMap<String, Option<String>>,
 }
 
-/// Starts and stops processes to match desired states, restarts the processes of programs
-/// whose restart marker differs from the one last applied, and signals running processes of
-/// programs with a new signal request.
+/// What [`plan_runtime`] looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeInput<'a> {
+    pub desired: &'a Desired,
+    /// Programs supervisord has a config for (their file, current or last accepted, is on
+    /// disk and was read).
+    pub loaded: &'a BTreeSet<String>,
+    pub pending: &'a BTreeMap<String, GroupChange>,
+    pub observed: &'a Observed,
+    pub applied: Applied<'a>,
+    pub now_ms: i64,
+}
+
+/// The runtime actions of one pass, each with why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RuntimePlan {
+    pub actions: Vec<(Action, Correction)>,
+}
+
+/// Plans group changes and process actions; updates `memory` (crash-loop schedule, stops and
+/// starts asked for).
 ///
-/// A desired program whose processes supervisord does not know yet is skipped: the group
-/// step adds them, and the next pass sees them.
-pub fn plan_processes(desired: &Desired, observed: &Observed, applied: &Applied<'_>) -> Vec<ProcessAction> {
-    let mut actions = Vec::new();
-    for p in desired.programs.values() {
-        // Only a new marker asks for a restart; a marker that disappears does not.
+/// - A pending group change first stops the group's running processes, and only once none
+///   is running or stopping removes (and re-adds) it. Its programs get no other action
+///   meanwhile.
+/// - A program whose restart marker moved has its running processes stopped; they are then
+///   STOPPED, which the next pass starts.
+/// - A program that must run: STOPPED processes are started; FATAL ones are started again by
+///   the crash-loop policy when their delay is over; EXITED ones are left alone (supervisord's
+///   `autorestart` decided that).
+/// - A program that must not run: its running processes are stopped.
+pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePlan {
+    let now = input.now_ms;
+    let mut plan = RuntimePlan::default();
+    let mut busy_groups = BTreeSet::new();
+    for (g, change) in input.pending {
+        busy_groups.insert(g.as_str());
+        if *change == GroupChange::Add {
+            plan.actions.push((Action::AddGroup(g.clone()), Correction::Group));
+            continue;
+        }
+        let mut procs: Vec<(&String, &Proc)> = input.observed.iter().filter(|(_, p)| &p.group == g).collect();
+        procs.sort_by(|a, b| a.0.cmp(b.0));
+        let running: Vec<&String> = procs
+            .iter()
+            .filter(|(_, p)| p.state.is_running())
+            .map(|(ns, _)| *ns)
+            .collect();
+        if !running.is_empty() {
+            for ns in running {
+                memory.stopping.entry(ns.clone()).or_insert(now);
+                plan.actions.push((Action::Stop(ns.clone()), Correction::Group));
+            }
+        } else if procs.iter().any(|(_, p)| p.state == ProcState::Stopping) {
+            // Wait for them: removing now would fail STILL_RUNNING.
+        } else {
+            let action = match change {
+                GroupChange::Replace => Action::ReplaceGroup(g.clone()),
+                _ => Action::RemoveGroup(g.clone()),
+            };
+            plan.actions.push((action, Correction::Group));
+        }
+    }
+
+    for p in input.desired.programs.values() {
+        if busy_groups.contains(p.group.as_str()) || !input.loaded.contains(&p.name) {
+            continue;
+        }
         let marker_moved = p.state == DesiredState::Running
             && p.restarted_at.is_some()
-            && applied.markers.get(&p.name).is_some_and(|a| *a != p.restarted_at);
-        // Likewise only a new signal request signals; the first sight of one does not.
+            && input.applied.markers.get(&p.name).is_some_and(|a| *a != p.restarted_at);
+        // Only a new signal request signals; the first sight of one does not.
         let signal = p.signal_request.as_ref().filter(|(_, id)| {
-            applied
+            input
+                .applied
                 .signals
                 .get(&p.name)
                 .is_some_and(|a| a.as_deref() != Some(id.as_str()))
         });
         for ns in &p.namespecs {
-            let Some(&state) = observed.get(ns) else {
+            let Some(proc) = input.observed.get(ns) else {
                 continue;
             };
-            let action = match (p.state, state) {
-                (DesiredState::Running, _) if marker_moved => Some(ProcessAction::Restart(ns.clone())),
-                (DesiredState::Running, ProcessState::Stopped | ProcessState::Exited | ProcessState::Fatal) => {
-                    Some(ProcessAction::Start(ns.clone()))
+            let s = proc.state;
+            let action = match p.state {
+                DesiredState::Running if marker_moved && s.is_running() => {
+                    memory.stopping.entry(ns.clone()).or_insert(now);
+                    Some((Action::Stop(ns.clone()), Correction::ProcessRestarted))
                 }
-                (DesiredState::Stopped, s) if s.is_running() => Some(ProcessAction::Stop(ns.clone())),
-                (_, s) if s.is_running() => signal.map(|(sig, _)| ProcessAction::Signal(ns.clone(), sig.clone())),
+                DesiredState::Running if s == ProcState::Stopped || (marker_moved && !s.is_active()) => {
+                    Some((Action::Start(ns.clone()), Correction::ProcessStarted))
+                }
+                DesiredState::Running if s == ProcState::Fatal && p.crash.restart => {
+                    let crash = memory.crash.entry(ns.clone()).or_default();
+                    match crash.next_retry_ms {
+                        None => {
+                            let delay = crash_delay(&p.crash, crash.attempts);
+                            crash.next_retry_ms = Some(now + delay.as_millis() as i64);
+                            None
+                        }
+                        Some(at) if now >= at => {
+                            crash.attempts += 1;
+                            crash.next_retry_ms = None;
+                            Some((Action::Start(ns.clone()), Correction::CrashLoopRestart))
+                        }
+                        Some(_) => None,
+                    }
+                }
+                DesiredState::Stopped if s.is_running() => {
+                    memory.stopping.entry(ns.clone()).or_insert(now);
+                    Some((Action::Stop(ns.clone()), Correction::ProcessStopped))
+                }
+                _ if s.is_running() && s != ProcState::Stopping => {
+                    signal.map(|(sig, _)| (Action::Signal(ns.clone(), sig.clone()), Correction::ProcessSignalled))
+                }
                 _ => None,
             };
-            actions.extend(action);
+            if s == ProcState::Running
+                && let Some(c) = memory.crash.get(ns)
+                && c.next_retry_ms.is_none()
+                && now - proc.start * 1000 >= (p.crash.reset_after_secs * 1000) as i64
+            {
+                // It stayed up: the next crash starts from the initial delay again.
+                memory.crash.remove(ns);
+            }
+            if let Some((Action::Start(ns), _)) = &action {
+                memory.started.insert(ns.clone(), now);
+            }
+            plan.actions.extend(action);
         }
     }
-    actions
+
+    // Forget what no longer needs watching.
+    let wanted: BTreeSet<&String> = input
+        .desired
+        .programs
+        .values()
+        .filter(|p| p.state == DesiredState::Running && p.crash.restart)
+        .flat_map(|p| p.namespecs.iter())
+        .collect();
+    memory.crash.retain(|ns, _| wanted.contains(ns));
+    memory
+        .stopping
+        .retain(|ns, _| input.observed.get(ns).is_some_and(|p| p.state.is_active()));
+    plan
+}
+
+/// How soon a pass looks again after acting (supervisord spawns and stops asynchronously).
+pub const POLL: Duration = Duration::from_millis(5);
+/// The longest pause between looks at a process that is still stopping.
+pub const STOP_POLL_MAX: Duration = Duration::from_millis(500);
+/// How long past its startsecs a process the agent started is still polled for.
+pub const SPAWN_GRACE: Duration = Duration::from_secs(5);
+
+/// When the next pass should look, if before the resync: soon after acting; while a process
+/// the agent stopped is still stopping (every few ms at first, then less often, so a program
+/// that ignores SIGTERM for a minute costs little); when a process the agent started is due
+/// RUNNING; when a crash-loop start or a refused file's retry is due.
+///
+/// Processes supervisord restarts by itself (autorestart) wait for the resync: no polling
+/// for a crash loop. Forgets started processes that are no longer pending.
+pub fn next_look(
+    desired: &Desired,
+    observed: &Observed,
+    memory: &mut Memory,
+    refusal_retries: impl Iterator<Item = i64>,
+    acted: bool,
+    now_ms: i64,
+) -> Option<Duration> {
+    let ms = |d: i64| Duration::from_millis(d.max(0) as u64);
+    let mut due: Option<Duration> = acted.then_some(POLL);
+    let mut at = |d: Duration| due = Some(due.map_or(d, |x| x.min(d)));
+    for since in memory.stopping.values() {
+        at(ms((now_ms - since) / 8).clamp(POLL, STOP_POLL_MAX));
+    }
+    let startsecs: HashMap<&str, u64> = desired
+        .programs
+        .values()
+        .flat_map(|p| p.namespecs.iter().map(move |ns| (ns.as_str(), p.startsecs)))
+        .collect();
+    memory.started.retain(|ns, started| {
+        let Some(secs) = startsecs.get(ns.as_str()) else {
+            return false;
+        };
+        let pending = observed
+            .get(ns)
+            .is_some_and(|p| matches!(p.state, ProcState::Starting | ProcState::Stopped));
+        let running_at = *started + (*secs as i64) * 1000;
+        let keep = pending && now_ms < running_at + SPAWN_GRACE.as_millis() as i64;
+        if keep {
+            at(ms(running_at - now_ms).max(POLL));
+        }
+        keep
+    });
+    for c in memory.crash.values() {
+        if let Some(t) = c.next_retry_ms {
+            at(ms(t - now_ms).max(POLL));
+        }
+    }
+    for t in refusal_retries {
+        at(ms(t - now_ms).max(POLL));
+    }
+    due
+}
+
+/// Whether supervisord runs `p`'s current generation: its rendered file is what supervisord
+/// last read successfully (`last_good`) and no change of its group is pending (a Replace
+/// still waiting for the old processes to stop does not count).
+pub fn runs_generation(
+    p: &DesiredProgram,
+    last_good: &BTreeMap<String, String>,
+    pending: &BTreeMap<String, GroupChange>,
+    held: &BTreeMap<String, String>,
+) -> bool {
+    !held.contains_key(&p.name) && !pending.contains_key(&p.group) && last_good.get(&p.file_name) == Some(&p.content)
 }
 
 /// Whether every process of `p` is in its desired state: RUNNING (past startsecs) when it
 /// must run, not running when it must not.
 pub fn is_ready(p: &DesiredProgram, observed: &Observed) -> bool {
     p.namespecs.iter().all(|ns| {
-        observed.get(ns).is_some_and(|&state| match p.state {
-            DesiredState::Running => state == ProcessState::Running,
-            DesiredState::Stopped => !state.is_running() && state != ProcessState::Stopping,
+        observed.get(ns).is_some_and(|proc| match p.state {
+            DesiredState::Running => proc.state == ProcState::Running,
+            DesiredState::Stopped => !proc.state.is_active(),
         })
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use corral_proto::fleet::NativeGroup;
-    use corral_proto::resource::{Program, ProgramSpec};
-
-    fn assignment(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Assignment {
-        let mut spec = ProgramSpec {
-            command: "/bin/sleep 1000".into(),
-            selector: Some(BTreeMap::new()),
-            ..Default::default()
-        };
-        f(&mut spec);
-        Assignment {
-            program: Program::new(
-                Metadata {
-                    name: name.into(),
-                    generation: 3,
-                    ..Default::default()
-                },
-                spec,
-            ),
-            native_group: None,
-        }
-    }
-
-    fn assignments(list: Vec<Assignment>) -> BTreeMap<String, Assignment> {
-        list.into_iter().map(|a| (a.program.metadata.name.clone(), a)).collect()
-    }
-
-    #[test]
-    fn desired_renders_programs_and_native_groups_with_this_hosts_members_only() {
-        let mut a = assignment("api", |_| {});
-        a.native_group = Some(NativeGroup {
-            name: "shop".into(),
-            priority: Some(10),
-        });
-        let w = assignment("w", |s| {
-            s.numprocs = Some(2);
-            s.process_name = Some("%(program_name)s_%(process_num)d".into());
-        });
-        let d = desired(&assignments(vec![a, w]), "h1");
-        assert_eq!(d.programs["api"].group, "shop");
-        assert_eq!(d.programs["api"].namespecs, ["shop:api"]);
-        assert_eq!(d.programs["w"].namespecs, ["w:w_0", "w:w_1"]);
-        assert_eq!(d.programs["w"].generation, 3);
-        assert_eq!(
-            d.files.keys().collect::<Vec<_>>(),
-            [
-                "corral-group-shop.conf",
-                "corral-program-api.conf",
-                "corral-program-w.conf"
-            ]
-        );
-        assert!(d.files["corral-group-shop.conf"].contains("programs=api\n"));
-        assert_eq!(d.groups(), ["shop".to_string(), "w".to_string()].into());
-    }
-
-    #[test]
-    fn desired_refuses_an_invalid_program_without_rendering_it() {
-        let d = desired(
-            &assignments(vec![assignment("bad", |s| s.command = "a\nb".into())]),
-            "h1",
-        );
-        assert!(d.programs.is_empty() && d.files.is_empty());
-        assert!(d.invalid["bad"].contains("line break"));
-    }
-
-    #[track_caller]
-    fn check_files(desired: &[(&str, &str)], observed: &[(&str, &str)], expect: &[FileAction]) {
-        let m = |l: &[(&str, &str)]| l.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        assert_eq!(plan_files(&m(desired), &m(observed)), expect);
-    }
-
-    #[test]
-    fn files_are_written_when_missing_or_different_and_removed_when_undesired() {
-        let w = |f: &str, c: &str| FileAction::Write {
-            file: f.into(),
-            content: c.into(),
-        };
-        check_files(&[("a", "1")], &[("a", "1")], &[]);
-        check_files(&[("a", "1")], &[], &[w("a", "1")]);
-        check_files(&[("a", "1")], &[("a", "edited by hand")], &[w("a", "1")]);
-        check_files(&[], &[("old", "x")], &[FileAction::Remove { file: "old".into() }]);
-    }
-
-    fn set(items: &[&str]) -> BTreeSet<String> {
-        items.iter().map(|s| s.to_string()).collect()
-    }
-
-    fn reload(added: &[&str], changed: &[&str], removed: &[&str]) -> ReloadResult {
-        let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect();
-        ReloadResult {
-            added: v(added),
-            changed: v(changed),
-            removed: v(removed),
-        }
-    }
-
-    #[test]
-    fn groups_follow_supervisords_verdict_for_corrals_groups_only() {
-        use GroupAction::*;
-        let got = plan_groups(
-            &reload(&["new", "theirs-new"], &["web", "theirs"], &["gone", "theirs-gone"]),
-            &set(&["new", "web"]),
-            &set(&["web", "gone"]),
-        );
-        assert_eq!(got, [Remove("gone".into()), Replace("web".into()), Add("new".into())]);
-        assert_eq!(plan_groups(&reload(&[], &[], &[]), &set(&["web"]), &set(&["web"])), []);
-    }
-
-    fn observed(list: &[(&str, ProcessState)]) -> Observed {
-        list.iter().map(|(n, s)| (n.to_string(), *s)).collect()
-    }
-
-    #[test]
-    fn processes_are_started_and_stopped_to_match_the_desired_state() {
-        use ProcessAction::*;
-        use ProcessState::*;
-        let d = desired(
-            &assignments(vec![
-                assignment("up", |_| {}),
-                assignment("down", |s| s.state = DesiredState::Stopped),
-                assignment("fine", |_| {}),
-                assignment("pending", |_| {}),
-            ]),
-            "h1",
-        );
-        let obs = observed(&[("up", Fatal), ("down", Backoff), ("fine", Running), ("other", Stopped)]);
-        let none = BTreeMap::new();
-        let applied = Applied {
-            markers: &none,
-            signals: &none,
-        };
-        assert_eq!(
-            plan_processes(&d, &obs, &applied),
-            [Stop("down".into()), Start("up".into())]
-        );
-        let obs = observed(&[("up", Starting), ("down", Stopping), ("fine", Exited)]);
-        assert_eq!(plan_processes(&d, &obs, &applied), [Start("fine".into())]);
-    }
-
-    type Seen = BTreeMap<String, Option<String>>;
-
-    fn seen(program: &str, value: Option<&str>) -> Seen {
-        [(program.to_string(), value.map(String::from))].into()
-    }
-
-    #[test]
-    fn a_moved_restart_marker_restarts_and_an_unchanged_one_does_not() {
-        use ProcessState::*;
-        let d = desired(
-            &assignments(vec![assignment("web", |s| s.restarted_at = Some("t2".into()))]),
-            "h1",
-        );
-        let obs = observed(&[("web", Running)]);
-        let none = Seen::new();
-        let (t1, t2) = (seen("web", Some("t1")), seen("web", Some("t2")));
-        let with = |m| Applied {
-            markers: m,
-            signals: &none,
-        };
-        assert_eq!(
-            plan_processes(&d, &obs, &with(&t1)),
-            [ProcessAction::Restart("web".into())]
-        );
-        assert_eq!(plan_processes(&d, &obs, &with(&t2)), []);
-        // First sight of a program (nothing applied yet) is not a restart.
-        assert_eq!(plan_processes(&d, &obs, &with(&none)), []);
-        // Nor is a marker that disappears.
-        let d = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
-        assert_eq!(plan_processes(&d, &obs, &with(&t1)), []);
-    }
-
-    #[test]
-    fn a_new_signal_request_signals_running_processes_once() {
-        use ProcessState::*;
-        let d = desired(
-            &assignments(vec![assignment("w", |s| {
-                s.numprocs = Some(2);
-                s.process_name = Some("%(program_name)s_%(process_num)d".into());
-                s.signal_request = Some(corral_proto::SignalRequest {
-                    signal: "HUP".into(),
-                    id: "2".into(),
-                });
-            })]),
-            "h1",
-        );
-        let obs = observed(&[("w:w_0", Running), ("w:w_1", Stopped)]);
-        let none = Seen::new();
-        let (old, same, never) = (seen("w", Some("1")), seen("w", Some("2")), seen("w", None));
-        let with = |s| Applied {
-            markers: &none,
-            signals: s,
-        };
-        // w_0 runs and is signalled; w_1 must run and is started, not signalled.
-        assert_eq!(
-            plan_processes(&d, &obs, &with(&old)),
-            [
-                ProcessAction::Signal("w:w_0".into(), "HUP".into()),
-                ProcessAction::Start("w:w_1".into())
-            ]
-        );
-        assert_eq!(plan_processes(&d, &obs, &with(&never)).len(), 2);
-        assert_eq!(
-            plan_processes(&d, &obs, &with(&same)),
-            [ProcessAction::Start("w:w_1".into())]
-        );
-        assert_eq!(
-            plan_processes(&d, &obs, &with(&none)),
-            [ProcessAction::Start("w:w_1".into())]
-        );
-    }
-
-    #[test]
-    fn readiness_needs_every_process_in_its_desired_state() {
-        use ProcessState::*;
-        let d = desired(
-            &assignments(vec![assignment("w", |s| {
-                s.numprocs = Some(2);
-                s.process_name = Some("%(program_name)s_%(process_num)d".into());
-            })]),
-            "h1",
-        );
-        let p = &d.programs["w"];
-        assert!(is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Running)])));
-        assert!(!is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Starting)])));
-        assert!(!is_ready(p, &observed(&[("w:w_0", Running)])));
-    }
+/// Whether a process is failing, so that its stderr is worth showing.
+pub fn is_failing(p: &Proc) -> bool {
+    matches!(p.state, ProcState::Fatal | ProcState::Backoff | ProcState::Exited)
 }
+
+/// What [`statuses`] reports from.
+#[derive(Clone, Copy, Debug)]
+pub struct StatusInput<'a> {
+    pub host: &'a str,
+    pub desired: &'a Desired,
+    pub observed: &'a Observed,
+    /// Program -> why it is not as desired here.
+    pub errors: &'a BTreeMap<String, String>,
+    /// Program -> the generation supervisord runs.
+    pub generations: &'a BTreeMap<String, u64>,
+    pub memory: &'a Memory,
+    /// `group:process` -> last lines of its stderr, for failing processes.
+    pub stderr_tails: &'a HashMap<String, String>,
+}
+
+/// The status of every desired (or invalid) program on this host.
+pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> {
+    let mut out = BTreeMap::new();
+    for p in input.desired.programs.values() {
+        let processes = p
+            .namespecs
+            .iter()
+            .filter_map(|ns| Some((ns, input.observed.get(ns)?)))
+            .map(|(ns, i)| {
+                let crash = input.memory.crash.get(ns);
+                ProcessStatus {
+                    name: ns.clone(),
+                    state: i.statename.clone(),
+                    pid: i.pid,
+                    started_at: i.start,
+                    exit_status: i.exit_status,
+                    spawn_error: i.spawn_error.clone(),
+                    description: i.description.clone(),
+                    crash_restarts: crash.map_or(0, |c| c.attempts),
+                    next_retry_at: crash.and_then(|c| c.next_retry_ms).map_or(0, |t| t.div_euclid(1000)),
+                    stderr_tail: if is_failing(i) {
+                        input.stderr_tails.get(ns).cloned().unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
+                }
+            })
+            .collect();
+        let error = input.errors.get(&p.name).cloned();
+        out.insert(
+            p.name.clone(),
+            ProgramHostStatus {
+                host: input.host.to_string(),
+                program: p.name.clone(),
+                observed_generation: input.generations.get(&p.name).copied().unwrap_or(0),
+                desired_state: p.state,
+                processes,
+                ready: error.is_none() && is_ready(p, input.observed),
+                error,
+            },
+        );
+    }
+    for (name, why) in &input.desired.invalid {
+        out.insert(
+            name.clone(),
+            ProgramHostStatus {
+                host: input.host.to_string(),
+                program: name.clone(),
+                observed_generation: 0,
+                desired_state: Default::default(),
+                processes: Vec::new(),
+                ready: false,
+                error: Some(why.clone()),
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,18 +1,24 @@
-//! The imperative shell around `plan`: one reconcile pass against the conf dir and
-//! supervisord, and the agent state that must survive restarts.
+//! The imperative shell around `plan`: one reconcile pass observes the conf dir and
+//! supervisord, asks `plan` what to do, and executes it; plus the agent state that must
+//! survive restarts.
+//!
+//! No call here waits for supervisord's main loop (which answers a waiting stop or start only
+//! at its next turn, about once a second): stops and starts are asked for, and a later pass,
+//! as soon as `plan::next_look` says, sees them done. So one program's slow stop never delays
+//! another's change.
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use corral_proto::fleet::{ProcessStatus, ProgramHostStatus};
+use corral_proto::fleet::ProgramHostStatus;
 use corral_proto::render::managed_file_kind;
 use serde::{Deserialize, Serialize};
 
 use crate::confdir::{self, ConfDir};
 use crate::plan::{
-    self, Desired, FileAction, GroupAction, Observed, ProcessAction, plan_files, plan_groups, plan_processes,
+    self, Action, Correction, Crash, Desired, FileAction, GroupChange, Memory, Observed, Proc, ProcState, Refusal,
+    RuntimeInput,
 };
 use crate::supervisor::{self, Client, FaultCode, ProcessInfo, ProcessState};
 
@@ -26,8 +32,10 @@ pub struct AgentState {
     pub applied_markers: BTreeMap<String, Option<String>>,
     /// Signal request id last applied, per program.
     pub applied_signals: BTreeMap<String, Option<String>>,
-    /// Generation whose file supervisord accepted, per program.
+    /// Generation supervisord runs, per program.
     pub applied_generations: BTreeMap<String, u64>,
+    /// Crash-loop bookkeeping per process, so an agent restart does not reset the backoff.
+    pub crash: BTreeMap<String, Crash>,
 }
 
 /// Why a pass could not run at all (per-program problems are reported in statuses instead).
@@ -54,24 +62,26 @@ impl PassError {
 pub struct PassReport {
     /// Per desired (or invalid) program.
     pub statuses: BTreeMap<String, ProgramHostStatus>,
-    /// One entry per correction of drift: `conf_file`, `group`, `process_started`,
-    /// `process_stopped`, `process_restarted`.
-    pub corrections: Vec<&'static str>,
+    /// One entry per correction.
+    pub corrections: Vec<Correction>,
     /// supervisord's processes, as last seen.
     pub processes: Vec<ProcessInfo>,
     /// `group:process` of every process this pass stopped or restarted on purpose.
     pub stopped_by_agent: BTreeSet<String>,
-    /// When to look again because a process should reach RUNNING by then (its startsecs end),
-    /// so readiness is reported as soon as supervisord declares it, not at the next resync.
+    /// Programs whose desired file supervisord refused (they may run an older version).
+    pub refused: BTreeSet<String>,
+    /// When to look again, if before the resync (see `plan::next_look`).
     pub recheck_after: Option<Duration>,
 }
 
-/// How soon a pass looks again after acting, and how often while a process it started is
-/// due RUNNING.
-const POLL: Duration = Duration::from_millis(5);
+/// How many bytes of a failing process's stderr are shown.
+const STDERR_TAIL_BYTES: i32 = 2048;
 
-/// How long past its startsecs a process the agent started is still polled for.
-const SPAWN_GRACE: Duration = Duration::from_secs(5);
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
 
 /// Runs reconcile passes for one host.
 pub struct Reconciler {
@@ -84,14 +94,18 @@ pub struct Reconciler {
     saved: AgentState,
     /// Call `reloadConfig` next pass even if no file changed (first pass, periodic check).
     reload_due: bool,
-    /// Managed file -> (content, supervisord's complaint) for files supervisord refused.
-    rejected: BTreeMap<String, (String, String)>,
-    /// Managed file -> content supervisord last accepted.
-    last_good: BTreeMap<String, String>,
-    /// Processes this agent started (group added, process started), by namespec, and when:
-    /// it knows to the millisecond when they are due RUNNING, which supervisord reports only
-    /// in whole seconds.
-    spawned: HashMap<String, Instant>,
+    /// Managed files supervisord refused, by file.
+    refusals: BTreeMap<String, Refusal>,
+    /// Managed file -> content supervisord last read successfully. `None` until the first
+    /// pass, which takes what is on disk (the agent leaves only accepted files there).
+    last_good: Option<BTreeMap<String, String>>,
+    /// supervisord's verdict on Corral's groups, until carried out.
+    pending: BTreeMap<String, GroupChange>,
+    memory: Memory,
+    /// A failing process's stderr tail, by namespec, with the start time it was read for.
+    tails: HashMap<String, (i64, String, String)>,
+    /// Why supervisord refuses to re-read its config as a whole (not a file of Corral's).
+    host_error: Option<String>,
 }
 
 impl Reconciler {
@@ -101,7 +115,7 @@ impl Reconciler {
     /// If the state file exists but cannot be read or parsed.
     pub fn new(host: &str, client: Client, conf: ConfDir, state_dir: PathBuf) -> Result<Reconciler, std::io::Error> {
         let state_path = state_dir.join("state.json");
-        let state = match std::fs::read(&state_path) {
+        let state: AgentState = match std::fs::read(&state_path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
                 std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
@@ -111,6 +125,10 @@ impl Reconciler {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => AgentState::default(),
             Err(e) => return Err(e),
         };
+        let memory = Memory {
+            crash: state.crash.clone(),
+            ..Default::default()
+        };
         Ok(Reconciler {
             host: host.to_string(),
             client,
@@ -119,17 +137,18 @@ impl Reconciler {
             saved: state.clone(),
             state,
             reload_due: true,
-            rejected: BTreeMap::new(),
-            last_good: BTreeMap::new(),
-            spawned: HashMap::new(),
+            refusals: BTreeMap::new(),
+            last_good: None,
+            pending: BTreeMap::new(),
+            memory,
+            tails: HashMap::new(),
+            host_error: None,
         })
     }
 
-    /// Makes the next pass call `reloadConfig` (to catch runtime config drift) and try
-    /// refused files again (the host may have changed: a user created, a directory made).
+    /// Makes the next pass call `reloadConfig` (to catch runtime config drift).
     pub fn request_reload(&mut self) {
         self.reload_due = true;
-        self.rejected.clear();
     }
 
     pub fn state(&self) -> &AgentState {
@@ -141,329 +160,451 @@ impl Reconciler {
         confdir::write_atomic(&self.state_path, &bytes)
     }
 
-    /// One pass: files, then groups, then processes, then status.
+    /// One pass: files, then `reloadConfig`, then groups and processes, then status.
     ///
     /// # Errors
     /// When the conf dir or supervisord cannot be used at all; problems of single programs
     /// are in the returned statuses.
     pub async fn pass(&mut self, desired: &Desired) -> Result<PassReport, PassError> {
+        let now = now_ms();
         let mut report = PassReport::default();
         let mut errors: BTreeMap<String, String> = desired.invalid.clone();
 
-        // 1. Files. A file supervisord refused is not written again until its content
-        // changes; meanwhile the last accepted version (if any) stays.
-        let mut want = Cow::Borrowed(&desired.files);
-        self.rejected
-            .retain(|file, (content, _)| want.get(file) == Some(content));
-        for (file, (_, why)) in &self.rejected {
-            match self.last_good.get(file) {
-                Some(good) => want.to_mut().insert(file.clone(), good.clone()),
-                None => want.to_mut().remove(file),
-            };
-            if let Some(name) = program_of(file) {
-                errors.insert(name, why.clone());
+        // 1. Files.
+        let on_disk = self.conf.read_managed()?.clone();
+        let mut last_good = self.last_good.take().unwrap_or_else(|| on_disk.clone());
+        // A refusal is about one content: a new spec is tried at once.
+        self.refusals.retain(|file, r| match managed_file_kind(file) {
+            Some(corral_proto::ManagedFile::Program(name)) => {
+                desired.programs.get(&name).is_some_and(|p| p.content == r.content)
             }
-        }
-        let observed = self.conf.read_managed()?;
-        let actions = plan_files(&want, observed);
+            Some(corral_proto::ManagedFile::Group(name)) => desired.native.contains_key(&name),
+            None => false,
+        });
+        let conflicts = plan::conflicts(desired, self.conf.foreign());
+        let mut want = plan::plan_want(desired, &last_good, &self.refusals, &conflicts, now);
+        let actions = plan::file_actions(&want.files, &on_disk);
         // Drift: a file on disk is no longer what supervisord last accepted from us.
         let drifted = actions
             .iter()
             .filter(|a| match a {
-                FileAction::Write { file, .. } => self
-                    .last_good
-                    .get(file)
-                    .is_some_and(|good| observed.get(file) != Some(good)),
+                FileAction::Write { file, .. } => {
+                    last_good.get(file).is_some_and(|good| on_disk.get(file) != Some(good))
+                }
                 FileAction::Remove { .. } => false,
             })
             .count();
-        report.corrections.extend(std::iter::repeat_n("conf_file", drifted));
-        for a in &actions {
-            match a {
-                FileAction::Write { file, content } => self.conf.write(file, content)?,
-                FileAction::Remove { file } => self.conf.remove(file)?,
-            }
-        }
+        report
+            .corrections
+            .extend(std::iter::repeat_n(Correction::ConfFile, drifted));
+        self.write_files(&actions)?;
         if !actions.is_empty() {
             self.reload_due = true;
         }
 
-        // 2. Groups, by supervisord's own verdict.
-        let mut group_error: Option<String> = None;
+        // 2. supervisord's verdict, taking out what it refuses.
         if self.reload_due {
-            match self.reload(&want, &mut errors).await? {
-                Ok(reload) => {
-                    let desired_groups = desired.groups();
-                    for action in plan_groups(&reload, &desired_groups, &self.state.managed_groups) {
-                        report.corrections.push("group");
-                        if let GroupAction::Remove(g) | GroupAction::Replace(g) = &action {
-                            let members = desired.programs.values().filter(|p| &p.group == g);
-                            report
-                                .stopped_by_agent
-                                .extend(members.flat_map(|p| p.namespecs.iter().cloned()));
-                        }
-                        let g = match &action {
-                            GroupAction::Remove(g) | GroupAction::Replace(g) | GroupAction::Add(g) => g,
-                        };
-                        let members = desired.programs.values().filter(|p| &p.group == g);
-                        match self.apply_group(&action).await {
-                            Err(e) => {
-                                for p in members {
-                                    errors.insert(p.name.clone(), e.to_string());
-                                }
-                            }
-                            Ok(()) if !matches!(action, GroupAction::Remove(_)) => {
-                                let now = Instant::now();
-                                let started =
-                                    members.filter(|p| p.state == corral_proto::resource::DesiredState::Running);
-                                self.spawned
-                                    .extend(started.flat_map(|p| p.namespecs.iter().map(move |ns| (ns.clone(), now))));
-                            }
-                            Ok(()) => {}
-                        }
-                    }
-                    self.state.managed_groups = desired_groups;
-                    self.last_good = want.clone().into_owned();
+            let outcome = self.reload(desired, &mut last_good, &conflicts, now).await;
+            want = plan::plan_want(desired, &last_good, &self.refusals, &conflicts, now);
+            match outcome {
+                Ok(Some(verdict)) => {
+                    self.pending = verdict;
+                    self.host_error = None;
                     self.reload_due = false;
                 }
-                Err(message) => group_error = Some(message),
+                Ok(None) => {}
+                Err(e) => {
+                    self.last_good = Some(last_good);
+                    return Err(e);
+                }
+            }
+        }
+        self.last_good = Some(last_good);
+        for (name, why) in &want.held {
+            errors.insert(name.clone(), why.clone());
+            if self.refusals.contains_key(&desired.programs[name].file_name) {
+                report.refused.insert(name.clone());
+            }
+        }
+        if let Some(e) = &self.host_error {
+            for name in desired.programs.keys() {
+                errors.entry(name.clone()).or_insert_with(|| e.clone());
             }
         }
 
-        // A program runs its current generation once supervisord accepted exactly its rendered
-        // file (a spec change that renders the same file, like a restart marker, counts too).
+        // 3. Groups and processes.
+        let infos = self.client.get_all_process_info().await?;
+        let observed = observe(&infos);
+        let loaded: BTreeSet<String> = desired
+            .programs
+            .values()
+            .filter(|p| want.files.contains_key(&p.file_name))
+            .map(|p| p.name.clone())
+            .collect();
+        if desired.programs.values().any(|p| {
+            loaded.contains(&p.name)
+                && !self.pending.contains_key(&p.group)
+                && p.namespecs.iter().any(|ns| !observed.contains_key(ns))
+        }) {
+            // A group Corral wants is not loaded (supervisord restarted from older files):
+            // ask supervisord again next pass.
+            self.reload_due = true;
+        }
+        let input = RuntimeInput {
+            desired,
+            loaded: &loaded,
+            pending: &self.pending,
+            observed: &observed,
+            applied: plan::Applied {
+                markers: &self.state.applied_markers,
+                signals: &self.state.applied_signals,
+            },
+            now_ms: now,
+        };
+        let runtime = plan::plan_runtime(&input, &mut self.memory);
+        let program_of_target = |target: &str| -> Vec<String> {
+            desired
+                .programs
+                .values()
+                .filter(|p| p.group == target || p.namespecs.iter().any(|ns| ns == target))
+                .map(|p| p.name.clone())
+                .collect()
+        };
+        let results = futures_util::future::join_all(runtime.actions.iter().map(|(a, _)| self.execute(a))).await;
+        let mut failed = BTreeSet::new();
+        for ((action, why), result) in runtime.actions.iter().zip(results) {
+            report.corrections.push(*why);
+            match action {
+                Action::Stop(ns) => {
+                    report.stopped_by_agent.insert(ns.clone());
+                }
+                Action::ReplaceGroup(g) | Action::RemoveGroup(g) => {
+                    report
+                        .stopped_by_agent
+                        .extend(observed.iter().filter(|(_, p)| &p.group == g).map(|(ns, _)| ns.clone()));
+                }
+                _ => {}
+            }
+            match result {
+                Err(e) => {
+                    tracing::warn!(host = %self.host, target = action.target(), error = %e, "supervisord refused an action");
+                    for name in program_of_target(action.target()) {
+                        failed.insert(name.clone());
+                        errors.insert(name, e.to_string());
+                    }
+                }
+                Ok(()) => match action {
+                    Action::AddGroup(g) | Action::ReplaceGroup(g) => {
+                        self.pending.remove(g);
+                        self.state.managed_groups.insert(g.clone());
+                        // A new config starts its crash-loop count afresh.
+                        self.memory.crash.retain(|ns, _| !in_group(ns, g));
+                        for p in desired.programs.values().filter(|p| &p.group == g) {
+                            if p.state == corral_proto::resource::DesiredState::Running {
+                                for ns in &p.namespecs {
+                                    self.memory.started.insert(ns.clone(), now);
+                                }
+                            }
+                        }
+                    }
+                    Action::RemoveGroup(g) => {
+                        self.pending.remove(g);
+                        self.state.managed_groups.remove(g);
+                        self.memory.crash.retain(|ns, _| !in_group(ns, g));
+                    }
+                    _ => {}
+                },
+            }
+        }
+        // Groups Corral wants loaded are its own from now on; removed ones stay its own until
+        // they are gone.
+        for p in desired.programs.values().filter(|p| loaded.contains(&p.name)) {
+            if observed.contains_key(p.namespecs.first().map_or("", String::as_str))
+                && !self.state.managed_groups.contains(&p.group)
+            {
+                self.state.managed_groups.insert(p.group.clone());
+            }
+        }
         for p in desired.programs.values() {
-            if !errors.contains_key(&p.name)
-                && self.last_good.get(&p.file_name) == Some(&p.content)
+            if failed.contains(&p.name) || !loaded.contains(&p.name) {
+                continue;
+            }
+            // Written only when they differ: a quiet pass allocates nothing here.
+            if self.state.applied_markers.get(&p.name) != Some(&p.restarted_at) && !self.pending.contains_key(&p.group)
+            {
+                self.state
+                    .applied_markers
+                    .insert(p.name.clone(), p.restarted_at.clone());
+            }
+            let signal_id = p.signal_request.as_ref().map(|(_, id)| id);
+            if self.state.applied_signals.get(&p.name).map(Option::as_ref) != Some(signal_id) {
+                self.state.applied_signals.insert(p.name.clone(), signal_id.cloned());
+            }
+        }
+        // A program runs its current generation once supervisord runs exactly its rendered
+        // file (a spec change that renders the same file, like a restart marker, counts too).
+        let last_good = self.last_good.as_ref().map_or_else(BTreeMap::new, Clone::clone);
+        for p in desired.programs.values() {
+            if plan::runs_generation(p, &last_good, &self.pending, &want.held)
                 && self.state.applied_generations.get(&p.name) != Some(&p.generation)
             {
                 self.state.applied_generations.insert(p.name.clone(), p.generation);
             }
         }
-        self.state
-            .applied_generations
-            .retain(|name, _| desired.programs.contains_key(name));
-
-        // 3. Processes.
-        let infos = self.client.get_all_process_info().await?;
-        let observed = observe(&infos);
-        if desired
-            .programs
-            .values()
-            .any(|p| p.namespecs.iter().any(|ns| !observed.contains_key(ns)))
-        {
-            // A desired group is not loaded (supervisord restarted from older files, or a
-            // reload failed): check again next pass.
-            self.reload_due = true;
+        let keep = |name: &String| desired.programs.contains_key(name);
+        self.state.applied_generations.retain(|n, _| keep(n));
+        self.state.applied_markers.retain(|n, _| keep(n));
+        self.state.applied_signals.retain(|n, _| keep(n));
+        if self.state.crash != self.memory.crash {
+            self.state.crash = self.memory.crash.clone();
         }
-        let applied = plan::Applied {
-            markers: &self.state.applied_markers,
-            signals: &self.state.applied_signals,
-        };
-        let actions = plan_processes(desired, &observed, &applied);
-        let mut failed_programs = BTreeSet::new();
-        for action in &actions {
-            let (ns, kind) = match action {
-                ProcessAction::Start(ns) => (ns, "process_started"),
-                ProcessAction::Stop(ns) => (ns, "process_stopped"),
-                ProcessAction::Restart(ns) => (ns, "process_restarted"),
-                ProcessAction::Signal(ns, _) => (ns, "process_signalled"),
-            };
-            report.corrections.push(kind);
-            if matches!(action, ProcessAction::Stop(_) | ProcessAction::Restart(_)) {
-                report.stopped_by_agent.insert(ns.clone());
-            }
-            match self.apply_process(action).await {
-                Err(e) => {
-                    if let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns)) {
-                        failed_programs.insert(p.name.clone());
-                        errors.insert(p.name.clone(), e.to_string());
-                    }
-                }
-                Ok(()) if matches!(action, ProcessAction::Start(_) | ProcessAction::Restart(_)) => {
-                    self.spawned.insert(ns.clone(), Instant::now());
-                }
-                Ok(()) => {}
-            }
-        }
-        for p in desired.programs.values() {
-            if !failed_programs.contains(&p.name) {
-                // Written only when they differ: a quiet pass allocates nothing here.
-                if self.state.applied_markers.get(&p.name) != Some(&p.restarted_at) {
-                    self.state
-                        .applied_markers
-                        .insert(p.name.clone(), p.restarted_at.clone());
-                }
-                let signal_id = p.signal_request.as_ref().map(|(_, id)| id);
-                if self.state.applied_signals.get(&p.name).map(Option::as_ref) != Some(signal_id) {
-                    self.state.applied_signals.insert(p.name.clone(), signal_id.cloned());
-                }
-            }
-        }
-        self.state
-            .applied_markers
-            .retain(|name, _| desired.programs.contains_key(name));
-        self.state
-            .applied_signals
-            .retain(|name, _| desired.programs.contains_key(name));
         if self.state != self.saved {
             self.save_state()?;
             self.saved = self.state.clone();
         }
 
         // 4. Status.
-        let (infos, observed) = if actions.is_empty() {
+        let (infos, observed) = if runtime.actions.is_empty() {
             (infos, observed)
         } else {
             let infos = self.client.get_all_process_info().await?;
             let observed = observe(&infos);
             (infos, observed)
         };
-        let by_namespec: HashMap<String, &ProcessInfo> = infos.iter().map(|i| (i.namespec(), i)).collect();
-        for p in desired.programs.values() {
-            let processes = p
-                .namespecs
-                .iter()
-                .filter_map(|ns| Some((ns, by_namespec.get(ns)?)))
-                .map(|(ns, i)| ProcessStatus {
-                    name: ns.clone(),
-                    state: i.statename.clone(),
-                    pid: i.pid,
-                    started_at: i.start,
-                    exit_status: i.exitstatus,
-                    spawn_error: i.spawnerr.clone(),
-                })
-                .collect();
-            let error = errors.get(&p.name).cloned().or_else(|| group_error.clone());
-            report.statuses.insert(
-                p.name.clone(),
-                ProgramHostStatus {
-                    host: self.host.clone(),
-                    program: p.name.clone(),
-                    observed_generation: self.state.applied_generations.get(&p.name).copied().unwrap_or(0),
-                    desired_state: p.state,
-                    processes,
-                    ready: error.is_none() && plan::is_ready(p, &observed),
-                    error,
-                },
-            );
-        }
-        for (name, why) in &desired.invalid {
-            report.statuses.insert(
-                name.clone(),
-                ProgramHostStatus {
-                    host: self.host.clone(),
-                    program: name.clone(),
-                    observed_generation: 0,
-                    desired_state: Default::default(),
-                    processes: Vec::new(),
-                    ready: false,
-                    error: Some(why.clone()),
-                },
-            );
-        }
-        // After adding a group or starting a process, look again soon: supervisord spawns
-        // asynchronously, and the process's STARTING phase decides the next recheck.
-        let acted = report
-            .corrections
+        self.read_stderr_tails(desired, &observed).await;
+        let tails: HashMap<String, String> = self
+            .tails
             .iter()
-            .any(|c| matches!(*c, "group" | "process_started" | "process_restarted"));
-        let soon = acted.then_some(POLL);
-        // Processes this agent started are polled from when they are due RUNNING (supervisord
-        // declares it on its own loop, which each call also wakes). Others (autorestarts) are
-        // reported by the next resync: no polling for a crash loop.
-        let now = Instant::now();
-        let mut due: Option<Duration> = None;
-        self.spawned.retain(|ns, at| {
-            let Some(p) = desired.programs.values().find(|p| p.namespecs.contains(ns)) else {
-                return false;
-            };
-            let pending = by_namespec
-                .get(ns)
-                .is_some_and(|i| matches!(i.state, ProcessState::Starting | ProcessState::Stopped));
-            let running_at = *at + Duration::from_secs(p.startsecs);
-            let keep = pending && now < running_at + SPAWN_GRACE;
-            if keep {
-                let wait = running_at.saturating_duration_since(now).max(POLL);
-                due = Some(due.map_or(wait, |d| d.min(wait)));
-            }
-            keep
+            .map(|(ns, (_, _, t))| (ns.clone(), t.clone()))
+            .collect();
+        report.statuses = plan::statuses(&plan::StatusInput {
+            host: &self.host,
+            desired,
+            observed: &observed,
+            errors: &errors,
+            generations: &self.state.applied_generations,
+            memory: &self.memory,
+            stderr_tails: &tails,
         });
-        report.recheck_after = due.into_iter().chain(soon).min();
+        let acted = report.corrections.iter().any(|c| {
+            matches!(
+                c,
+                Correction::Group
+                    | Correction::ProcessStarted
+                    | Correction::ProcessRestarted
+                    | Correction::CrashLoopRestart
+            )
+        });
+        report.recheck_after = plan::next_look(
+            desired,
+            &observed,
+            &mut self.memory,
+            self.refusals.values().map(Refusal::retry_at_ms),
+            acted,
+            now_ms(),
+        );
         report.processes = infos;
         Ok(report)
     }
 
-    /// `reloadConfig`, taking out managed files supervisord refuses one by one (restoring
-    /// their last accepted version, or removing them), so one bad program never blocks the
-    /// others. `Ok(Err(message))` when supervisord refuses a file that is not Corral's.
+    fn write_files(&mut self, actions: &[FileAction]) -> Result<(), confdir::Error> {
+        for a in actions {
+            match a {
+                FileAction::Write { file, content } => self.conf.write(file, content)?,
+                FileAction::Remove { file } => self.conf.remove(file)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `reloadConfig` until supervisord accepts the conf dir: each managed file it refuses is
+    /// found (from its error, or by trying the files this pass changed one at a time), held
+    /// back (its last accepted version restored, or removed) and recorded as refused, so one
+    /// bad program never blocks the others.
+    ///
+    /// Returns the pending group changes, or `None` when supervisord refuses something that
+    /// is not Corral's (then `host_error` says what, and nothing of Corral's is blamed).
     async fn reload(
         &mut self,
-        want: &BTreeMap<String, String>,
-        errors: &mut BTreeMap<String, String>,
-    ) -> Result<Result<supervisor::ReloadResult, String>, PassError> {
-        let mut attempts = 0;
-        loop {
-            match self.client.reload_config().await {
-                Ok(r) => return Ok(Ok(r)),
+        desired: &Desired,
+        last_good: &mut BTreeMap<String, String>,
+        conflicts: &BTreeMap<String, String>,
+        now: i64,
+    ) -> Result<Option<BTreeMap<String, GroupChange>>, PassError> {
+        let mut want = plan::plan_want(desired, last_good, &self.refusals, conflicts, now);
+        for _ in 0..=want.files.len() + 1 {
+            let message = match self.client.reload_config().await {
+                Ok(r) => {
+                    *last_good = want.files.clone();
+                    let loaded: BTreeSet<String> = desired
+                        .programs
+                        .values()
+                        .filter(|p| want.files.contains_key(&p.file_name))
+                        .map(|p| p.group.clone())
+                        .collect();
+                    return Ok(Some(plan::pending_changes(
+                        &r.added,
+                        &r.changed,
+                        &r.removed,
+                        &loaded,
+                        &self.state.managed_groups,
+                    )));
+                }
                 Err(supervisor::Error::Fault {
                     code: FaultCode::CantReread,
                     message,
                     ..
-                }) => {
-                    attempts += 1;
-                    let culprit = want
-                        .keys()
-                        .find(|f| message.contains(&self.conf.file(f).display().to_string()))
-                        .cloned();
-                    let Some(file) = culprit.filter(|_| attempts <= want.len()) else {
-                        return Ok(Err(format!("supervisord cannot re-read its configuration: {message}")));
-                    };
-                    let content = want.get(&file).cloned().unwrap_or_default();
-                    let why = format!("supervisord refused the rendered config on this host: {message}");
-                    tracing::warn!(host = %self.host, file = %file, "supervisord refused a managed file");
-                    match self.last_good.get(&file).filter(|good| **good != content) {
-                        Some(good) => self.conf.write(&file, good)?,
-                        None => self.conf.remove(&file)?,
-                    }
-                    if let Some(name) = program_of(&file) {
-                        errors.insert(name, why.clone());
-                    }
-                    self.rejected.insert(file, (content, why));
-                }
+                }) => message,
                 Err(e) => return Err(e.into()),
+            };
+            let paths: BTreeMap<String, Vec<String>> = want
+                .files
+                .keys()
+                .map(|f| {
+                    let path = self.conf.file(f);
+                    let mut paths = vec![path.display().to_string()];
+                    if let Ok(real) = std::fs::canonicalize(&path) {
+                        paths.push(real.display().to_string());
+                    }
+                    (f.clone(), paths)
+                })
+                .collect();
+            let culprit = match plan::culprit(&message, &paths) {
+                Some(f) => Some(f),
+                None => self.isolate(&want.files, last_good).await?,
+            };
+            let Some(file) = culprit else {
+                tracing::warn!(host = %self.host, error = %message, "supervisord cannot re-read its configuration");
+                self.host_error = Some(format!("supervisord cannot re-read its configuration: {message}"));
+                return Ok(None);
+            };
+            let content = want.files.get(&file).cloned().unwrap_or_default();
+            tracing::warn!(host = %self.host, file = %file, "supervisord refused a managed file");
+            let why = format!("supervisord refused the rendered config on this host: {message}");
+            if last_good.get(&file) == Some(&content) {
+                // The version it accepted before is refused now (the host changed): nothing
+                // of this program's can stay.
+                last_good.remove(&file);
             }
+            let desired_content = desired
+                .programs
+                .values()
+                .find(|p| p.file_name == file)
+                .map_or(content, |p| p.content.clone());
+            let count = self
+                .refusals
+                .get(&file)
+                .filter(|r| r.content == desired_content)
+                .map_or(1, |r| r.count + 1);
+            self.refusals.insert(
+                file,
+                Refusal {
+                    content: desired_content,
+                    why,
+                    at_ms: now,
+                    count,
+                },
+            );
+            want = plan::plan_want(desired, last_good, &self.refusals, conflicts, now);
+            let on_disk = self.conf.read_managed()?.clone();
+            self.write_files(&plan::file_actions(&want.files, &on_disk))?;
         }
+        self.host_error = Some("supervisord keeps refusing the configuration".to_string());
+        Ok(None)
     }
 
-    async fn apply_group(&self, action: &GroupAction) -> Result<(), supervisor::Error> {
-        match action {
-            GroupAction::Remove(g) | GroupAction::Replace(g) => {
-                tolerate(self.client.stop_process_group(g, true).await, FaultCode::BadName)?;
-                tolerate(self.client.remove_process_group(g).await, FaultCode::BadName)?;
-                if let GroupAction::Replace(g) = action {
-                    tolerate(self.client.add_process_group(g).await, FaultCode::AlreadyAdded)?;
-                }
-                Ok(())
-            }
-            GroupAction::Add(g) => tolerate(self.client.add_process_group(g).await, FaultCode::AlreadyAdded),
+    /// Finds the file supervisord refuses when its error names none of Corral's: puts back
+    /// the last accepted version of every file this pass changed, then tries them one at a
+    /// time (native group files last: they name their members). `None` if the conf dir is
+    /// refused even without this pass's changes, so the culprit is not Corral's.
+    async fn isolate(
+        &mut self,
+        want: &BTreeMap<String, String>,
+        last_good: &BTreeMap<String, String>,
+    ) -> Result<Option<String>, PassError> {
+        let mut changed: Vec<&String> = want.keys().filter(|f| last_good.get(*f) != want.get(*f)).collect();
+        if changed.is_empty() {
+            return Ok(None);
         }
+        changed.sort_by_key(|f| {
+            (
+                matches!(managed_file_kind(f), Some(corral_proto::ManagedFile::Group(_))),
+                *f,
+            )
+        });
+        let revert = |conf: &mut ConfDir, f: &str| match last_good.get(f) {
+            Some(good) => conf.write(f, good),
+            None => conf.remove(f),
+        };
+        for f in &changed {
+            revert(&mut self.conf, f)?;
+        }
+        if self.client.reload_config().await.is_err() {
+            return Ok(None);
+        }
+        for f in changed {
+            self.conf.write(f, &want[f])?;
+            if self.client.reload_config().await.is_err() {
+                revert(&mut self.conf, f)?;
+                return Ok(Some(f.clone()));
+            }
+        }
+        Ok(None)
     }
 
-    async fn apply_process(&self, action: &ProcessAction) -> Result<(), supervisor::Error> {
+    async fn execute(&self, action: &Action) -> Result<(), supervisor::Error> {
+        let c = &self.client;
         match action {
-            ProcessAction::Start(ns) => tolerate(self.client.start_process(ns, false).await, FaultCode::AlreadyStarted),
-            ProcessAction::Stop(ns) => tolerate(self.client.stop_process(ns, true).await, FaultCode::NotRunning),
-            ProcessAction::Restart(ns) => {
-                tolerate(self.client.stop_process(ns, true).await, FaultCode::NotRunning)?;
-                tolerate(self.client.start_process(ns, false).await, FaultCode::AlreadyStarted)
+            Action::AddGroup(g) => tolerate(c.add_process_group(g).await, FaultCode::AlreadyAdded),
+            Action::RemoveGroup(g) => tolerate(c.remove_process_group(g).await, FaultCode::BadName),
+            Action::ReplaceGroup(g) => {
+                tolerate(c.remove_process_group(g).await, FaultCode::BadName)?;
+                tolerate(c.add_process_group(g).await, FaultCode::AlreadyAdded)
             }
+            Action::Stop(ns) => tolerate(c.stop_process(ns, false).await, FaultCode::NotRunning),
+            Action::Start(ns) => tolerate(c.start_process(ns, false).await, FaultCode::AlreadyStarted),
             // A process that stopped meanwhile has nothing to receive the signal.
-            ProcessAction::Signal(ns, sig) => {
-                tolerate(self.client.signal_process(ns, sig).await, FaultCode::NotRunning)
-            }
+            Action::Signal(ns, sig) => tolerate(c.signal_process(ns, sig).await, FaultCode::NotRunning),
         }
     }
+
+    /// Reads the stderr tail of each failing process of Corral's once per failure (a new
+    /// start time or state), so a crash loop costs one read per crash, not one per pass.
+    async fn read_stderr_tails(&mut self, desired: &Desired, observed: &Observed) {
+        let failing: Vec<(&String, &Proc)> = desired
+            .programs
+            .values()
+            .flat_map(|p| p.namespecs.iter())
+            .filter_map(|ns| Some((ns, observed.get(ns)?)))
+            .filter(|(_, p)| plan::is_failing(p))
+            .collect();
+        self.tails.retain(|ns, _| failing.iter().any(|(f, _)| *f == ns));
+        for (ns, p) in failing {
+            if self
+                .tails
+                .get(ns)
+                .is_some_and(|(start, state, _)| *start == p.start && *state == p.statename)
+            {
+                continue;
+            }
+            let text = match self.client.tail_process_stderr_log(ns, 0, STDERR_TAIL_BYTES).await {
+                Ok(t) => last_lines(&t.text, 10),
+                Err(_) => String::new(),
+            };
+            self.tails.insert(ns.clone(), (p.start, p.statename.clone(), text));
+        }
+    }
+}
+
+/// The last `n` lines of `text` (a tail read from the middle of a line drops that line).
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let from = lines.len().saturating_sub(n);
+    lines[from..].join("\n")
+}
+
+fn in_group(ns: &str, group: &str) -> bool {
+    ns == group || ns.strip_prefix(group).is_some_and(|r| r.starts_with(':'))
 }
 
 /// Treats the fault `fine` as success: the call's goal already holds (already started,
@@ -475,13 +616,34 @@ fn tolerate<T>(r: Result<T, supervisor::Error>, fine: FaultCode) -> Result<(), s
     }
 }
 
-fn observe(infos: &[ProcessInfo]) -> Observed {
-    infos.iter().map(|i| (i.namespec(), i.state)).collect()
-}
-
-fn program_of(file: &str) -> Option<String> {
-    match managed_file_kind(file)? {
-        corral_proto::render::ManagedFile::Program(name) => Some(name),
-        corral_proto::render::ManagedFile::Group(_) => None,
-    }
+/// supervisord's processes as the plan sees them.
+pub fn observe(infos: &[ProcessInfo]) -> Observed {
+    infos
+        .iter()
+        .map(|i| {
+            let state = match i.state {
+                ProcessState::Stopped => ProcState::Stopped,
+                ProcessState::Starting => ProcState::Starting,
+                ProcessState::Running => ProcState::Running,
+                ProcessState::Backoff => ProcState::Backoff,
+                ProcessState::Stopping => ProcState::Stopping,
+                ProcessState::Exited => ProcState::Exited,
+                ProcessState::Fatal => ProcState::Fatal,
+                ProcessState::Unknown => ProcState::Unknown,
+            };
+            (
+                i.namespec(),
+                Proc {
+                    group: i.group.clone(),
+                    state,
+                    pid: i.pid,
+                    start: i.start,
+                    exit_status: i.exitstatus,
+                    spawn_error: i.spawnerr.clone(),
+                    description: i.description.clone(),
+                    statename: i.statename.clone(),
+                },
+            )
+        })
+        .collect()
 }

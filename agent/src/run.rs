@@ -18,7 +18,7 @@ use crate::confdir::{self, ConfDir};
 use crate::etcd::{self, Assignments, EtcdConfig, Statuses};
 use crate::metrics::{AgentMetrics, ProcessHistory};
 use crate::plan;
-use crate::reconcile::Reconciler;
+use crate::reconcile::{self, Reconciler};
 use crate::supervisor::{self, Client, ClientConfig};
 
 /// Everything the agent needs to run.
@@ -94,6 +94,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let (desired_tx, mut desired_rx) = watch::channel::<Assignments>(Arc::new(load_cache(&cfg.state_dir)));
     let (status_tx, status_rx) = watch::channel::<Statuses>(Arc::new(BTreeMap::new()));
     let (connected_tx, connected_rx) = watch::channel(false);
+    let (health_tx, health_rx) = watch::channel::<etcd::Health>(None);
     let tracker = TaskTracker::new();
 
     let mut registry = Registry::default();
@@ -130,28 +131,23 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         let cfg = cfg.etcd.clone();
         let stop = shutdown.clone();
         let client = client.clone();
-        let mut status_rx = status_rx.clone();
+        let mut channels = etcd::Channels {
+            desired: desired_tx,
+            statuses: status_rx,
+            health: health_rx,
+            connected: connected_tx,
+        };
         tracker.spawn(async move {
             let mut pause = Duration::from_millis(500);
             let mut next_member = 0;
             while !stop.is_cancelled() {
                 let version = client.get_supervisor_version().await.ok();
                 let started = Instant::now();
-                match etcd::session(
-                    &cfg,
-                    &mut next_member,
-                    version,
-                    &desired_tx,
-                    &mut status_rx,
-                    &connected_tx,
-                    &stop,
-                )
-                .await
-                {
+                match etcd::session(&cfg, &mut next_member, version, &mut channels, &stop).await {
                     Ok(()) => break,
                     Err(e) => tracing::warn!(error = %e, "etcd session ended; keeping the last known state"),
                 }
-                connected_tx.send_replace(false);
+                channels.connected.send_replace(false);
                 if started.elapsed() > Duration::from_secs(30) {
                     pause = Duration::from_millis(500);
                 }
@@ -193,6 +189,14 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
                     .1
             }
         };
+        // Cached before acting on it, so an agent restarted while etcd is away never acts on
+        // older intent than it last acted on (a `corral stop` it carried out stays carried out).
+        if new_assignments {
+            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
+            if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
+                tracing::warn!(error = %e, "cannot cache assignments");
+            }
+        }
         if last_reload.elapsed() >= cfg.reload_every {
             reconciler.request_reload();
             last_reload = Instant::now();
@@ -206,17 +210,22 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
                     tracing::info!(corrections = ?report.corrections, "reconciled");
                 }
                 status_tx.send_replace(Arc::new(report.statuses));
+                health_tx.send_if_modified(|h| h.take().is_some());
             }
             Err(e) => {
+                // Tried again at the next resync, not at a recheck meant for a pass that worked.
+                recheck = None;
                 metrics.pass_failed(started.elapsed(), e.metric_label());
                 tracing::warn!(error = %e, "reconcile pass failed");
-            }
-        }
-        // Cached for a start without etcd; after the pass, which it must not delay.
-        if new_assignments {
-            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
-            if let Err(e) = confdir::write_atomic(&cfg.state_dir.join(CACHE_FILE), &bytes) {
-                tracing::warn!(error = %e, "cannot cache assignments");
+                let reason = match &e {
+                    reconcile::PassError::Supervisor(e) => format!("supervisord: {e}"),
+                    reconcile::PassError::ConfDir(e) => format!("conf dir: {e}"),
+                };
+                health_tx.send_if_modified(|h| {
+                    let changed = h.as_ref() != Some(&reason);
+                    *h = Some(reason);
+                    changed
+                });
             }
         }
     }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use corral_cli::client::ApiClient;
 use corral_proto::resource::DesiredState;
 
-use crate::online::{Change, KindArg, Output, What};
+use crate::online::{Change, DescribeKind, KindArg, Output, What};
 
 /// Declarative, continuously reconciled supervisord across a fleet.
 #[derive(Debug, Parser)]
@@ -55,9 +55,9 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
     },
-    /// Show a program's spec, per-host status and errors.
+    /// Show a program's spec, per-host status and errors; a group; a host and why it is not ready.
     Describe {
-        kind: KindArg,
+        kind: DescribeKind,
         name: String,
         /// Show environment values (hidden by default: they are often secrets).
         #[arg(long)]

@@ -40,6 +40,14 @@ pub enum KindArg {
     Group,
 }
 
+/// What `describe` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DescribeKind {
+    Program,
+    Group,
+    Host,
+}
+
 impl KindArg {
     fn kind(self) -> Kind {
         match self {
@@ -298,7 +306,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                 print_structured(&hosts, name.is_some(), o)?;
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut t = table(&["NAME", "READY", "LABELS", "AGENT", "SUPERVISORD"]);
+            let mut t = table(&["NAME", "READY", "LABELS", "AGENT", "SUPERVISORD", "REASON"]);
             for h in &hosts {
                 let s = h.status.clone().unwrap_or_default();
                 t.add_row(vec![
@@ -312,6 +320,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                         .join(","),
                     s.agent_version.unwrap_or_default(),
                     s.supervisord_version.unwrap_or_default(),
+                    s.reason.unwrap_or_default(),
                 ]);
             }
             println!("{t}");
@@ -321,13 +330,31 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
 }
 
 /// `describe program NAME`: spec, then per-host status and errors.
-pub async fn describe(api: &ApiClient, kind: KindArg, name: &str, show_secrets: bool) -> anyhow::Result<ExitCode> {
+pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secrets: bool) -> anyhow::Result<ExitCode> {
     match kind {
-        KindArg::Group => {
+        DescribeKind::Group => {
             let g: Group = api.group(name).await?;
             print!("{}", yaml_of(&g));
         }
-        KindArg::Program => {
+        DescribeKind::Host => {
+            let h = api
+                .hosts()
+                .await?
+                .into_iter()
+                .find(|h| h.metadata.name == name)
+                .ok_or_else(|| anyhow::anyhow!("host {name:?} not found"))?;
+            let s = h.status.clone().unwrap_or_default();
+            println!("Name:         {}", h.metadata.name);
+            println!("Ready:        {}", if s.ready { "Ready" } else { "NotReady" });
+            if let Some(why) = &s.reason {
+                println!("Reason:       {why}");
+            }
+            let labels: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("Labels:       {}", labels.join(","));
+            println!("Agent:        {}", s.agent_version.unwrap_or_default());
+            println!("Supervisord:  {}", s.supervisord_version.unwrap_or_default());
+        }
+        DescribeKind::Program => {
             let p = api.program(name).await?;
             let v = status_view(&p);
             println!("Name:        {}", p.metadata.name);
@@ -386,6 +413,21 @@ pub async fn describe(api: &ApiClient, kind: KindArg, name: &str, show_secrets: 
                 println!("Errors:");
                 for (h, e) in errors {
                     println!("  {h}: {e}");
+                }
+            }
+            let failing: Vec<_> = v
+                .hosts
+                .iter()
+                .flat_map(|h| h.processes.iter().map(move |p| (h.host.as_str(), p)))
+                .filter(|(_, p)| matches!(p.state.as_str(), "FATAL" | "BACKOFF" | "EXITED") || p.crash_restarts > 0)
+                .collect();
+            if !failing.is_empty() {
+                println!("Failing processes:");
+                for (host, p) in failing {
+                    println!("  {host} {}: {}", p.name, process_problem(p, now));
+                    for l in p.stderr_tail.lines() {
+                        println!("    | {l}");
+                    }
                 }
             }
         }
@@ -495,7 +537,8 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
     } else {
         println!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
         for h in &s.not_ready_hosts {
-            println!("  {h}: NotReady (agent not reporting)");
+            let why = s.not_ready_reasons.get(h).map_or("agent not reporting", String::as_str);
+            println!("  {h}: NotReady ({why})");
         }
         let off: BTreeMap<&str, _> = s
             .programs
@@ -519,4 +562,13 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
     } else {
         ExitCode::from(1)
     })
+}
+
+/// One line on a failing process, with when the crash-loop policy starts it next.
+fn process_problem(p: &corral_proto::fleet::ProcessStatus, now: i64) -> String {
+    let mut line = p.summary();
+    if p.next_retry_at > 0 {
+        line.push_str(&format!(", next start in {}s", (p.next_retry_at - now).max(0)));
+    }
+    line
 }

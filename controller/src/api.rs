@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::metrics::ControllerMetrics;
 use crate::placement::selects;
-use crate::status::{fleet_status, program_status};
+use crate::status::{fleet_status, host_readiness, program_status};
 use crate::store::{Applied, Object, Store, StoreError};
 use corral_proto::fleet::FleetStatus;
 
@@ -318,7 +318,7 @@ async fn put_group(
 /// Fills each program's `status` from the agents' reports.
 async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
     let hosts = store.hosts().await?;
-    let alive = store.alive().await?;
+    let readiness = host_readiness(&hosts, &store.alive().await?);
     let reports = store.reports().await?;
     for p in &mut programs {
         let assigned: BTreeSet<String> = hosts
@@ -326,7 +326,7 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
             .filter(|h| selects(p, h))
             .map(|h| h.metadata.name.clone())
             .collect();
-        let view = program_status(p, &assigned, &reports, &alive);
+        let view = program_status(p, &assigned, &reports, &readiness);
         p.status = serde_json::to_value(view).ok();
     }
     Ok(programs)
@@ -385,11 +385,13 @@ async fn delete_group(
 }
 
 async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
-    let alive = state.store.alive().await?;
     let mut hosts = state.store.hosts().await?;
+    let readiness = host_readiness(&hosts, &state.store.alive().await?);
     for h in &mut hosts {
         let status = h.status.get_or_insert_with(Default::default);
-        status.ready = alive.contains(&h.metadata.name);
+        let why = readiness.get(&h.metadata.name).cloned().flatten();
+        status.ready = why.is_none();
+        status.reason = why;
     }
     Ok(Json(hosts))
 }
@@ -402,7 +404,7 @@ async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
 async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiError> {
     let programs: Vec<Program> = store.list().await?;
     let hosts = store.hosts().await?;
-    let alive = store.alive().await?;
+    let readiness = host_readiness(&hosts, &store.alive().await?);
     let reports = store.reports().await?;
     let mut assigned: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for p in &programs {
@@ -416,5 +418,5 @@ async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiErro
         );
     }
     let names = hosts.iter().map(|h| h.metadata.name.clone()).collect();
-    Ok((fleet_status(&programs, &assigned, &reports, &hosts, &alive), names))
+    Ok((fleet_status(&programs, &assigned, &reports, &readiness), names))
 }

@@ -5,12 +5,39 @@ use std::collections::{BTreeMap, BTreeSet};
 use corral_proto::fleet::{FleetStatus, HostProgramView, ProgramHostStatus, ProgramStatusView, ProgramSummary};
 use corral_proto::resource::{Host, Program};
 
+/// Each registered host's readiness: `None` when ready, else why not. A host is ready when
+/// its agent holds its liveness lease and does not report itself unready (supervisord
+/// unreachable or refusing its credentials).
+pub fn host_readiness(hosts: &[Host], alive: &BTreeSet<String>) -> Readiness {
+    hosts
+        .iter()
+        .map(|h| {
+            let name = h.metadata.name.clone();
+            let why = if !alive.contains(&name) {
+                Some(AGENT_SILENT.to_string())
+            } else {
+                h.status.as_ref().filter(|s| !s.ready).map(|s| {
+                    s.reason
+                        .clone()
+                        .unwrap_or_else(|| "the agent reports it not ready".to_string())
+                })
+            };
+            (name, why)
+        })
+        .collect()
+}
+
+/// Host -> why it is not ready (`None`: ready).
+pub type Readiness = BTreeMap<String, Option<String>>;
+
+const AGENT_SILENT: &str = "its agent is not reporting";
+
 /// Aggregates the reports of the hosts `p` is assigned to.
 pub fn program_status(
     p: &Program,
     assigned: &BTreeSet<String>,
     reports: &BTreeMap<(String, String), ProgramHostStatus>,
-    alive: &BTreeSet<String>,
+    readiness: &Readiness,
 ) -> ProgramStatusView {
     let mut view = ProgramStatusView {
         desired: assigned.len(),
@@ -18,7 +45,11 @@ pub fn program_status(
     };
     for host in assigned {
         let report = reports.get(&(host.clone(), p.metadata.name.clone()));
-        let host_ready = alive.contains(host);
+        let not_ready = match readiness.get(host) {
+            Some(why) => why.clone(),
+            None => Some(AGENT_SILENT.to_string()),
+        };
+        let host_ready = not_ready.is_none();
         let observed_generation = report.map_or(0, |r| r.observed_generation);
         let updated = observed_generation >= p.metadata.generation;
         let ready = updated && host_ready && report.is_some_and(|r| r.ready);
@@ -32,7 +63,7 @@ pub fn program_status(
             processes: report.map(|r| r.processes.clone()).unwrap_or_default(),
             error: report
                 .and_then(|r| r.error.clone())
-                .or_else(|| (!host_ready).then(|| "host not ready: its agent is not reporting".to_string())),
+                .or_else(|| not_ready.map(|why| format!("host not ready: {why}"))),
         });
     }
     view
@@ -43,19 +74,18 @@ pub fn fleet_status(
     programs: &[Program],
     assigned: &BTreeMap<String, BTreeSet<String>>,
     reports: &BTreeMap<(String, String), ProgramHostStatus>,
-    hosts: &[Host],
-    alive: &BTreeSet<String>,
+    readiness: &Readiness,
 ) -> FleetStatus {
     let empty = BTreeSet::new();
-    let not_ready_hosts: Vec<String> = hosts
+    let not_ready_reasons: BTreeMap<String, String> = readiness
         .iter()
-        .map(|h| h.metadata.name.clone())
-        .filter(|h| !alive.contains(h))
+        .filter_map(|(h, why)| Some((h.clone(), why.clone()?)))
         .collect();
+    let not_ready_hosts: Vec<String> = not_ready_reasons.keys().cloned().collect();
     let programs = programs
         .iter()
         .map(|p| {
-            let view = program_status(p, assigned.get(&p.metadata.name).unwrap_or(&empty), reports, alive);
+            let view = program_status(p, assigned.get(&p.metadata.name).unwrap_or(&empty), reports, readiness);
             ProgramSummary {
                 name: p.metadata.name.clone(),
                 generation: p.metadata.generation,
@@ -79,7 +109,7 @@ pub fn fleet_status(
                             h.host,
                             h.processes
                                 .iter()
-                                .map(|pr| format!("{} {}", pr.name, pr.state))
+                                .map(|pr| format!("{} {}", pr.name, pr.summary()))
                                 .collect::<Vec<_>>()
                                 .join(", ")
                         ),
@@ -89,9 +119,10 @@ pub fn fleet_status(
         })
         .collect();
     FleetStatus {
-        hosts: hosts.len(),
-        hosts_ready: hosts.len() - not_ready_hosts.len(),
+        hosts: readiness.len(),
+        hosts_ready: readiness.len() - not_ready_hosts.len(),
         not_ready_hosts,
+        not_ready_reasons,
         programs,
     }
 }
@@ -138,13 +169,6 @@ mod tests {
         ]
         .into();
         let alive: BTreeSet<String> = ["h1", "h2", "h3"].map(String::from).into();
-        let v = program_status(&p, &assigned, &reports, &alive);
-        assert_eq!((v.desired, v.updated, v.ready), (4, 3, 1));
-        assert_eq!(
-            v.hosts[3].error.as_deref(),
-            Some("host not ready: its agent is not reporting")
-        );
-
         let hosts: Vec<Host> = ["h1", "h2", "h3", "h4"]
             .iter()
             .map(|h| {
@@ -157,10 +181,46 @@ mod tests {
                 )
             })
             .collect();
-        let f = fleet_status(&[p], &[("web".to_string(), assigned)].into(), &reports, &hosts, &alive);
+        let readiness = host_readiness(&hosts, &alive);
+        let v = program_status(&p, &assigned, &reports, &readiness);
+        assert_eq!((v.desired, v.updated, v.ready), (4, 3, 1));
+        assert_eq!(
+            v.hosts[3].error.as_deref(),
+            Some("host not ready: its agent is not reporting")
+        );
+        let f = fleet_status(&[p], &[("web".to_string(), assigned)].into(), &reports, &readiness);
         assert_eq!(f.not_ready_hosts, ["h4"]);
         assert!(!f.converged());
         assert_eq!(f.programs[0].problems.len(), 3);
         assert!(f.programs[0].problems[0].starts_with("h2: runs generation 1 of 2"));
+    }
+
+    #[test]
+    fn a_host_whose_agent_reports_it_unready_is_not_ready_with_the_reason() {
+        let mut host = Host::new(
+            Metadata {
+                name: "h1".into(),
+                ..Default::default()
+            },
+            Default::default(),
+        );
+        host.status = Some(corral_proto::resource::HostStatus {
+            ready: false,
+            reason: Some("supervisord refused the credentials".into()),
+            ..Default::default()
+        });
+        let alive: BTreeSet<String> = ["h1".to_string()].into();
+        let r = host_readiness(&[host.clone()], &alive);
+        assert_eq!(r["h1"].as_deref(), Some("supervisord refused the credentials"));
+        host.status = Some(corral_proto::resource::HostStatus {
+            ready: true,
+            ..Default::default()
+        });
+        assert_eq!(host_readiness(&[host.clone()], &alive)["h1"], None);
+        // Without its lease, whatever it last said.
+        assert_eq!(
+            host_readiness(&[host], &BTreeSet::new())["h1"].as_deref(),
+            Some("its agent is not reporting")
+        );
     }
 }

@@ -40,6 +40,44 @@ pub struct ProcessStatus {
     pub exit_status: i64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub spawn_error: String,
+    /// supervisord's description (`pid 123, uptime 0:01:02`, `Exited too quickly`, ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    /// How many times Corral's crash-loop policy has started it again since it last stayed up.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub crash_restarts: u32,
+    /// Unix time of the crash-loop policy's next start, while it waits (FATAL).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub next_retry_at: i64,
+    /// The last lines of its stderr log, while it is failing (FATAL, BACKOFF, EXITED).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub stderr_tail: String,
+}
+
+impl ProcessStatus {
+    /// Its state with what explains it: supervisord's description, exit status and spawn
+    /// error, and the crash-loop policy's restarts (`FATAL, Exited too quickly (process log
+    /// may have details), exit status 3, 2 crash-loop restarts`).
+    pub fn summary(&self) -> String {
+        let mut parts = vec![self.state.clone()];
+        if !self.description.is_empty() && !self.description.starts_with("pid ") {
+            parts.push(self.description.clone());
+        }
+        if self.exit_status != 0 {
+            parts.push(format!("exit status {}", self.exit_status));
+        }
+        if !self.spawn_error.is_empty() && !self.description.contains(&self.spawn_error) {
+            parts.push(format!("spawn error: {}", self.spawn_error));
+        }
+        if self.crash_restarts > 0 {
+            parts.push(format!("{} crash-loop restarts", self.crash_restarts));
+        }
+        parts.join(", ")
+    }
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
 }
 
 fn is_zero(n: &i64) -> bool {
@@ -111,6 +149,9 @@ pub struct FleetStatus {
     pub hosts: usize,
     pub hosts_ready: usize,
     pub not_ready_hosts: Vec<String>,
+    /// Why each of them is not ready.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub not_ready_reasons: std::collections::BTreeMap<String, String>,
     pub programs: Vec<ProgramSummary>,
 }
 

@@ -205,6 +205,58 @@ pub struct RolloutSpec {
     pub max_unavailable: Option<i64>,
 }
 
+/// Corral's crash-loop policy: what happens after supervisord gives up on a process (FATAL,
+/// after `startretries` failed starts). supervisord alone leaves it FATAL for good; Corral by
+/// default starts it again after a delay that doubles from `initial_delay_secs` up to
+/// `max_delay_secs`, and forgets the count once the process has stayed up for
+/// `reset_after_secs`. `restart: false` keeps FATAL final, as supervisord does.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrashLoopSpec {
+    /// Start a FATAL process again after the delay. Default true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<bool>,
+    /// Delay before the first new start. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay_secs: Option<i64>,
+    /// The delay doubles up to this. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_delay_secs: Option<i64>,
+    /// Once a process has been RUNNING this long, its next FATAL starts from the initial
+    /// delay again. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_after_secs: Option<i64>,
+}
+
+/// The crash-loop policy with its defaults filled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CrashLoop {
+    pub restart: bool,
+    pub initial_delay_secs: u64,
+    pub max_delay_secs: u64,
+    pub reset_after_secs: u64,
+}
+
+impl CrashLoopSpec {
+    pub const DEFAULT_INITIAL_DELAY_SECS: u64 = 10;
+    pub const DEFAULT_MAX_DELAY_SECS: u64 = 300;
+    pub const DEFAULT_RESET_AFTER_SECS: u64 = 300;
+
+    /// The policy a (validated) spec asks for.
+    pub fn resolve(spec: Option<&CrashLoopSpec>) -> CrashLoop {
+        let d = CrashLoopSpec::default();
+        let s = spec.unwrap_or(&d);
+        let secs = |v: Option<i64>, default: u64| v.map_or(default, |v| v.max(0) as u64);
+        let initial = secs(s.initial_delay_secs, Self::DEFAULT_INITIAL_DELAY_SECS);
+        CrashLoop {
+            restart: s.restart.unwrap_or(true),
+            initial_delay_secs: initial,
+            max_delay_secs: secs(s.max_delay_secs, Self::DEFAULT_MAX_DELAY_SECS).max(initial),
+            reset_after_secs: secs(s.reset_after_secs, Self::DEFAULT_RESET_AFTER_SECS),
+        }
+    }
+}
+
 macro_rules! program_spec {
     ($( $(#[$doc:meta])* $field:ident : $ty:ty ),* $(,)?) => {
         /// `Program.spec`: placement, desired state and every supervisord 4.2 `[program:x]`
@@ -223,6 +275,9 @@ macro_rules! program_spec {
             pub state: DesiredState,
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub rollout: Option<RolloutSpec>,
+            /// What to do after supervisord gives up on a process (FATAL); see `CrashLoopSpec`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub crash_loop: Option<CrashLoopSpec>,
             /// Restart marker: changing it restarts the program everywhere, rolling, without
             /// changing its rendered config (`corral restart` sets it to a timestamp).
             #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -310,6 +365,10 @@ pub struct HostStatus {
     pub supervisord_version: Option<String>,
     #[serde(default)]
     pub ready: bool,
+    /// Why the host is not ready, when the agent knows (supervisord unreachable, refusing
+    /// the agent's credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 macro_rules! resource {

@@ -357,6 +357,19 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     if let Some(r) = &s.rollout {
         e.range("spec.rollout.max_unavailable", r.max_unavailable, 1, 1_000_000);
     }
+    if let Some(c) = &s.crash_loop {
+        e.range("spec.crash_loop.initial_delay_secs", c.initial_delay_secs, 1, 86_400);
+        e.range("spec.crash_loop.max_delay_secs", c.max_delay_secs, 1, 86_400);
+        e.range("spec.crash_loop.reset_after_secs", c.reset_after_secs, 1, 86_400);
+        if let (Some(i), Some(m)) = (c.initial_delay_secs, c.max_delay_secs)
+            && m < i
+        {
+            e.add(
+                "spec.crash_loop.max_delay_secs",
+                format!("{m} is below initial_delay_secs ({i})"),
+            );
+        }
+    }
     if let Some(m) = &s.restarted_at
         && (m.is_empty() || m.len() > 64 || m.chars().any(|c| c.is_control()))
     {

@@ -4,8 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use corral_agent::confdir::ConfDir;
-use corral_agent::plan::desired;
+use corral_agent::plan::{Correction, desired};
 use corral_agent::reconcile::{PassReport, Reconciler};
 use corral_agent::supervisor::{Client, ProcessState};
 use corral_proto::fleet::Assignment;
@@ -53,18 +55,29 @@ impl Host {
     }
 }
 
-/// Runs passes until every program is ready (or 10 s pass).
+/// Runs passes, as the agent's loop does (at once when a recheck is asked for), until every
+/// program is ready or has an error and nothing is left to recheck (or 10 s pass). The
+/// report returned is the last one, with the corrections of every pass.
 async fn converge(r: &mut Reconciler, a: &BTreeMap<String, Assignment>) -> anyhow::Result<PassReport> {
     let d = desired(a, "h1");
-    let mut last = r.pass(&d).await?;
-    for _ in 0..100 {
-        if last.statuses.values().all(|s| s.ready || s.error.is_some()) {
+    let mut corrections = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut last = r.pass(&d).await?;
+        corrections.extend(last.corrections.iter().copied());
+        let settled = last.statuses.values().all(|s| s.ready || s.error.is_some());
+        if settled && last.recheck_after.is_none_or(|w| w > Duration::from_secs(1)) {
+            last.corrections = corrections;
             return Ok(last);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        last = r.pass(&d).await?;
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "did not converge: {:#?}",
+            last.statuses
+        );
+        let wait = last.recheck_after.unwrap_or(Duration::from_millis(100));
+        tokio::time::sleep(wait.min(Duration::from_millis(100))).await;
     }
-    anyhow::bail!("did not converge: {:#?}", last.statuses)
 }
 
 #[tokio::test]
@@ -135,7 +148,10 @@ async fn drift_is_corrected_and_an_agent_restart_restarts_nothing() -> anyhow::R
     host.client.stop_process("web", true).await?;
     host.client.start_process("idle", true).await?;
     let report = converge(&mut r, &a).await?;
-    assert!(report.corrections.contains(&"process_started") && report.corrections.contains(&"process_stopped"));
+    assert!(
+        report.corrections.contains(&Correction::ProcessStarted)
+            && report.corrections.contains(&Correction::ProcessStopped)
+    );
     assert_eq!(host.client.get_process_info("idle").await?.state, ProcessState::Stopped);
     let pid = {
         let now = host.pids().await?["web"];
@@ -149,7 +165,7 @@ async fn drift_is_corrected_and_an_agent_restart_restarts_nothing() -> anyhow::R
     std::fs::write(&file, original.replace("startsecs=0", "startsecs=9"))?;
     let report = converge(&mut r, &a).await?;
     assert_eq!(std::fs::read_to_string(&file)?, original);
-    assert!(report.corrections.contains(&"conf_file"));
+    assert!(report.corrections.contains(&Correction::ConfFile));
     std::fs::remove_file(&file)?;
     converge(&mut r, &a).await?;
     assert_eq!(std::fs::read_to_string(&file)?, original);
@@ -232,7 +248,7 @@ async fn a_signal_request_signals_running_processes_once() -> anyhow::Result<()>
     a.insert("trapper".into(), trapper(2, Some("new")).1);
     let report = converge(&mut r, &a).await?;
     assert!(
-        report.corrections.contains(&"process_signalled"),
+        report.corrections.contains(&Correction::ProcessSignalled),
         "{:?}",
         report.corrections
     );
@@ -265,7 +281,7 @@ async fn a_restart_marker_restarts_once() -> anyhow::Result<()> {
         assignment("web", 2, |s| s.restarted_at = Some("2026-11-25T12:00:00Z".into())).1,
     );
     let report = converge(&mut r, &a).await?;
-    assert!(report.corrections.contains(&"process_restarted"));
+    assert!(report.corrections.contains(&Correction::ProcessRestarted));
     // The file did not change, yet the host runs the new generation.
     assert_eq!(report.statuses["web"].observed_generation, 2);
     let restarted = host.pids().await?["web"];
@@ -352,5 +368,373 @@ async fn a_process_supervisord_restarts_on_its_own_is_left_to_the_resync() -> an
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     assert_eq!(checked, 2, "never saw supervisord restart it");
+    Ok(())
+}
+
+// ---- Faithful to supervisord's real behaviour ----
+
+/// Passes as the agent's loop runs them (at each recheck, else every `resync`) for `how_long`;
+/// returns every report.
+async fn run_for(
+    r: &mut Reconciler,
+    a: &BTreeMap<String, Assignment>,
+    how_long: Duration,
+    resync: Duration,
+) -> anyhow::Result<Vec<PassReport>> {
+    let d = desired(a, "h1");
+    let end = std::time::Instant::now() + how_long;
+    let mut reports = Vec::new();
+    while std::time::Instant::now() < end {
+        let report = r.pass(&d).await?;
+        let wait = report.recheck_after.unwrap_or(resync).min(resync);
+        reports.push(report);
+        tokio::time::sleep(wait).await;
+    }
+    Ok(reports)
+}
+
+fn config_names(host: &Host) -> anyhow::Result<Vec<String>> {
+    let dir = &host.sd.conf_dir;
+    let mut names: Vec<String> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test]
+async fn a_refused_update_keeps_the_accepted_version_running_and_is_not_retried_in_a_loop() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let mut a: BTreeMap<_, _> = [assignment("web", 1, |_| {}), assignment("other", 1, |_| {})].into();
+    converge(&mut r, &a).await?;
+    let pid = host.pids().await?["web"];
+    let file = host.sd.conf_dir.join("corral-program-web.conf");
+    let accepted = std::fs::read_to_string(&file)?;
+
+    a.insert(
+        "web".into(),
+        assignment("web", 2, |s| s.user = Some("nosuchuser".into())).1,
+    );
+    a.insert(
+        "new".into(),
+        assignment("new", 1, |s| s.user = Some("nosuchuser".into())).1,
+    );
+    let reports = run_for(&mut r, &a, Duration::from_secs(3), Duration::from_millis(500)).await?;
+    let last = reports.last().context("no pass")?;
+    // Reported, with the old generation still the one running.
+    let web = &last.statuses["web"];
+    assert!(
+        web.error.as_deref().unwrap_or_default().contains("nosuchuser"),
+        "{web:#?}"
+    );
+    assert_eq!(web.observed_generation, 1);
+    assert!(!web.ready);
+    assert_eq!(last.refused, ["new".to_string(), "web".to_string()].into());
+    // The accepted version stays on disk, loaded and running.
+    assert_eq!(std::fs::read_to_string(&file)?, accepted);
+    assert_eq!(host.pids().await?["web"], pid);
+    // Still in supervisord's parsed config (`supervisorctl avail`), unchanged.
+    let reread = host.client.reload_config().await?;
+    assert!(
+        !reread.removed.contains(&"web".to_string()) && !reread.changed.contains(&"web".to_string()),
+        "{reread:?}"
+    );
+    assert!(!host.sd.conf_dir.join("corral-program-new.conf").exists());
+    // No hot loop: after the first passes, nothing is written and nothing asks for a look
+    // before the refusal's backoff (30 s).
+    let later = &reports[reports.len() / 2..];
+    assert!(later.iter().all(|r| r.corrections.is_empty()), "{later:#?}");
+    assert!(
+        later
+            .iter()
+            .all(|r| r.recheck_after.is_none_or(|w| w >= Duration::from_secs(25))),
+        "{:?}",
+        later.iter().map(|r| r.recheck_after).collect::<Vec<_>>()
+    );
+    assert!(reports.len() <= 3 * 2 + 4, "{} passes in 3 s", reports.len());
+
+    // A new spec is tried at once, and runs.
+    a.insert(
+        "web".into(),
+        assignment("web", 3, |s| s.command = "/bin/sleep 1001".into()).1,
+    );
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["web"].ready && report.statuses["web"].observed_generation == 3);
+    assert!(report.statuses["other"].ready);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_refused_member_of_a_native_group_blocks_nothing() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let shop = |a: (String, Assignment)| {
+        let (n, mut a) = a;
+        a.native_group = Some(corral_proto::fleet::NativeGroup {
+            name: "shop".into(),
+            priority: None,
+        });
+        (n, a)
+    };
+    let mut a: BTreeMap<_, _> = [
+        shop(assignment("api", 1, |_| {})),
+        shop(assignment("bad", 1, |s| s.user = Some("nosuchuser".into()))),
+        assignment("alone", 1, |_| {}),
+    ]
+    .into();
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["api"].ready, "{report:#?}");
+    assert!(report.statuses["alone"].ready, "{report:#?}");
+    assert!(report.statuses["bad"].error.is_some());
+    assert!(host.pids().await?.contains_key("shop:api"));
+    // The host still takes changes.
+    a.insert("later".into(), assignment("later", 1, |_| {}).1);
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["later"].ready, "{report:#?}");
+    // The member fixed: it joins the group.
+    a.insert("bad".into(), shop(assignment("bad", 2, |_| {})).1);
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["bad"].ready, "{report:#?}");
+    assert!(host.pids().await?.contains_key("shop:bad"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_conf_dir_reached_through_a_symlink_blocks_nothing() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let links = tempfile::tempdir()?;
+    let link = links.path().join("conf.d");
+    std::os::unix::fs::symlink(&host.sd.conf_dir, &link)?;
+    let mut r = Reconciler::new(
+        "h1",
+        host.client.clone(),
+        ConfDir::new(&link),
+        host.state_dir.path().into(),
+    )?;
+    let mut a: BTreeMap<_, _> = [
+        assignment("good", 1, |_| {}),
+        assignment("bad", 1, |s| s.user = Some("nosuchuser".into())),
+    ]
+    .into();
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["good"].ready, "{report:#?}");
+    assert!(report.statuses["bad"].error.is_some());
+    a.insert("later".into(), assignment("later", 1, |_| {}).1);
+    assert!(converge(&mut r, &a).await?.statuses["later"].ready);
+    Ok(())
+}
+
+#[tokio::test]
+async fn fatal_is_restarted_with_backoff_not_fought_and_reported_with_its_stderr() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let count = host.state_dir.path().join("spawns");
+    let final_count = host.state_dir.path().join("final-spawns");
+    let crashy = |name: &str, counter: &std::path::Path, restart: bool| {
+        let command = format!(
+            "/bin/sh -c 'echo x >> {}; echo boom-{name} >&2; exit 3'",
+            counter.display()
+        );
+        assignment(name, 1, move |s| {
+            s.command = command;
+            s.startsecs = Some(1);
+            s.startretries = Some(1);
+            s.crash_loop = Some(corral_proto::CrashLoopSpec {
+                restart: Some(restart),
+                initial_delay_secs: Some(2),
+                max_delay_secs: Some(4),
+                ..Default::default()
+            });
+        })
+    };
+    let a: BTreeMap<_, _> = [crashy("crashy", &count, true), crashy("final", &final_count, false)].into();
+    let started = std::time::Instant::now();
+    let reports = run_for(&mut r, &a, Duration::from_secs(9), Duration::from_millis(500)).await?;
+    let spawns = |f: &std::path::Path| std::fs::read_to_string(f).map(|t| t.lines().count()).unwrap_or(0);
+    // supervisord: a start and one retry, then FATAL after ~1 s. Corral: again 2 s later, and
+    // 4 s after the next FATAL: three rounds of two spawns in 9 s (fighting FATAL at once
+    // made ~18).
+    let n = spawns(&count);
+    assert!((4..=7).contains(&n), "{n} spawns in {:?}", started.elapsed());
+    // FATAL kept final where asked: supervisord's own two spawns only.
+    assert_eq!(spawns(&final_count), 2);
+
+    let fatal_seen = reports.iter().rev().find_map(|r| {
+        let p = r.statuses["crashy"].processes.first()?;
+        (p.state == "FATAL" && p.next_retry_at > 0).then(|| p.clone())
+    });
+    let p = fatal_seen.context("never saw crashy FATAL waiting for its next start")?;
+    // supervisord keeps no exit status for a start that failed (it says why instead).
+    assert!(p.spawn_error.contains("Exited too quickly"), "{p:#?}");
+    assert!(p.crash_restarts >= 1, "{p:#?}");
+    assert!(p.stderr_tail.contains("boom-crashy"), "{p:#?}");
+    assert!(p.summary().contains("crash-loop restarts"), "{}", p.summary());
+    let f = &reports.last().context("no pass")?.statuses["final"].processes[0];
+    assert_eq!((f.state.as_str(), f.crash_restarts, f.next_retry_at), ("FATAL", 0, 0));
+    assert!(f.stderr_tail.contains("boom-final"), "{f:#?}");
+    Ok(())
+}
+
+/// A program that ignores SIGTERM: its stop lasts `stopwaitsecs`, then SIGKILL.
+fn stubborn(name: &str, generation: u64, stopwaitsecs: i64, tag: &str) -> (String, Assignment) {
+    let command = format!("/bin/sh -c 'trap \"\" TERM; while :; do sleep 0.1; done; echo {tag}'");
+    assignment(name, generation, move |s| {
+        s.command = command;
+        s.stopwaitsecs = Some(stopwaitsecs);
+    })
+}
+
+#[tokio::test]
+async fn stops_do_not_wait_and_a_slow_stop_delays_no_other_program() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let names = ["a", "b", "c"];
+    let mut a: BTreeMap<_, _> = names.iter().map(|n| assignment(n, 1, |_| {})).collect();
+    a.extend([stubborn("slow", 1, 30, "v1")]);
+    converge(&mut r, &a).await?;
+    let before = host.pids().await?;
+
+    // Change all four at once.
+    for n in names {
+        a.insert(n.into(), assignment(n, 2, |s| s.command = "/bin/sleep 2000".into()).1);
+    }
+    a.extend([stubborn("slow", 2, 30, "v2")]);
+    let d = desired(&a, "h1");
+    let t = std::time::Instant::now();
+    let report = loop {
+        let report = r.pass(&d).await?;
+        if names
+            .iter()
+            .all(|n| report.statuses[*n].ready && report.statuses[*n].observed_generation == 2)
+        {
+            break report;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "{report:#?}");
+        tokio::time::sleep(report.recheck_after.unwrap_or(Duration::from_millis(100))).await;
+    };
+    let took = t.elapsed();
+    // ~1 s each, one after another, before; and the stubborn one held them all 30 s.
+    assert!(took < Duration::from_millis(900), "3 changes took {took:?}");
+    let after = host.pids().await?;
+    for n in names {
+        assert_ne!(before[n], after[n], "{n} not restarted");
+    }
+    // The stubborn one is still stopping, and is not reported as running its new spec.
+    let slow = &report.statuses["slow"];
+    assert_eq!(slow.processes[0].state, "STOPPING");
+    assert_eq!(slow.observed_generation, 1);
+    assert!(!slow.ready);
+
+    // Deleting three running programs is as quick.
+    for n in names {
+        a.remove(n);
+    }
+    let d = desired(&a, "h1");
+    let t = std::time::Instant::now();
+    loop {
+        r.pass(&d).await?;
+        let pids = host.pids().await?;
+        if names.iter().all(|n| !pids.contains_key(*n)) {
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "not removed: {pids:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(900),
+        "3 deletions took {:?}",
+        t.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_program_still_stopping_is_reported_at_its_new_generation_only_once_it_runs() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let mut a: BTreeMap<_, _> = [stubborn("slow", 1, 3, "v1")].into();
+    converge(&mut r, &a).await?;
+    let old = host.pids().await?["slow"];
+    a.extend([stubborn("slow", 2, 3, "v2")]);
+    let d = desired(&a, "h1");
+    let t = std::time::Instant::now();
+    let mut seen_stopping = false;
+    loop {
+        let report = r.pass(&d).await?;
+        let s = &report.statuses["slow"];
+        let info = host.client.get_process_info("slow").await?;
+        if info.pid == old || info.state == ProcessState::Stopping {
+            seen_stopping |= info.state == ProcessState::Stopping;
+            // The old process still runs: neither the new generation nor ready.
+            assert_eq!(s.observed_generation, 1, "{s:#?}");
+            assert!(!s.ready);
+        }
+        if s.observed_generation == 2 && s.ready {
+            assert_ne!(info.pid, old);
+            assert!(std::fs::read_to_string(host.sd.conf_dir.join("corral-program-slow.conf"))?.contains("v2"));
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(15), "{report:#?}");
+        tokio::time::sleep(report.recheck_after.unwrap_or(Duration::from_millis(100))).await;
+    }
+    assert!(seen_stopping);
+    // Its stop lasted stopwaitsecs (SIGTERM ignored), not less.
+    assert!(t.elapsed() >= Duration::from_secs(3), "{:?}", t.elapsed());
+    Ok(())
+}
+
+#[tokio::test]
+async fn files_corral_did_not_write_are_never_touched_and_a_name_clash_is_a_conflict() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    // Hand-written under a name Corral would use, but without Corral's header.
+    let hand = "[program:x]\ncommand=/bin/sleep 1000\n";
+    host.sd.write_conf("corral-program-x.conf", hand)?;
+    // Another tool's file defining a program Corral will be asked to run.
+    host.sd
+        .write_conf("legacy.conf", "[program:p1]\ncommand=/bin/sleep 1000\n")?;
+    host.client.reload_config().await?;
+    host.client.add_process_group("x").await?;
+    host.client.add_process_group("p1").await?;
+    let theirs = host.pids().await?;
+    let mut r = host.reconciler()?;
+
+    // Nothing assigned: nothing of theirs is removed or stopped.
+    let mut a: BTreeMap<_, _> = [assignment("mine", 1, |_| {})].into();
+    converge(&mut r, &a).await?;
+    assert_eq!(
+        std::fs::read_to_string(host.sd.conf_dir.join("corral-program-x.conf"))?,
+        hand
+    );
+    assert_eq!(host.pids().await?["x"], theirs["x"]);
+
+    // Assigned programs by those names: conflicts, reported, and theirs untouched.
+    a.insert(
+        "x".into(),
+        assignment("x", 1, |s| s.command = "/bin/sleep 2000".into()).1,
+    );
+    a.insert(
+        "p1".into(),
+        assignment("p1", 1, |s| s.command = "/bin/sleep 2000".into()).1,
+    );
+    let report = converge(&mut r, &a).await?;
+    for (name, says) in [("x", "without Corral's header"), ("p1", "also defined in legacy.conf")] {
+        let s = &report.statuses[name];
+        assert!(!s.ready, "{s:#?}");
+        assert!(s.error.as_deref().unwrap_or_default().contains(says), "{s:#?}");
+    }
+    assert!(report.statuses["mine"].ready);
+    assert_eq!(
+        std::fs::read_to_string(host.sd.conf_dir.join("corral-program-x.conf"))?,
+        hand
+    );
+    assert!(!host.sd.conf_dir.join("corral-program-p1.conf").exists());
+    let now = host.pids().await?;
+    assert_eq!((now["x"], now["p1"]), (theirs["x"], theirs["p1"]));
+    assert_eq!(
+        config_names(&host)?,
+        ["corral-program-mine.conf", "corral-program-x.conf", "legacy.conf"]
+    );
     Ok(())
 }

@@ -1,0 +1,636 @@
+use super::*;
+use corral_proto::fleet::NativeGroup as AssignedGroup;
+use corral_proto::resource::{Program, ProgramSpec};
+
+fn assignment(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Assignment {
+    let mut spec = ProgramSpec {
+        command: "/bin/sleep 1000".into(),
+        selector: Some(BTreeMap::new()),
+        ..Default::default()
+    };
+    f(&mut spec);
+    Assignment {
+        program: Program::new(
+            Metadata {
+                name: name.into(),
+                generation: 3,
+                ..Default::default()
+            },
+            spec,
+        ),
+        native_group: None,
+    }
+}
+
+fn assignments(list: Vec<Assignment>) -> BTreeMap<String, Assignment> {
+    list.into_iter().map(|a| (a.program.metadata.name.clone(), a)).collect()
+}
+
+fn in_shop(mut a: Assignment) -> Assignment {
+    a.native_group = Some(AssignedGroup {
+        name: "shop".into(),
+        priority: Some(10),
+    });
+    a
+}
+
+fn two_workers(s: &mut ProgramSpec) {
+    s.numprocs = Some(2);
+    s.process_name = Some("%(program_name)s_%(process_num)d".into());
+}
+
+#[test]
+fn desired_renders_programs_and_records_native_groups_with_this_hosts_members_only() {
+    let d = desired(
+        &assignments(vec![in_shop(assignment("api", |_| {})), assignment("w", two_workers)]),
+        "h1",
+    );
+    assert_eq!(d.programs["api"].group, "shop");
+    assert_eq!(d.programs["api"].namespecs, ["shop:api"]);
+    assert_eq!(d.programs["w"].namespecs, ["w:w_0", "w:w_1"]);
+    assert_eq!(d.programs["w"].generation, 3);
+    assert_eq!(d.native["shop"].members, ["api"]);
+    let want = plan_want(&d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), 0);
+    assert_eq!(
+        want.files.keys().collect::<Vec<_>>(),
+        [
+            "corral-group-shop.conf",
+            "corral-program-api.conf",
+            "corral-program-w.conf"
+        ]
+    );
+    assert!(want.files["corral-group-shop.conf"].contains("programs=api\n"));
+    assert!(want.held.is_empty());
+}
+
+#[test]
+fn desired_refuses_an_invalid_program_without_rendering_it() {
+    let d = desired(
+        &assignments(vec![assignment("bad", |s| s.command = "a\nb".into())]),
+        "h1",
+    );
+    assert!(d.programs.is_empty());
+    assert!(d.invalid["bad"].contains("line break"));
+}
+
+fn refusal(content: &str, at_ms: i64, count: u32) -> Refusal {
+    Refusal {
+        content: content.into(),
+        why: "refused: bad user".into(),
+        at_ms,
+        count,
+    }
+}
+
+#[test]
+fn a_refused_file_keeps_its_last_accepted_version_until_its_spec_changes_or_its_backoff_ends() {
+    let d = desired(
+        &assignments(vec![
+            assignment("web", |s| s.user = Some("nosuchuser".into())),
+            assignment("new", |s| s.user = Some("nosuchuser".into())),
+        ]),
+        "h1",
+    );
+    let (web, new) = (&d.programs["web"], &d.programs["new"]);
+    let good: BTreeMap<String, String> = [(web.file_name.clone(), "accepted before".to_string())].into();
+    let refusals: BTreeMap<String, Refusal> = [
+        (web.file_name.clone(), refusal(&web.content, 1_000, 1)),
+        (new.file_name.clone(), refusal(&new.content, 1_000, 1)),
+    ]
+    .into();
+    let none = BTreeMap::new();
+    // Within the backoff: web keeps its accepted version, new stays away; both held.
+    let want = plan_want(&d, &good, &refusals, &none, 1_000 + 29_999);
+    assert_eq!(want.files.len(), 1);
+    assert_eq!(want.files[&web.file_name], "accepted before");
+    assert_eq!(want.held.keys().collect::<Vec<_>>(), ["new", "web"]);
+    assert!(want.held["web"].contains("bad user"));
+    // The backoff over, the desired content is tried again.
+    let want = plan_want(&d, &good, &refusals, &none, 1_000 + 30_000);
+    assert_eq!(want.files[&web.file_name], web.content);
+    assert!(want.held.is_empty());
+    // A new spec is tried at once.
+    let changed: BTreeMap<String, Refusal> = [(web.file_name.clone(), refusal("an older spec", 1_000, 1))].into();
+    let want = plan_want(&d, &good, &changed, &none, 1_001);
+    assert_eq!(want.files[&web.file_name], web.content);
+}
+
+#[test]
+fn refusals_back_off_from_30_seconds_doubling_to_5_minutes() {
+    let waits: Vec<i64> = (1..=6).map(|n| refusal("x", 0, n).retry_at_ms() / 1000).collect();
+    assert_eq!(waits, [30, 60, 120, 240, 300, 300]);
+}
+
+#[test]
+fn a_native_group_names_only_the_members_on_disk() {
+    let d = desired(
+        &assignments(vec![
+            in_shop(assignment("api", |_| {})),
+            in_shop(assignment("bad", |s| s.user = Some("nosuchuser".into()))),
+        ]),
+        "h1",
+    );
+    let bad = &d.programs["bad"];
+    let refusals: BTreeMap<String, Refusal> = [(bad.file_name.clone(), refusal(&bad.content, 0, 1))].into();
+    let want = plan_want(&d, &BTreeMap::new(), &refusals, &BTreeMap::new(), 10);
+    assert!(want.files["corral-group-shop.conf"].contains("programs=api\n"));
+    assert!(!want.files.contains_key(&bad.file_name));
+    // With every member held, no group file at all.
+    let refusals: BTreeMap<String, Refusal> = d
+        .programs
+        .values()
+        .map(|p| (p.file_name.clone(), refusal(&p.content, 0, 1)))
+        .collect();
+    let want = plan_want(&d, &BTreeMap::new(), &refusals, &BTreeMap::new(), 10);
+    assert!(want.files.is_empty());
+}
+
+#[test]
+fn names_defined_by_other_files_are_conflicts_and_held() {
+    let d = desired(
+        &assignments(vec![
+            assignment("p1", |_| {}),
+            assignment("p2", |_| {}),
+            assignment("p3", |_| {}),
+            in_shop(assignment("api", |_| {})),
+            assignment("fine", |_| {}),
+        ]),
+        "h1",
+    );
+    let foreign = Foreign {
+        files: ["corral-program-p2.conf".to_string()].into(),
+        sections: [
+            ("program:p1".to_string(), "legacy.conf".to_string()),
+            ("group:p3".to_string(), "legacy.conf".to_string()),
+            ("group:shop".to_string(), "other.conf".to_string()),
+            ("program:unrelated".to_string(), "legacy.conf".to_string()),
+        ]
+        .into(),
+    };
+    let c = conflicts(&d, &foreign);
+    assert_eq!(c.keys().collect::<Vec<_>>(), ["p1", "p2", "p3", "shop"]);
+    assert_eq!(c["p1"], "conflict: [program:p1] is also defined in legacy.conf");
+    assert!(c["p2"].contains("without Corral's header"));
+    let good: BTreeMap<String, String> = [("corral-program-p1.conf".to_string(), "old".to_string())].into();
+    let want = plan_want(&d, &good, &BTreeMap::new(), &c, 0);
+    assert_eq!(want.files["corral-program-p1.conf"], "old");
+    assert!(!want.files.contains_key("corral-program-p2.conf"));
+    assert!(!want.files.contains_key("corral-group-shop.conf"));
+    assert_eq!(want.held.keys().collect::<Vec<_>>(), ["api", "p1", "p2", "p3"]);
+    assert!(want.files.contains_key("corral-program-fine.conf"));
+}
+
+#[track_caller]
+fn check_files(want: &[(&str, &str)], observed: &[(&str, &str)], expect: &[FileAction]) {
+    let m = |l: &[(&str, &str)]| l.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
+    assert_eq!(file_actions(&m(want), &m(observed)), expect);
+}
+
+#[test]
+fn files_are_written_when_missing_or_different_and_removed_when_unwanted() {
+    let w = |f: &str, c: &str| FileAction::Write {
+        file: f.into(),
+        content: c.into(),
+    };
+    check_files(&[("a", "1")], &[("a", "1")], &[]);
+    check_files(&[("a", "1")], &[], &[w("a", "1")]);
+    check_files(&[("a", "1")], &[("a", "edited by hand")], &[w("a", "1")]);
+    check_files(&[], &[("old", "x")], &[FileAction::Remove { file: "old".into() }]);
+}
+
+#[track_caller]
+fn check_culprit(message: &str, expect: Option<&str>) {
+    let files: BTreeMap<String, Vec<String>> = [
+        (
+            "corral-program-bad.conf",
+            vec!["/tmp/link/corral-program-bad.conf", "/tmp/real/corral-program-bad.conf"],
+        ),
+        ("corral-program-api.conf", vec!["/tmp/link/corral-program-api.conf"]),
+        ("corral-group-shop.conf", vec!["/tmp/link/corral-group-shop.conf"]),
+    ]
+    .into_iter()
+    .map(|(f, p)| (f.to_string(), p.into_iter().map(String::from).collect()))
+    .collect();
+    assert_eq!(culprit(message, &files).as_deref(), expect, "{message}");
+}
+
+#[test]
+fn the_culprit_is_found_by_path_canonical_path_section_or_group_member() {
+    check_culprit(
+        "Invalid user name nosuchuser in section 'program:bad' (file: '/tmp/link/corral-program-bad.conf')",
+        Some("corral-program-bad.conf"),
+    );
+    // supervisord resolved the conf dir through a symlink.
+    check_culprit(
+        "The directory named as part of the path /nope/x.log does not exist in section 'program:x' (file: '/tmp/real/corral-program-bad.conf')",
+        Some("corral-program-bad.conf"),
+    );
+    // A path that is none of ours, but a section that is.
+    check_culprit(
+        "Invalid user name u in section 'program:api' (file: '/elsewhere/api.conf')",
+        Some("corral-program-api.conf"),
+    );
+    // A native group naming a member supervisord does not know: the member is at fault.
+    check_culprit(
+        "[group:shop] names unknown program or fcgi-program bad",
+        Some("corral-program-bad.conf"),
+    );
+    check_culprit(
+        "[group:shop] names unknown program or fcgi-program gone",
+        Some("corral-group-shop.conf"),
+    );
+    check_culprit(
+        "File contains no section headers.\nfile: '/etc/other.conf', line: 1",
+        None,
+    );
+    check_culprit(
+        "Invalid user name u in section 'program:theirs' (file: '/etc/supervisor/conf.d/theirs.conf')",
+        None,
+    );
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+#[test]
+fn pending_changes_follow_supervisords_verdict_for_corrals_groups_only() {
+    use GroupChange::*;
+    let v = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let got = pending_changes(
+        &v(&["new", "theirs-new"]),
+        &v(&["web", "theirs"]),
+        &v(&["gone", "theirs-gone"]),
+        &set(&["new", "web"]),
+        &set(&["web", "gone"]),
+    );
+    assert_eq!(
+        got,
+        [
+            ("gone".to_string(), Remove),
+            ("new".to_string(), Add),
+            ("web".to_string(), Replace)
+        ]
+        .into()
+    );
+}
+
+fn proc(group: &str, state: ProcState) -> Proc {
+    Proc {
+        group: group.into(),
+        state,
+        pid: if state.is_active() { 42 } else { 0 },
+        start: 0,
+        exit_status: 0,
+        spawn_error: String::new(),
+        description: String::new(),
+        statename: format!("{state:?}").to_uppercase(),
+    }
+}
+
+fn observed(list: &[(&str, ProcState)]) -> Observed {
+    list.iter()
+        .map(|(ns, s)| {
+            let group = ns.split(':').next().unwrap_or(ns);
+            (ns.to_string(), proc(group, *s))
+        })
+        .collect()
+}
+
+struct World {
+    desired: Desired,
+    loaded: BTreeSet<String>,
+    pending: BTreeMap<String, GroupChange>,
+    markers: BTreeMap<String, Option<String>>,
+    signals: BTreeMap<String, Option<String>>,
+}
+
+impl World {
+    fn new(list: Vec<Assignment>) -> World {
+        let desired = desired(&assignments(list), "h1");
+        let loaded = desired.programs.keys().cloned().collect();
+        World {
+            desired,
+            loaded,
+            pending: BTreeMap::new(),
+            markers: BTreeMap::new(),
+            signals: BTreeMap::new(),
+        }
+    }
+
+    fn plan(&self, observed: &Observed, memory: &mut Memory, now_ms: i64) -> Vec<Action> {
+        let input = RuntimeInput {
+            desired: &self.desired,
+            loaded: &self.loaded,
+            pending: &self.pending,
+            observed,
+            applied: Applied {
+                markers: &self.markers,
+                signals: &self.signals,
+            },
+            now_ms,
+        };
+        plan_runtime(&input, memory)
+            .actions
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect()
+    }
+}
+
+#[test]
+fn processes_are_started_and_stopped_to_match_the_desired_state() {
+    use Action::*;
+    use ProcState::*;
+    let w = World::new(vec![
+        assignment("up", |_| {}),
+        assignment("down", |s| s.state = DesiredState::Stopped),
+        assignment("fine", |_| {}),
+        assignment("done", |_| {}),
+        assignment("pending", |_| {}),
+    ]);
+    let mut m = Memory::default();
+    let obs = observed(&[
+        ("up", Stopped),
+        ("down", Backoff),
+        ("fine", Running),
+        ("done", Exited),
+        ("other", Stopped),
+    ]);
+    // EXITED is supervisord's autorestart decision: left alone.
+    assert_eq!(w.plan(&obs, &mut m, 0), [Stop("down".into()), Start("up".into())]);
+    assert_eq!(m.stopping.keys().collect::<Vec<_>>(), ["down"]);
+    assert_eq!(m.started.keys().collect::<Vec<_>>(), ["up"]);
+    let obs = observed(&[("up", Starting), ("down", Stopping), ("fine", Running)]);
+    assert_eq!(w.plan(&obs, &mut m, 5), []);
+}
+
+#[test]
+fn a_program_not_loaded_gets_no_action() {
+    let mut w = World::new(vec![assignment("held", |_| {})]);
+    w.loaded.clear();
+    let obs = observed(&[("held", ProcState::Stopped)]);
+    assert_eq!(w.plan(&obs, &mut Memory::default(), 0), []);
+}
+
+#[test]
+fn a_changed_group_is_stopped_without_waiting_then_replaced_once_nothing_runs() {
+    use Action::*;
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("w", two_workers), assignment("other", |_| {})]);
+    w.pending.insert("w".into(), GroupChange::Replace);
+    let mut m = Memory::default();
+    let obs = observed(&[("w:w_0", Running), ("w:w_1", Fatal), ("other", Stopped)]);
+    // Only the running one is stopped; its FATAL sibling gets no crash-loop start; another
+    // program is started in the same pass.
+    assert_eq!(w.plan(&obs, &mut m, 0), [Stop("w:w_0".into()), Start("other".into())]);
+    let obs = observed(&[("w:w_0", Stopping), ("w:w_1", Fatal), ("other", Starting)]);
+    assert_eq!(w.plan(&obs, &mut m, 50), []);
+    let obs = observed(&[("w:w_0", Stopped), ("w:w_1", Fatal), ("other", Running)]);
+    assert_eq!(w.plan(&obs, &mut m, 100), [ReplaceGroup("w".into())]);
+    assert!(m.stopping.is_empty());
+
+    w.pending = [
+        ("gone".to_string(), GroupChange::Remove),
+        ("new".to_string(), GroupChange::Add),
+    ]
+    .into();
+    let obs = observed(&[("gone", Stopping)]);
+    assert_eq!(w.plan(&obs, &mut m, 0), [AddGroup("new".into())]);
+    let obs = observed(&[("gone", Exited)]);
+    assert_eq!(
+        w.plan(&obs, &mut m, 0),
+        [RemoveGroup("gone".into()), AddGroup("new".into())]
+    );
+}
+
+#[test]
+fn a_moved_restart_marker_stops_then_the_stopped_processes_start() {
+    use Action::*;
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("web", |s| s.restarted_at = Some("t2".into()))]);
+    let mut m = Memory::default();
+    let running = observed(&[("web", Running)]);
+    // First sight of a program (nothing applied yet) is not a restart.
+    assert_eq!(w.plan(&running, &mut m, 0), []);
+    w.markers.insert("web".into(), Some("t2".into()));
+    assert_eq!(w.plan(&running, &mut m, 0), []);
+    w.markers.insert("web".into(), Some("t1".into()));
+    assert_eq!(w.plan(&running, &mut m, 0), [Stop("web".into())]);
+    // The marker is applied; the stopped process is started by the desired state.
+    w.markers.insert("web".into(), Some("t2".into()));
+    assert_eq!(w.plan(&observed(&[("web", Stopping)]), &mut m, 10), []);
+    assert_eq!(
+        w.plan(&observed(&[("web", Stopped)]), &mut m, 20),
+        [Start("web".into())]
+    );
+    // A marker that disappears restarts nothing.
+    let w = World {
+        markers: [("web".to_string(), Some("t1".to_string()))].into(),
+        ..World::new(vec![assignment("web", |_| {})])
+    };
+    assert_eq!(w.plan(&running, &mut m, 0), []);
+}
+
+#[test]
+fn a_new_signal_request_signals_running_processes_once() {
+    use Action::*;
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("w", |s| {
+        two_workers(s);
+        s.signal_request = Some(corral_proto::SignalRequest {
+            signal: "HUP".into(),
+            id: "2".into(),
+        });
+    })]);
+    let obs = observed(&[("w:w_0", Running), ("w:w_1", Stopped)]);
+    let mut m = Memory::default();
+    w.signals.insert("w".into(), Some("1".into()));
+    assert_eq!(
+        w.plan(&obs, &mut m, 0),
+        [Signal("w:w_0".into(), "HUP".into()), Start("w:w_1".into())]
+    );
+    w.signals.insert("w".into(), Some("2".into()));
+    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w:w_1".into())]);
+    w.signals.clear();
+    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w:w_1".into())]);
+}
+
+#[test]
+fn fatal_processes_are_started_again_with_a_capped_exponential_backoff() {
+    use ProcState::*;
+    let w = World::new(vec![assignment("crashy", |s| {
+        s.crash_loop = Some(corral_proto::CrashLoopSpec {
+            initial_delay_secs: Some(10),
+            max_delay_secs: Some(35),
+            reset_after_secs: Some(60),
+            ..Default::default()
+        });
+    })]);
+    let fatal = observed(&[("crashy", Fatal)]);
+    let mut m = Memory::default();
+    let start = vec![Action::Start("crashy".into())];
+    let mut t = 1_000_000;
+    let mut starts = Vec::new();
+    // Follow the schedule: each FATAL is first seen, then started when its delay is over.
+    for _ in 0..4 {
+        assert_eq!(w.plan(&fatal, &mut m, t), []);
+        let at = m.crash["crashy"].next_retry_ms.expect("scheduled");
+        assert_eq!(w.plan(&fatal, &mut m, at - 1), []);
+        assert_eq!(w.plan(&fatal, &mut m, at), start);
+        starts.push((at - t) / 1000);
+        t = at + 2_000;
+    }
+    assert_eq!(starts, [10, 20, 35, 35]);
+    assert_eq!(m.crash["crashy"].attempts, 4);
+    // Up for less than reset_after: the count stays.
+    let mut up = observed(&[("crashy", Running)]);
+    if let Some(p) = up.get_mut("crashy") {
+        p.start = t / 1000;
+    }
+    w.plan(&up, &mut m, t + 59_000);
+    assert_eq!(m.crash["crashy"].attempts, 4);
+    // Up for reset_after: forgotten, the next FATAL waits the initial delay again.
+    w.plan(&up, &mut m, t + 60_000);
+    assert!(m.crash.is_empty());
+    assert_eq!(w.plan(&fatal, &mut m, t), []);
+    assert_eq!(m.crash["crashy"].next_retry_ms, Some(t + 10_000));
+}
+
+#[test]
+fn fatal_stays_final_when_the_policy_says_so_and_for_stopped_programs() {
+    let w = World::new(vec![
+        assignment("final", |s| {
+            s.crash_loop = Some(corral_proto::CrashLoopSpec {
+                restart: Some(false),
+                ..Default::default()
+            })
+        }),
+        assignment("off", |s| s.state = DesiredState::Stopped),
+    ]);
+    let fatal = observed(&[("final", ProcState::Fatal), ("off", ProcState::Fatal)]);
+    let mut m = Memory::default();
+    for t in [0, 3_600_000, 86_400_000] {
+        assert_eq!(w.plan(&fatal, &mut m, t), []);
+    }
+    assert!(m.crash.is_empty());
+}
+
+#[test]
+fn stops_are_polled_often_at_first_then_less() {
+    let w = World::new(vec![assignment("slow", |_| {})]);
+    let stopping = observed(&[("slow", ProcState::Stopping)]);
+    let mut m = Memory {
+        stopping: [("slow".to_string(), 0)].into(),
+        ..Default::default()
+    };
+    let look = |m: &mut Memory, now| next_look(&w.desired, &stopping, m, std::iter::empty(), false, now);
+    assert_eq!(look(&mut m, 0), Some(POLL));
+    assert_eq!(look(&mut m, 800), Some(Duration::from_millis(100)));
+    assert_eq!(look(&mut m, 60_000), Some(STOP_POLL_MAX));
+    // Nothing to wait for: the resync will do.
+    let mut quiet = Memory::default();
+    let running = observed(&[("slow", ProcState::Running)]);
+    assert_eq!(
+        next_look(&w.desired, &running, &mut quiet, std::iter::empty(), false, 0),
+        None
+    );
+    // A crash-loop start or a refused file's retry is looked at when due.
+    quiet.crash.insert(
+        "slow".into(),
+        Crash {
+            attempts: 0,
+            next_retry_ms: Some(10_000),
+        },
+    );
+    assert_eq!(
+        next_look(&w.desired, &running, &mut quiet, [4_000].into_iter(), false, 0),
+        Some(Duration::from_secs(4))
+    );
+}
+
+#[test]
+fn a_started_process_is_looked_at_when_its_startsecs_end() {
+    let w = World::new(vec![assignment("slow", |s| s.startsecs = Some(2))]);
+    let starting = observed(&[("slow", ProcState::Starting)]);
+    let mut m = Memory {
+        started: [("slow".to_string(), 1_000)].into(),
+        ..Default::default()
+    };
+    let look = |m: &mut Memory, now| next_look(&w.desired, &starting, m, std::iter::empty(), false, now);
+    assert_eq!(look(&mut m, 1_500), Some(Duration::from_millis(1_500)));
+    assert_eq!(look(&mut m, 3_000), Some(POLL));
+    // Long past startsecs + grace: given up (supervisord restarts by itself from here).
+    assert_eq!(look(&mut m, 9_000), None);
+    assert!(m.started.is_empty());
+}
+
+#[test]
+fn a_generation_runs_only_once_supervisord_runs_its_file_and_no_replacement_is_pending() {
+    let d = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
+    let p = &d.programs["web"];
+    let good: BTreeMap<String, String> = [(p.file_name.clone(), p.content.clone())].into();
+    let (none, not_held) = (BTreeMap::new(), BTreeMap::new());
+    assert!(runs_generation(p, &good, &none, &not_held));
+    let replacing: BTreeMap<String, GroupChange> = [("web".to_string(), GroupChange::Replace)].into();
+    assert!(!runs_generation(p, &good, &replacing, &not_held));
+    assert!(!runs_generation(p, &BTreeMap::new(), &none, &not_held));
+    let held: BTreeMap<String, String> = [("web".to_string(), "refused".to_string())].into();
+    assert!(!runs_generation(p, &good, &none, &held));
+}
+
+#[test]
+fn readiness_needs_every_process_in_its_desired_state() {
+    use ProcState::*;
+    let d = desired(&assignments(vec![assignment("w", two_workers)]), "h1");
+    let p = &d.programs["w"];
+    assert!(is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Running)])));
+    assert!(!is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Starting)])));
+    assert!(!is_ready(p, &observed(&[("w:w_0", Running)])));
+}
+
+#[test]
+fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
+    let d = desired(&assignments(vec![assignment("w", two_workers)]), "h1");
+    let mut obs = observed(&[("w:w_0", ProcState::Fatal), ("w:w_1", ProcState::Running)]);
+    if let Some(p) = obs.get_mut("w:w_0") {
+        p.exit_status = 3;
+        p.spawn_error = "Exited too quickly (process log may have details)".into();
+    }
+    let memory = Memory {
+        crash: [(
+            "w:w_0".to_string(),
+            Crash {
+                attempts: 2,
+                next_retry_ms: Some(41_500),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    };
+    let tails: HashMap<String, String> = [
+        ("w:w_0".to_string(), "Traceback\nboom".to_string()),
+        ("w:w_1".to_string(), "old noise".to_string()),
+    ]
+    .into();
+    let s = statuses(&StatusInput {
+        host: "h1",
+        desired: &d,
+        observed: &obs,
+        errors: &BTreeMap::new(),
+        generations: &[("w".to_string(), 3)].into(),
+        memory: &memory,
+        stderr_tails: &tails,
+    });
+    let w = &s["w"];
+    assert!(!w.ready);
+    assert_eq!(w.observed_generation, 3);
+    let (f, r) = (&w.processes[0], &w.processes[1]);
+    assert_eq!(
+        (f.state.as_str(), f.exit_status, f.crash_restarts, f.next_retry_at),
+        ("FATAL", 3, 2, 41)
+    );
+    assert_eq!(f.stderr_tail, "Traceback\nboom");
+    assert!(f.summary().contains("2 crash-loop restarts"), "{}", f.summary());
+    assert_eq!(r.stderr_tail, "");
+}
