@@ -76,6 +76,7 @@ pub struct AgentMetrics {
     program_desired_generation: Family<ProgramLabels, Gauge>,
     program_applied_generation: Family<ProgramLabels, Gauge>,
     program_error: Family<ProgramLabels, Gauge>,
+    program_refused: Family<ProgramLabels, Gauge>,
     reconcile: Family<ResultLabels, Counter>,
     reconcile_duration: Histogram,
     drift: Family<KindLabels, Counter>,
@@ -110,6 +111,7 @@ impl AgentMetrics {
             program_desired_generation: Family::default(),
             program_applied_generation: Family::default(),
             program_error: Family::default(),
+            program_refused: Family::default(),
             reconcile: Family::default(),
             reconcile_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
             drift: Family::default(),
@@ -157,6 +159,11 @@ impl AgentMetrics {
             "corral_program_error",
             "1 if the program could not be applied or driven on this host",
             m.program_error.clone(),
+        );
+        registry.register(
+            "corral_program_refused",
+            "1 if supervisord refused the program's current config on this host (it keeps its last accepted one, if any, until the spec changes or the retry backoff ends)",
+            m.program_refused.clone(),
         );
         registry.register("corral_reconcile", "Reconcile passes by result", m.reconcile.clone());
         registry.register(
@@ -243,6 +250,9 @@ impl AgentMetrics {
                 .get_or_create(&l)
                 .set(s.observed_generation as i64);
             self.program_error.get_or_create(&l).set(i64::from(s.error.is_some()));
+            self.program_refused
+                .get_or_create(&l)
+                .set(i64::from(report.refused.contains(name)));
         }
 
         // Processes of managed programs only, labelled by program and group:process.
@@ -285,6 +295,7 @@ impl AgentMetrics {
             self.program_desired_generation.remove(&l);
             self.program_applied_generation.remove(&l);
             self.program_error.remove(&l);
+            self.program_refused.remove(&l);
         }
         history.programs = programs;
     }

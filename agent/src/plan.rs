@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use corral_proto::fleet::{Assignment, ProcessStatus, ProgramHostStatus};
-use corral_proto::render::{self, namespec};
+use corral_proto::render;
 use corral_proto::resource::{CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Metadata};
 use corral_proto::{validate_group, validate_program};
 
@@ -31,8 +31,11 @@ use corral_proto::{validate_group, validate_program};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredProgram {
     pub name: String,
-    /// The supervisord group: the native group's name, or the program's own.
-    pub group: String,
+    /// Its supervisord groups: the native group, or its own name, or with one group per
+    /// process (`render::per_process`) each process's name.
+    pub groups: Vec<String>,
+    /// Its `[program:x]` section names: its own name, or each process's.
+    pub sections: Vec<String>,
     pub file_name: String,
     pub content: String,
     pub state: DesiredState,
@@ -77,13 +80,26 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                 continue;
             }
         };
-        let group = a.native_group.as_ref().map_or_else(|| name.clone(), |g| g.name.clone());
-        let namespecs = match render::process_names(&program, host, &group) {
-            Ok(names) => names.iter().map(|p| namespec(&group, p)).collect(),
+        let native = a.native_group.as_ref().map(|g| g.name.as_str());
+        let rendered = render::namespecs(&program, host, native)
+            .and_then(|ns| Ok((ns, render::render_program_in(&program, native)?)));
+        let (namespecs, content) = match rendered {
+            Ok(r) => r,
             Err(e) => {
                 out.invalid.insert(name.clone(), e);
                 continue;
             }
+        };
+        let per_process = render::per_process(&program, native);
+        let groups: Vec<String> = match native {
+            Some(g) => vec![g.to_string()],
+            None if per_process => namespecs.clone(),
+            None => vec![name.clone()],
+        };
+        let sections = if per_process {
+            namespecs.clone()
+        } else {
+            vec![name.clone()]
         };
         if let Some(g) = &a.native_group {
             let entry = out.native.entry(g.name.clone()).or_insert(NativeGroup {
@@ -96,9 +112,10 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
             name.clone(),
             DesiredProgram {
                 name: name.clone(),
-                group,
+                groups,
+                sections,
                 file_name: render::program_file_name(name),
-                content: render::render_program(&program),
+                content,
                 state: program.spec.state,
                 generation: program.metadata.generation,
                 restarted_at: program.spec.restarted_at.clone(),
@@ -112,6 +129,34 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
                 crash: CrashLoopSpec::resolve(program.spec.crash_loop.as_ref()),
             },
         );
+    }
+    // Two programs defining the same supervisord program or group would be merged by
+    // supervisord: the later one (in name order) is refused here.
+    let mut claimed: BTreeMap<String, String> = BTreeMap::new();
+    let names: Vec<String> = out.programs.keys().cloned().collect();
+    for name in names {
+        let Some(p) = out.programs.get(&name) else { continue };
+        let mine = p.sections.iter().map(|s| format!("program:{s}")).chain(
+            p.groups
+                .iter()
+                .filter(|g| !out.native.contains_key(*g))
+                .map(|g| format!("group:{g}")),
+        );
+        let clash = mine.clone().find_map(|s| Some((s.clone(), claimed.get(&s)?.clone())));
+        match clash {
+            Some((section, other)) => {
+                out.programs.remove(&name);
+                out.invalid.insert(
+                    name,
+                    format!("conflict: [{section}] is also a process of program {other:?} on this host"),
+                );
+            }
+            None => {
+                for s in mine {
+                    claimed.insert(s, name.clone());
+                }
+            }
+        }
     }
     out
 }
@@ -265,17 +310,19 @@ pub fn conflicts(desired: &Desired, foreign: &Foreign) -> BTreeMap<String, Strin
                     p.file_name
                 ),
             );
-        } else if let Some(file) = foreign.sections.get(&format!("program:{}", p.name)) {
+            continue;
+        }
+        let native = desired.native.values().any(|g| g.members.contains(&p.name));
+        let clash = p
+            .sections
+            .iter()
+            .map(|s| format!("program:{s}"))
+            .chain(p.groups.iter().filter(|_| !native).map(|g| format!("group:{g}")))
+            .find_map(|section| Some((foreign.sections.get(&section)?, section)));
+        if let Some((file, section)) = clash {
             out.insert(
                 p.name.clone(),
-                format!("conflict: [program:{}] is also defined in {file}", p.name),
-            );
-        } else if p.group == p.name
-            && let Some(file) = foreign.sections.get(&format!("group:{}", p.name))
-        {
-            out.insert(
-                p.name.clone(),
-                format!("conflict: [group:{}] is also defined in {file}", p.name),
+                format!("conflict: [{section}] is also defined in {file}"),
             );
         }
     }
@@ -608,7 +655,7 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
     }
 
     for p in input.desired.programs.values() {
-        if busy_groups.contains(p.group.as_str()) || !input.loaded.contains(&p.name) {
+        if !input.loaded.contains(&p.name) {
             continue;
         }
         let marker_moved = p.state == DesiredState::Running
@@ -626,6 +673,9 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
             let Some(proc) = input.observed.get(ns) else {
                 continue;
             };
+            if busy_groups.contains(group_of(ns)) {
+                continue;
+            }
             let s = proc.state;
             let action = match p.state {
                 DesiredState::Running if marker_moved && s.is_running() => {
@@ -757,7 +807,14 @@ pub fn runs_generation(
     pending: &BTreeMap<String, GroupChange>,
     held: &BTreeMap<String, String>,
 ) -> bool {
-    !held.contains_key(&p.name) && !pending.contains_key(&p.group) && last_good.get(&p.file_name) == Some(&p.content)
+    !held.contains_key(&p.name)
+        && !p.groups.iter().any(|g| pending.contains_key(g))
+        && last_good.get(&p.file_name) == Some(&p.content)
+}
+
+/// The supervisord group of a `group:process` name.
+pub fn group_of(namespec: &str) -> &str {
+    namespec.split_once(':').map_or(namespec, |(g, _)| g)
 }
 
 /// Whether every process of `p` is in its desired state: RUNNING (past startsecs) when it

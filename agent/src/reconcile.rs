@@ -243,8 +243,9 @@ impl Reconciler {
             .collect();
         if desired.programs.values().any(|p| {
             loaded.contains(&p.name)
-                && !self.pending.contains_key(&p.group)
-                && p.namespecs.iter().any(|ns| !observed.contains_key(ns))
+                && p.namespecs
+                    .iter()
+                    .any(|ns| !observed.contains_key(ns) && !self.pending.contains_key(plan::group_of(ns)))
         }) {
             // A group Corral wants is not loaded (supervisord restarted from older files):
             // ask supervisord again next pass.
@@ -266,7 +267,7 @@ impl Reconciler {
             desired
                 .programs
                 .values()
-                .filter(|p| p.group == target || p.namespecs.iter().any(|ns| ns == target))
+                .filter(|p| p.groups.iter().any(|g| g == target) || p.namespecs.iter().any(|ns| ns == target))
                 .map(|p| p.name.clone())
                 .collect()
         };
@@ -299,12 +300,15 @@ impl Reconciler {
                         self.state.managed_groups.insert(g.clone());
                         // A new config starts its crash-loop count afresh.
                         self.memory.crash.retain(|ns, _| !in_group(ns, g));
-                        for p in desired.programs.values().filter(|p| &p.group == g) {
-                            if p.state == corral_proto::resource::DesiredState::Running {
-                                for ns in &p.namespecs {
-                                    self.memory.started.insert(ns.clone(), now);
-                                }
-                            }
+                        let running = desired
+                            .programs
+                            .values()
+                            .filter(|p| p.state == corral_proto::resource::DesiredState::Running);
+                        for ns in running
+                            .flat_map(|p| p.namespecs.iter())
+                            .filter(|ns| plan::group_of(ns) == g)
+                        {
+                            self.memory.started.insert(ns.clone(), now);
                         }
                     }
                     Action::RemoveGroup(g) => {
@@ -319,10 +323,11 @@ impl Reconciler {
         // Groups Corral wants loaded are its own from now on; removed ones stay its own until
         // they are gone.
         for p in desired.programs.values().filter(|p| loaded.contains(&p.name)) {
-            if observed.contains_key(p.namespecs.first().map_or("", String::as_str))
-                && !self.state.managed_groups.contains(&p.group)
-            {
-                self.state.managed_groups.insert(p.group.clone());
+            for ns in p.namespecs.iter().filter(|ns| observed.contains_key(*ns)) {
+                let g = plan::group_of(ns);
+                if !self.state.managed_groups.contains(g) {
+                    self.state.managed_groups.insert(g.to_string());
+                }
             }
         }
         for p in desired.programs.values() {
@@ -330,7 +335,8 @@ impl Reconciler {
                 continue;
             }
             // Written only when they differ: a quiet pass allocates nothing here.
-            if self.state.applied_markers.get(&p.name) != Some(&p.restarted_at) && !self.pending.contains_key(&p.group)
+            if self.state.applied_markers.get(&p.name) != Some(&p.restarted_at)
+                && !p.groups.iter().any(|g| self.pending.contains_key(g))
             {
                 self.state
                     .applied_markers
@@ -440,7 +446,7 @@ impl Reconciler {
                         .programs
                         .values()
                         .filter(|p| want.files.contains_key(&p.file_name))
-                        .map(|p| p.group.clone())
+                        .flat_map(|p| p.groups.iter().cloned())
                         .collect();
                     return Ok(Some(plan::pending_changes(
                         &r.added,

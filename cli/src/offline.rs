@@ -6,9 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use corral_proto::import::{Placement, import as import_conf};
-use corral_proto::{
-    Resource, group_file_name, program_file_name, render_group, render_program, validate_group, validate_program,
-};
+use corral_proto::render::render_program_in;
+use corral_proto::{Resource, group_file_name, program_file_name, render_group, validate_group, validate_program};
 
 use crate::input::read_resources;
 
@@ -24,11 +23,23 @@ fn refuse(errors: &[String]) -> ExitCode {
 pub fn render(files: &[String]) -> anyhow::Result<ExitCode> {
     let docs = read_resources(files)?;
     let (resources, mut errors) = (docs.resources, docs.errors);
+    // A member of a native group renders as the agent renders it there.
+    let native: BTreeMap<String, String> = resources
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Resource::Group(g) if g.spec.native => Some(g),
+            _ => None,
+        })
+        .flat_map(|g| g.spec.programs.iter().map(|p| (p.clone(), g.metadata.name.clone())))
+        .collect();
     let mut out = Vec::new();
     for (source, r) in resources {
         match r {
             Resource::Program(p) => match validate_program(p) {
-                Ok(p) => out.push((program_file_name(&p.metadata.name), render_program(&p))),
+                Ok(p) => match render_program_in(&p, native.get(&p.metadata.name).map(String::as_str)) {
+                    Ok(text) => out.push((program_file_name(&p.metadata.name), text)),
+                    Err(e) => errors.push(format!("{source}: {e}")),
+                },
                 Err(e) => errors.push(format!("{source}: {e}")),
             },
             Resource::Group(g) => match validate_group(g) {

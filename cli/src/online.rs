@@ -157,6 +157,7 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
     let mut changed = false;
     for (_, r) in docs.resources {
         let name = r.metadata().name.clone();
+        let mut effects = None;
         let (current, wanted, native_note) = match &r {
             Resource::Program(p) => {
                 let live = match api.program(&name).await {
@@ -170,9 +171,10 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
                     wanted.restarted_at = wanted.restarted_at.or_else(|| l.restarted_at.clone());
                     wanted.signal_request = wanted.signal_request.or_else(|| l.signal_request.clone());
                 }
+                let native = groups.iter().find(|g| g.spec.native && g.spec.programs.contains(&name));
+                effects = process_effects(p, live.as_ref(), &wanted, native.map(|g| g.metadata.name.as_str()));
                 let current = live.as_ref().map(|l| yaml_of(&redacted(l, None, show_secrets)));
                 let wanted = yaml_of(&redacted(&wanted, live.as_ref(), show_secrets));
-                let native = groups.iter().find(|g| g.spec.native && g.spec.programs.contains(&name));
                 let note = native.map(|g| {
                     format!(
                         "note: {name} is in native group {:?}: supervisord restarts every member of the group on each host when this changes",
@@ -199,6 +201,9 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
                 for l in wanted.lines() {
                     println!("+   {l}");
                 }
+                if let Some(e) = &effects {
+                    println!("{e}");
+                }
             }
             Some(cur) if cur != wanted => {
                 changed = true;
@@ -208,6 +213,9 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
                     d.unified_diff()
                         .header(&format!("{what} (live)"), &format!("{what} (file)"))
                 );
+                if let Some(e) = &effects {
+                    println!("{e}");
+                }
                 if let Some(n) = native_note {
                     println!("{n}");
                 }
@@ -216,6 +224,39 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
         }
     }
     Ok(if changed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+/// `processes on each host: restart a, b; start c`: what the change does to the program's
+/// processes, from the specs alone (`render::process_changes`). `None` when a spec does not
+/// validate (apply would say why).
+fn process_effects(
+    file: &Program,
+    live: Option<&corral_proto::ProgramSpec>,
+    wanted: &corral_proto::ProgramSpec,
+    native_group: Option<&str>,
+) -> Option<String> {
+    let with = |spec: &corral_proto::ProgramSpec| {
+        let mut p = file.clone();
+        p.spec = spec.clone();
+        corral_proto::validate_program(p).ok()
+    };
+    let new = with(wanted)?;
+    let old = match live {
+        Some(l) => Some(with(l)?),
+        None => None,
+    };
+    let c = corral_proto::render::process_changes(old.as_ref(), &new, native_group, "<host>").ok()?;
+    let parts: Vec<String> = [
+        ("restart", &c.restart),
+        ("start", &c.start),
+        ("stop", &c.stop),
+        ("keep", &c.keep),
+    ]
+    .iter()
+    .filter(|(_, l)| !l.is_empty())
+    .map(|(verb, l)| format!("{verb} {}", l.join(", ")))
+    .collect();
+    Some(format!("  processes on each host: {}", parts.join("; ")))
 }
 
 fn status_view(p: &Program) -> ProgramStatusView {

@@ -212,26 +212,79 @@ pub fn expand(value: &str, scope: Scope, ctx: &Context) -> Result<String, String
                 let text = ctx
                     .text(var.name)
                     .ok_or_else(|| format!("%({}) is not defined here", var.name))?;
-                let pad = var.width.saturating_sub(text.chars().count());
-                let fill = if var.zero_pad && !var.left_align && var.conversion == Conversion::Int {
-                    '0'
-                } else {
-                    ' '
-                };
-                if var.left_align {
-                    out.push_str(&text);
-                    out.extend(std::iter::repeat_n(' ', pad));
-                } else {
-                    out.extend(std::iter::repeat_n(fill, pad));
-                    out.push_str(&text);
-                }
+                out.push_str(&var.format(&text));
             }
         }
     }
     Ok(out)
 }
 
-/// Whether the value references `%(process_num)` (supervisord's own test is this substring).
+/// The names Corral expands itself when it gives each process its own supervisord program.
+const PINNED: &[&str] = &["program_name", "group_name", "process_num", "numprocs"];
+
+/// Expands only `program_name`, `group_name`, `process_num` and `numprocs` from `ctx`, and
+/// leaves `%%` and every other reference (`here`, `host_node_name`, `ENV_*`) in supervisord's
+/// syntax for supervisord to expand: the value, written in a section of its own, means to
+/// supervisord what `value` meant in the program's section.
+///
+/// # Errors
+/// What [`parse`] finds wrong.
+pub fn pin(value: &str, scope: Scope, ctx: &Context) -> Result<String, String> {
+    let mut out = String::with_capacity(value.len());
+    for piece in parse(value, scope)? {
+        match piece {
+            Piece::Literal(s) => out.push_str(s),
+            Piece::Percent => out.push_str("%%"),
+            Piece::Var(var) if PINNED.contains(&var.name) => {
+                let text = ctx
+                    .text(var.name)
+                    .ok_or_else(|| format!("%({}) is not defined here", var.name))?;
+                out.push_str(&escape_percent(&var.format(&text)));
+            }
+            Piece::Var(var) => {
+                out.push_str("%(");
+                out.push_str(var.name);
+                out.push(')');
+                if var.left_align {
+                    out.push('-');
+                }
+                if var.zero_pad {
+                    out.push('0');
+                }
+                if var.width > 0 {
+                    out.push_str(&var.width.to_string());
+                }
+                out.push(match var.conversion {
+                    Conversion::Str => 's',
+                    Conversion::Int => 'd',
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Var<'_> {
+    /// `text` padded as the reference asks (`%(process_num)02d` of 7 is `07`).
+    fn format(&self, text: &str) -> String {
+        let pad = self.width.saturating_sub(text.chars().count());
+        let fill = if self.zero_pad && !self.left_align && self.conversion == Conversion::Int {
+            '0'
+        } else {
+            ' '
+        };
+        let mut out = String::with_capacity(text.len() + pad);
+        if self.left_align {
+            out.push_str(text);
+            out.extend(std::iter::repeat_n(' ', pad));
+        } else {
+            out.extend(std::iter::repeat_n(fill, pad));
+            out.push_str(text);
+        }
+        out
+    }
+}
+
 pub fn mentions_process_num(value: &str) -> bool {
     value.contains("%(process_num)")
 }
@@ -272,6 +325,34 @@ mod tests {
             (Ok(g), Ok(e)) => assert_eq!(g, e, "{input:?}"),
             (Err(g), Err(e)) => assert!(g.contains(e), "{input:?}: error {g:?} lacks {e:?}"),
             (g, e) => panic!("{input:?}: got {g:?}, expected {e:?}"),
+        }
+    }
+
+    #[test]
+    fn pin_expands_corrals_names_and_leaves_supervisords_own() {
+        let c = ctx();
+        let pin = |v| pin(v, Scope::Process, &c).expect("pins");
+        assert_eq!(
+            pin("%(program_name)s-%(process_num)03d of %(numprocs)d"),
+            "web-007 of 12"
+        );
+        assert_eq!(pin("%(group_name)s:%(process_num)-3d|"), "web:7  |");
+        // What only supervisord knows stays for it, with its format.
+        assert_eq!(
+            pin("%(here)s/%(host_node_name)s %(ENV_HOME)s"),
+            "%(here)s/%(host_node_name)s %(ENV_HOME)s"
+        );
+        assert_eq!(pin("100%% %(ENV_X)-05s"), "100%% %(ENV_X)-05s");
+        // Pinning then letting supervisord expand gives what supervisord alone would.
+        for v in [
+            "%(program_name)s_%(process_num)02d %(here)s %%",
+            "%(ENV_HOME)s/%(numprocs)d",
+        ] {
+            assert_eq!(
+                expand(&pin(v), Scope::Process, &c),
+                expand(v, Scope::Process, &c),
+                "{v}"
+            );
         }
     }
 

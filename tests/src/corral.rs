@@ -231,3 +231,36 @@ pub async fn wait_for(
 pub fn converged(s: &FleetStatus) -> bool {
     s.converged() && s.programs.iter().all(|p| p.updated == p.desired)
 }
+
+/// The path of one of Corral's binaries (`corral-agent`, `corral-controller`, `corral`),
+/// built beside the test binary by `cargo build --bins` (as `scripts/test` does first).
+///
+/// # Errors
+/// If the binary is not there.
+pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe().context("own path")?;
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("test binary outside target/<profile>/deps")?;
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not built (run cargo build --workspace --bins first)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The sum of every sample of a counter (all label sets) in a Prometheus text exposition.
+pub fn counter_sum(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

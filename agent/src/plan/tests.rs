@@ -45,9 +45,11 @@ fn desired_renders_programs_and_records_native_groups_with_this_hosts_members_on
         &assignments(vec![in_shop(assignment("api", |_| {})), assignment("w", two_workers)]),
         "h1",
     );
-    assert_eq!(d.programs["api"].group, "shop");
+    assert_eq!(d.programs["api"].groups, ["shop"]);
     assert_eq!(d.programs["api"].namespecs, ["shop:api"]);
-    assert_eq!(d.programs["w"].namespecs, ["w:w_0", "w:w_1"]);
+    // One supervisord program and group per process, so scaling restarts no other process.
+    assert_eq!(d.programs["w"].namespecs, ["w_0", "w_1"]);
+    assert_eq!(d.programs["w"].groups, ["w_0", "w_1"]);
     assert_eq!(d.programs["w"].generation, 3);
     assert_eq!(d.native["shop"].members, ["api"]);
     let want = plan_want(&d, &BTreeMap::new(), &BTreeMap::new(), &BTreeMap::new(), 0);
@@ -61,6 +63,19 @@ fn desired_renders_programs_and_records_native_groups_with_this_hosts_members_on
     );
     assert!(want.files["corral-group-shop.conf"].contains("programs=api\n"));
     assert!(want.held.is_empty());
+}
+
+#[test]
+fn two_programs_claiming_one_supervisord_name_refuse_the_later() {
+    let d = desired(
+        &assignments(vec![assignment("w", two_workers), assignment("w_1", |_| {})]),
+        "h1",
+    );
+    assert!(d.programs.contains_key("w"));
+    assert!(
+        d.invalid["w_1"].contains("[program:w_1] is also a process of program \"w\""),
+        "{d:#?}"
+    );
 }
 
 #[test]
@@ -443,17 +458,17 @@ fn a_new_signal_request_signals_running_processes_once() {
             id: "2".into(),
         });
     })]);
-    let obs = observed(&[("w:w_0", Running), ("w:w_1", Stopped)]);
+    let obs = observed(&[("w_0", Running), ("w_1", Stopped)]);
     let mut m = Memory::default();
     w.signals.insert("w".into(), Some("1".into()));
     assert_eq!(
         w.plan(&obs, &mut m, 0),
-        [Signal("w:w_0".into(), "HUP".into()), Start("w:w_1".into())]
+        [Signal("w_0".into(), "HUP".into()), Start("w_1".into())]
     );
     w.signals.insert("w".into(), Some("2".into()));
-    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w:w_1".into())]);
+    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w_1".into())]);
     w.signals.clear();
-    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w:w_1".into())]);
+    assert_eq!(w.plan(&obs, &mut m, 0), [Start("w_1".into())]);
 }
 
 #[test]
@@ -584,22 +599,22 @@ fn readiness_needs_every_process_in_its_desired_state() {
     use ProcState::*;
     let d = desired(&assignments(vec![assignment("w", two_workers)]), "h1");
     let p = &d.programs["w"];
-    assert!(is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Running)])));
-    assert!(!is_ready(p, &observed(&[("w:w_0", Running), ("w:w_1", Starting)])));
-    assert!(!is_ready(p, &observed(&[("w:w_0", Running)])));
+    assert!(is_ready(p, &observed(&[("w_0", Running), ("w_1", Running)])));
+    assert!(!is_ready(p, &observed(&[("w_0", Running), ("w_1", Starting)])));
+    assert!(!is_ready(p, &observed(&[("w_0", Running)])));
 }
 
 #[test]
 fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
     let d = desired(&assignments(vec![assignment("w", two_workers)]), "h1");
-    let mut obs = observed(&[("w:w_0", ProcState::Fatal), ("w:w_1", ProcState::Running)]);
-    if let Some(p) = obs.get_mut("w:w_0") {
+    let mut obs = observed(&[("w_0", ProcState::Fatal), ("w_1", ProcState::Running)]);
+    if let Some(p) = obs.get_mut("w_0") {
         p.exit_status = 3;
         p.spawn_error = "Exited too quickly (process log may have details)".into();
     }
     let memory = Memory {
         crash: [(
-            "w:w_0".to_string(),
+            "w_0".to_string(),
             Crash {
                 attempts: 2,
                 next_retry_ms: Some(41_500),
@@ -609,8 +624,8 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
         ..Default::default()
     };
     let tails: HashMap<String, String> = [
-        ("w:w_0".to_string(), "Traceback\nboom".to_string()),
-        ("w:w_1".to_string(), "old noise".to_string()),
+        ("w_0".to_string(), "Traceback\nboom".to_string()),
+        ("w_1".to_string(), "old noise".to_string()),
     ]
     .into();
     let s = statuses(&StatusInput {

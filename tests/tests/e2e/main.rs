@@ -1,5 +1,6 @@
 //! End-to-end tests against real servers, one module per area.
 
+mod agent_process;
 mod alerting;
 mod cluster;
 mod conformance;

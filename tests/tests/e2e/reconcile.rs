@@ -104,7 +104,7 @@ async fn programs_are_added_changed_and_removed_without_touching_the_others() ->
     let before = host.pids().await?;
     assert_eq!(
         before.keys().collect::<Vec<_>>(),
-        ["theirs", "web", "worker:worker_0", "worker:worker_1"]
+        ["theirs", "web", "worker_0", "worker_1"]
     );
 
     // Change one program: only it restarts.
@@ -116,7 +116,7 @@ async fn programs_are_added_changed_and_removed_without_touching_the_others() ->
     assert_eq!(report.statuses["web"].observed_generation, 2);
     let after = host.pids().await?;
     assert_ne!(before["web"], after["web"]);
-    for p in ["theirs", "worker:worker_0", "worker:worker_1"] {
+    for p in ["theirs", "worker_0", "worker_1"] {
         assert_eq!(before[p], after[p], "{p} was restarted");
     }
 
@@ -736,5 +736,111 @@ async fn files_corral_did_not_write_are_never_touched_and_a_name_clash_is_a_conf
         config_names(&host)?,
         ["corral-program-mine.conf", "corral-program-x.conf", "legacy.conf"]
     );
+    Ok(())
+}
+
+/// Applies `new` over `old` and checks that exactly the processes `render::process_changes`
+/// names were started, restarted, stopped and kept (pids compared).
+async fn check_changes(
+    host: &Host,
+    r: &mut Reconciler,
+    a: &mut BTreeMap<String, Assignment>,
+    new: (String, Assignment),
+) -> anyhow::Result<corral_proto::render::ProcessChanges> {
+    let valid = |a: &Assignment| corral_proto::validate_program(a.program.clone()).map_err(|e| anyhow::anyhow!("{e}"));
+    let native = new.1.native_group.as_ref().map(|g| g.name.clone());
+    let old = a.get(&new.0).map(valid).transpose()?;
+    let changes = corral_proto::render::process_changes(old.as_ref(), &valid(&new.1)?, native.as_deref(), "h1")
+        .map_err(anyhow::Error::msg)?;
+    let group = native.map(|g| format!("{g}:")).unwrap_or_default();
+    let before = host.pids().await?;
+    a.insert(new.0, new.1);
+    converge(r, a).await?;
+    let after = host.pids().await?;
+    let pid = |m: &BTreeMap<String, i64>, n: &str| m.get(&format!("{group}{n}")).copied().unwrap_or(0);
+    for n in &changes.keep {
+        assert!(
+            pid(&before, n) > 0 && pid(&before, n) == pid(&after, n),
+            "{n} was to keep its pid: {changes:?}"
+        );
+    }
+    for n in &changes.restart {
+        assert!(
+            pid(&before, n) > 0 && pid(&after, n) > 0 && pid(&before, n) != pid(&after, n),
+            "{n} was to restart"
+        );
+    }
+    for n in &changes.start {
+        assert!(pid(&before, n) == 0 && pid(&after, n) > 0, "{n} was to start");
+    }
+    for n in &changes.stop {
+        assert!(pid(&before, n) > 0 && pid(&after, n) == 0, "{n} was to stop");
+    }
+    Ok(changes)
+}
+
+#[tokio::test]
+async fn scaling_numprocs_starts_and_stops_only_the_processes_that_come_and_go() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let w = |generation, n, command: &str| {
+        let command = command.to_string();
+        assignment("w", generation, move |s| {
+            s.numprocs = Some(n);
+            s.process_name = Some("%(program_name)s_%(process_num)02d".into());
+            s.command = command;
+        })
+    };
+    let mut a: BTreeMap<_, _> = [w(1, 2, "/bin/sleep 1000"), assignment("other", 1, |_| {})].into();
+    converge(&mut r, &a).await?;
+    let other = host.pids().await?["other"];
+    let s = |l: &[&str]| l.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+    let c = check_changes(&host, &mut r, &mut a, w(2, 4, "/bin/sleep 1000")).await?;
+    assert_eq!(
+        (c.start, c.keep, c.restart),
+        (s(&["w_02", "w_03"]), s(&["w_00", "w_01"]), vec![])
+    );
+    let c = check_changes(&host, &mut r, &mut a, w(3, 3, "/bin/sleep 1000")).await?;
+    assert_eq!((c.stop, c.keep.len(), c.restart), (s(&["w_03"]), 3, vec![]));
+    let c = check_changes(&host, &mut r, &mut a, w(4, 3, "/bin/sleep 1001")).await?;
+    assert_eq!(c.restart, s(&["w_00", "w_01", "w_02"]));
+    // In supervisorctl each process is a group of its own.
+    assert_eq!(
+        host.pids().await?.keys().collect::<Vec<_>>(),
+        ["other", "w_00", "w_01", "w_02"]
+    );
+    assert_eq!(host.pids().await?["other"], other);
+    Ok(())
+}
+
+#[tokio::test]
+async fn stopping_or_starting_a_native_group_member_restarts_no_sibling() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let shop = |name: &str, generation, state| {
+        let (n, mut a) = assignment(name, generation, move |s| s.state = state);
+        a.native_group = Some(corral_proto::fleet::NativeGroup {
+            name: "shop".into(),
+            priority: None,
+        });
+        (n, a)
+    };
+    let mut a: BTreeMap<_, _> = [
+        shop("api", 1, DesiredState::Running),
+        shop("beat", 1, DesiredState::Running),
+    ]
+    .into();
+    converge(&mut r, &a).await?;
+    let api = host.pids().await?["shop:api"];
+    let c = check_changes(&host, &mut r, &mut a, shop("beat", 2, DesiredState::Stopped)).await?;
+    assert_eq!(c.stop, ["beat"]);
+    assert_eq!(
+        host.client.get_process_info("shop:beat").await?.state,
+        ProcessState::Stopped
+    );
+    let c = check_changes(&host, &mut r, &mut a, shop("beat", 3, DesiredState::Running)).await?;
+    assert_eq!(c.start, ["beat"]);
+    assert_eq!(host.pids().await?["shop:api"], api);
     Ok(())
 }

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use corral_proto::resource::{AutoRestart, ByteSize, DesiredState, Group, GroupSpec, Metadata, Program, ProgramSpec};
 use corral_proto::template::{self, Context, Scope};
-use corral_proto::{render_group, render_program, signal, validate_group, validate_program};
+use corral_proto::{render_group, signal, validate_group, validate_program};
 use corral_tests::loader::{LOADER_ENV, Loader};
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -71,15 +71,23 @@ fn expected(p: &Program, group: Option<&Group>, here: &str) -> BTreeMap<String, 
         };
         let redirect = s.redirect_stderr.unwrap_or(false);
         let stopasgroup = s.stopasgroup.unwrap_or(false);
+        // With one supervisord program per process, each is its own group, named like it;
+        // %(group_name) still means the program's name (Corral expands it).
+        let native = group.map(|g| g.metadata.name.as_str());
+        let group_field = if corral_proto::render::per_process(p, native) {
+            name.clone()
+        } else {
+            group_name.clone()
+        };
         let v = json!({
-            "group": group_name,
+            "group": group_field,
             "group_priority": group_priority,
             "command": x(&s.command),
             "directory": s.directory.as_deref().map(x),
             "uid": s.user.as_deref().map(|u| uid_of(u).expect("test users exist")),
             "umask": s.umask.as_deref().map(|u| i64::from_str_radix(u, 8).expect("octal")),
             "priority": s.priority.unwrap_or(999),
-            "autostart": s.autostart.unwrap_or(true) && s.state == DesiredState::Running,
+            "autostart": s.autostart.unwrap_or(true) && (group.is_some() || s.state == DesiredState::Running),
             "autorestart": match s.autorestart.unwrap_or(AutoRestart::Unexpected) {
                 AutoRestart::Always => json!(true),
                 AutoRestart::Never => json!(false),
@@ -120,7 +128,8 @@ static LOADER: Mutex<Option<Loader>> = Mutex::new(None);
 /// read, or supervisord's refusal.
 pub fn load_rendered(p: &Program, group: Option<&Group>, dir: &Path) -> Result<BTreeMap<String, Value>, String> {
     let valid = validate_program(p.clone()).map_err(|e| format!("validation refused a test spec: {e}"))?;
-    let mut text = render_program(&valid);
+    let native = group.map(|g| g.metadata.name.clone());
+    let mut text = corral_proto::render::render_program_in(&valid, native.as_deref())?;
     if let Some(g) = group {
         let g = validate_group(g.clone()).map_err(|e| e.to_string())?;
         text.push_str(&render_group(&g));
