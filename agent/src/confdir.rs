@@ -155,6 +155,11 @@ impl ConfDir {
         Ok(&self.contents)
     }
 
+    /// The managed files as of the last [`ConfDir::read_managed`].
+    pub fn managed(&self) -> &BTreeMap<String, String> {
+        &self.contents
+    }
+
     /// What other tools put in the conf dir, as of the last [`ConfDir::read_managed`].
     pub fn foreign(&self) -> &Foreign {
         &self.foreign

@@ -301,6 +301,9 @@ pub struct Foreign {
 /// definitions, so Corral holds its own back and reports the conflict.
 pub fn conflicts(desired: &Desired, foreign: &Foreign) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
+    if foreign.files.is_empty() && foreign.sections.is_empty() {
+        return out;
+    }
     for p in desired.programs.values() {
         if foreign.files.contains(&p.file_name) {
             out.insert(

@@ -171,7 +171,8 @@ impl Reconciler {
         let mut errors: BTreeMap<String, String> = desired.invalid.clone();
 
         // 1. Files.
-        let on_disk = self.conf.read_managed()?.clone();
+        self.conf.read_managed()?;
+        let on_disk = self.conf.managed();
         let mut last_good = self.last_good.take().unwrap_or_else(|| on_disk.clone());
         // A refusal is about one content: a new spec is tried at once.
         self.refusals.retain(|file, r| match managed_file_kind(file) {
@@ -183,7 +184,7 @@ impl Reconciler {
         });
         let conflicts = plan::conflicts(desired, self.conf.foreign());
         let mut want = plan::plan_want(desired, &last_good, &self.refusals, &conflicts, now);
-        let actions = plan::file_actions(&want.files, &on_disk);
+        let actions = plan::file_actions(&want.files, on_disk);
         // Drift: a file on disk is no longer what supervisord last accepted from us.
         let drifted = actions
             .iter()
@@ -349,9 +350,10 @@ impl Reconciler {
         }
         // A program runs its current generation once supervisord runs exactly its rendered
         // file (a spec change that renders the same file, like a restart marker, counts too).
-        let last_good = self.last_good.as_ref().map_or_else(BTreeMap::new, Clone::clone);
+        let no_files = BTreeMap::new();
+        let last_good = self.last_good.as_ref().unwrap_or(&no_files);
         for p in desired.programs.values() {
-            if plan::runs_generation(p, &last_good, &self.pending, &want.held)
+            if plan::runs_generation(p, last_good, &self.pending, &want.held)
                 && self.state.applied_generations.get(&p.name) != Some(&p.generation)
             {
                 self.state.applied_generations.insert(p.name.clone(), p.generation);

@@ -5,6 +5,12 @@
 //!
 //! `reloadConfig` reads the host's conf dir (the files the real agent wrote) and compares them
 //! with what was loaded; every added group's process is RUNNING at once.
+//!
+//! Stops take time, as they do in supervisord: `stopProcess(wait=false)` leaves the process
+//! STOPPING for [`STOP_TIME`] (what a caller polling supervisord 4.2.5 sees for a process that
+//! exits on SIGTERM at once), `removeProcessGroup` fails STILL_RUNNING until it is STOPPED,
+//! and a waiting stop (`wait=true`), which supervisord answers only at its next loop turn
+//! (about a second), is refused: the agent never asks for one.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +31,42 @@ struct Host {
     pending: BTreeMap<String, String>,
     /// Group -> (state code, pid, start).
     processes: BTreeMap<String, (i32, i32, i32)>,
+    /// Group -> when its STOPPING process will be STOPPED.
+    stopping: BTreeMap<String, std::time::Instant>,
+}
+
+/// How long a stop lasts for a process that exits on SIGTERM at once.
+pub const STOP_TIME: std::time::Duration = std::time::Duration::from_millis(50);
+
+impl Host {
+    /// Finishes the stops whose time has come.
+    fn settle(&mut self) {
+        let now = std::time::Instant::now();
+        let done: Vec<String> = self
+            .stopping
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(g, _)| g.clone())
+            .collect();
+        for g in done {
+            self.stopping.remove(&g);
+            if let Some(p) = self.processes.get_mut(&g) {
+                *p = (0, 0, p.2);
+            }
+        }
+    }
+
+    /// Asks a process to stop: STOPPING now, STOPPED after [`STOP_TIME`].
+    fn stop(&mut self, g: &str) -> Result<(), (i32, String)> {
+        let p = self.processes.get_mut(g).ok_or((10, format!("BAD_NAME: {g}")))?;
+        if p.0 != 20 && p.0 != 10 {
+            return Err((70, format!("NOT_RUNNING: {g}")));
+        }
+        p.0 = 40;
+        self.stopping
+            .insert(g.to_string(), std::time::Instant::now() + STOP_TIME);
+        Ok(())
+    }
 }
 
 /// One stand-in supervisord for one simulated host.
@@ -71,7 +113,9 @@ impl StandIn {
     fn info(&self, group: &str, (state, pid, start): (i32, i32, i32)) -> Value {
         let name = match state {
             0 => "STOPPED",
+            10 => "STARTING",
             20 => "RUNNING",
+            40 => "STOPPING",
             _ => "UNKNOWN",
         };
         let fields: [(&str, Value); 13] = [
@@ -98,6 +142,8 @@ impl StandIn {
             _ => Err((2, "INCORRECT_PARAMETERS".to_string())),
         };
         let mut h = self.host.lock().map_err(|_| (30, "FAILED: poisoned".to_string()))?;
+        h.settle();
+        let wait = matches!(params.get(1), Some(Value::Boolean(true)));
         match method {
             "supervisor.getState" => Ok(Value::Struct(
                 [
@@ -147,26 +193,38 @@ impl StandIn {
             }
             "supervisor.removeProcessGroup" => {
                 let g = arg(0)?;
+                if h.processes.get(&g).is_some_and(|p| p.0 != 0) {
+                    return Err((91, format!("STILL_RUNNING: {g}")));
+                }
                 h.loaded.remove(&g).ok_or((10, format!("BAD_NAME: {g}")))?;
                 h.processes.remove(&g);
                 Ok(Value::Boolean(true))
             }
+            "supervisor.stopProcessGroup" | "supervisor.stopProcess" if wait => Err((
+                30,
+                "FAILED: the stand-in does not model waiting stops (supervisord answers them at its next loop turn)"
+                    .to_string(),
+            )),
             "supervisor.stopProcessGroup" => {
                 let g = arg(0)?;
-                let p = h.processes.get_mut(&g).ok_or((10, format!("BAD_NAME: {g}")))?;
-                *p = (0, 0, p.2);
+                let _ = h.stop(&g);
                 Ok(Value::Array(vec![]))
             }
-            "supervisor.startProcess" | "supervisor.stopProcess" => {
+            "supervisor.stopProcess" => {
+                let g = arg(0)?;
+                let g = g.split(':').next_back().unwrap_or(&g).to_string();
+                h.stop(&g)?;
+                Ok(Value::Boolean(true))
+            }
+            "supervisor.startProcess" => {
                 let g = arg(0)?;
                 let g = g.split(':').next_back().unwrap_or(&g).to_string();
                 let pid = self.pids.fetch_add(1, Ordering::Relaxed) as i32;
                 let p = h.processes.get_mut(&g).ok_or((10, format!("BAD_NAME: {g}")))?;
-                *p = if method.ends_with("startProcess") {
-                    (20, pid, now())
-                } else {
-                    (0, 0, p.2)
-                };
+                if p.0 != 0 {
+                    return Err((60, format!("ALREADY_STARTED: {g}")));
+                }
+                *p = (20, pid, now());
                 Ok(Value::Boolean(true))
             }
             other => Err((1, format!("UNKNOWN_METHOD: {other}"))),
