@@ -324,9 +324,32 @@ fn is_other_conf(name: &str) -> bool {
 /// # Errors
 /// If the temporary file cannot be written, synced or renamed.
 pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
+    write_with_mode(path, content, 0o644)
+}
+
+/// Like [`write_atomic`], readable and writable by the owner only (0600): for the agent's
+/// state files, which hold rendered configs and so environment values.
+///
+/// # Errors
+/// If the temporary file cannot be written, synced or renamed.
+pub fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
+    write_with_mode(path, content, 0o600)
+}
+
+fn write_with_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp).map_err(err("create", &tmp))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(err("create", &tmp))?;
+    // A temporary file left by an earlier crash keeps its old mode: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(err("chmod", &tmp))?;
     f.write_all(content).map_err(err("write", &tmp))?;
     f.sync_all().map_err(err("sync", &tmp))?;
     drop(f);

@@ -36,6 +36,11 @@ pub struct AgentState {
     pub applied_generations: BTreeMap<String, u64>,
     /// Crash-loop bookkeeping per process, so an agent restart does not reset the backoff.
     pub crash: BTreeMap<String, Crash>,
+    /// Managed file -> the content supervisord last read successfully, so an agent killed
+    /// between writing a file and `reloadConfig` knows, after a restart, which version to
+    /// fall back to if supervisord refuses the one on disk. Holds rendered environment
+    /// values: the state file is written readable by its owner only.
+    pub accepted: BTreeMap<String, String>,
 }
 
 /// Why a pass could not run at all (per-program problems are reported in statuses instead).
@@ -129,6 +134,7 @@ impl Reconciler {
             crash: state.crash.clone(),
             ..Default::default()
         };
+        let last_good = (!state.accepted.is_empty()).then(|| state.accepted.clone());
         Ok(Reconciler {
             host: host.to_string(),
             client,
@@ -138,7 +144,7 @@ impl Reconciler {
             state,
             reload_due: true,
             refusals: BTreeMap::new(),
-            last_good: None,
+            last_good,
             pending: BTreeMap::new(),
             memory,
             tails: HashMap::new(),
@@ -157,7 +163,7 @@ impl Reconciler {
 
     fn save_state(&self) -> Result<(), confdir::Error> {
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        confdir::write_atomic(&self.state_path, &bytes)
+        confdir::write_private(&self.state_path, &bytes)
     }
 
     /// One pass: files, then `reloadConfig`, then groups and processes, then status.
@@ -365,6 +371,11 @@ impl Reconciler {
         self.state.applied_signals.retain(|n, _| keep(n));
         if self.state.crash != self.memory.crash {
             self.state.crash = self.memory.crash.clone();
+        }
+        if let Some(good) = &self.last_good
+            && *good != self.state.accepted
+        {
+            self.state.accepted = good.clone();
         }
         if self.state != self.saved {
             self.save_state()?;

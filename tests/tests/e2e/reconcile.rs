@@ -844,3 +844,37 @@ async fn stopping_or_starting_a_native_group_member_restarts_no_sibling() -> any
     assert_eq!(host.pids().await?["shop:api"], api);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_agent_killed_between_writing_a_refused_file_and_rereading_keeps_the_accepted_one() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let mut a: BTreeMap<_, _> = [assignment("web", 1, |s| {
+        s.environment = Some([("TOKEN".to_string(), "s3cret".to_string())].into())
+    })]
+    .into();
+    converge(&mut r, &a).await?;
+    let pid = host.pids().await?["web"];
+    let file = host.sd.conf_dir.join("corral-program-web.conf");
+    let accepted = std::fs::read_to_string(&file)?;
+    // The state file holds rendered configs (environment values): owner only.
+    let state = host.state_dir.path().join("state.json");
+    assert_eq!(std::fs::metadata(&state)?.permissions().mode() & 0o777, 0o600);
+
+    // The next spec is refused here; the agent wrote it and was killed before reloadConfig.
+    a.insert(
+        "web".into(),
+        assignment("web", 2, |s| s.user = Some("nosuchuser".into())).1,
+    );
+    let refused = desired(&a, "h1").programs["web"].content.clone();
+    drop(r);
+    std::fs::write(&file, &refused)?;
+    let mut r = host.reconciler()?;
+    let report = converge(&mut r, &a).await?;
+    assert!(report.statuses["web"].error.is_some(), "{report:#?}");
+    assert_eq!(report.statuses["web"].observed_generation, 1);
+    assert_eq!(std::fs::read_to_string(&file)?, accepted);
+    assert_eq!(host.pids().await?["web"], pid, "the running version was stopped");
+    Ok(())
+}
