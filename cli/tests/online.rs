@@ -110,6 +110,25 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         "{:?}",
         text(&o)
     );
+    assert!(
+        text(&o).0.contains("  processes on each host: restart celery-beat\n"),
+        "{:?}",
+        text(&o)
+    );
+    // Scaling names the processes it starts and the ones it leaves alone.
+    let scaled = dir.path().join("scaled.yaml");
+    std::fs::write(
+        &scaled,
+        std::fs::read_to_string(Path::new(&examples).join("myapp.yaml"))?.replace("numprocs: 2", "numprocs: 4"),
+    )?;
+    let o = corral(s, &["diff", "-f", &scaled.display().to_string()]);
+    assert!(
+        text(&o)
+            .0
+            .contains("  processes on each host: start celery-worker_02, celery-worker_03; keep celery-worker_00, celery-worker_01\n"),
+        "{:?}",
+        text(&o)
+    );
     // A changed secret shows as changed, never in clear.
     let secret = dir.path().join("secret.yaml");
     let with_password = std::fs::read_to_string(Path::new(&examples).join("myapp.yaml"))?
