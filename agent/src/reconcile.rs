@@ -111,6 +111,9 @@ pub struct Reconciler {
     tails: HashMap<String, (i64, String, String)>,
     /// Why supervisord refuses to re-read its config as a whole (not a file of Corral's).
     host_error: Option<String>,
+    /// The managed files as they were when trying them out showed that supervisord's refusal
+    /// is about none of them.
+    not_ours: Option<BTreeMap<String, String>>,
 }
 
 impl Reconciler {
@@ -149,6 +152,7 @@ impl Reconciler {
             memory,
             tails: HashMap::new(),
             host_error: None,
+            not_ours: None,
         })
     }
 
@@ -490,7 +494,16 @@ impl Reconciler {
                 .collect();
             let culprit = match plan::culprit(&message, &paths) {
                 Some(f) => Some(f),
-                None => self.isolate(&want.files, last_good).await?,
+                // Trying the files out once per content is enough: while the conf dir
+                // stays as it is, the answer stays the same.
+                None if self.not_ours.as_ref() == Some(&want.files) => None,
+                None => {
+                    let found = self.isolate(&want.files, last_good).await?;
+                    if found.is_none() {
+                        self.not_ours = Some(want.files.clone());
+                    }
+                    found
+                }
             };
             let Some(file) = culprit else {
                 tracing::warn!(host = %self.host, error = %message, "supervisord cannot re-read its configuration");
@@ -559,6 +572,10 @@ impl Reconciler {
             revert(&mut self.conf, f)?;
         }
         if self.client.reload_config().await.is_err() {
+            // Not this pass's changes: put them back, they are what Corral wants.
+            for f in &changed {
+                self.conf.write(f, &want[*f])?;
+            }
             return Ok(None);
         }
         for f in changed {
