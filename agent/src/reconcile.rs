@@ -285,7 +285,11 @@ impl Reconciler {
         let results = futures_util::future::join_all(runtime.actions.iter().map(|(a, _)| self.execute(a))).await;
         let mut failed = BTreeSet::new();
         for ((action, why), result) in runtime.actions.iter().zip(results) {
-            report.corrections.push(*why);
+            // Only what was done counts (and asks for a quick look again): an action
+            // supervisord keeps refusing waits for the resync, not a tight loop.
+            if result.is_ok() {
+                report.corrections.push(*why);
+            }
             match action {
                 Action::Stop(ns) => {
                     report.stopped_by_agent.insert(ns.clone());
@@ -300,6 +304,7 @@ impl Reconciler {
             match result {
                 Err(e) => {
                     tracing::warn!(host = %self.host, target = action.target(), error = %e, "supervisord refused an action");
+                    self.memory.stopping.remove(action.target());
                     for name in program_of_target(action.target()) {
                         failed.insert(name.clone());
                         errors.insert(name, e.to_string());

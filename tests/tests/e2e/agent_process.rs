@@ -144,8 +144,13 @@ async fn an_agent_killed_right_after_a_stop_keeps_it_stopped_when_it_restarts_wi
         .await?;
     let deadline = Instant::now() + WAIT;
     loop {
-        let state = client.get_process_info("web").await?.state;
-        if !state.is_running() {
+        // Gone for a moment (the group replaced) means stopped too.
+        let stopped = match client.get_process_info("web").await {
+            Ok(info) => !info.state.is_running(),
+            Err(e) if e.fault() == Some(corral_agent::supervisor::FaultCode::BadName) => true,
+            Err(e) => return Err(e.into()),
+        };
+        if stopped {
             agent.kill();
             break;
         }
@@ -157,12 +162,19 @@ async fn an_agent_killed_right_after_a_stop_keeps_it_stopped_when_it_restarts_wi
     let _agent = agent_process(&etcd.endpoints(), &sd, state.path())?;
     let until = Instant::now() + Duration::from_secs(4);
     while Instant::now() < until {
-        let info = client.get_process_info("web").await?;
-        assert!(
-            matches!(info.state, ProcessState::Stopped | ProcessState::Stopping),
-            "the restarted agent started web again: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // The restarted agent replaces the group (its file now says autostart=false): for a
+        // moment supervisord does not know it.
+        match client.get_process_info("web").await {
+            Ok(info) => assert!(
+                matches!(info.state, ProcessState::Stopped | ProcessState::Stopping),
+                "the restarted agent started web again: {info:?}"
+            ),
+            Err(e) if e.fault() == Some(corral_agent::supervisor::FaultCode::BadName) => {}
+            Err(e) => return Err(e.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(client.get_process_info("web").await?.state, ProcessState::Stopped);
     Ok(())
 }

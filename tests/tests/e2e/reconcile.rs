@@ -880,15 +880,21 @@ async fn an_agent_killed_between_writing_a_refused_file_and_rereading_keeps_the_
 }
 
 #[tokio::test]
-async fn a_broken_file_of_someone_elses_blames_nothing_of_corrals_and_changes_apply_once_it_is_fixed() -> anyhow::Result<()> {
+async fn a_broken_file_of_someone_elses_blames_nothing_of_corrals_and_changes_apply_once_it_is_fixed()
+-> anyhow::Result<()> {
     let host = Host::start().await?;
     let mut r = host.reconciler()?;
     let mut a: BTreeMap<_, _> = [assignment("web", 1, |_| {})].into();
     converge(&mut r, &a).await?;
     let pid = host.pids().await?["web"];
     // Another tool's file that supervisord refuses: no re-read works until it is fixed.
-    let broken = host.sd.write_conf("broken.conf", "[program:broken]\nautostart=false\n")?;
-    a.insert("web".into(), assignment("web", 2, |s| s.command = "/bin/sleep 2000".into()).1);
+    let broken = host
+        .sd
+        .write_conf("broken.conf", "[program:broken]\nautostart=false\n")?;
+    a.insert(
+        "web".into(),
+        assignment("web", 2, |s| s.command = "/bin/sleep 2000".into()).1,
+    );
     a.insert("new".into(), assignment("new", 1, |_| {}).1);
     let reports = run_for(&mut r, &a, Duration::from_secs(2), Duration::from_millis(200)).await?;
     let last = reports.last().context("no pass")?;
@@ -896,7 +902,11 @@ async fn a_broken_file_of_someone_elses_blames_nothing_of_corrals_and_changes_ap
         let e = last.statuses[name].error.as_deref().unwrap_or_default();
         assert!(e.contains("cannot re-read") && e.contains("broken.conf"), "{name}: {e}");
     }
-    assert!(last.refused.is_empty(), "Corral's files were blamed: {:?}", last.refused);
+    assert!(
+        last.refused.is_empty(),
+        "Corral's files were blamed: {:?}",
+        last.refused
+    );
     // What Corral wants stays on disk, the running version keeps running, and trying the
     // files out happens once, not every pass.
     let d = desired(&a, "h1");
@@ -912,7 +922,10 @@ async fn a_broken_file_of_someone_elses_blames_nothing_of_corrals_and_changes_ap
 
     std::fs::remove_file(broken)?;
     let report = converge(&mut r, &a).await?;
-    assert!(report.statuses.values().all(|s| s.ready && s.error.is_none()), "{report:#?}");
+    assert!(
+        report.statuses.values().all(|s| s.ready && s.error.is_none()),
+        "{report:#?}"
+    );
     assert_eq!(report.statuses["web"].observed_generation, 2);
     Ok(())
 }
