@@ -868,7 +868,14 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                     started_at: i.start,
                     exit_status: i.exit_status,
                     spawn_error: i.spawn_error.clone(),
-                    description: i.description.clone(),
+                    // supervisord's description of a running process is its uptime, which
+                    // changes every second: reporting it would rewrite every status in etcd
+                    // every pass. Kept where it explains a state (exited, fatal, stopped).
+                    description: if i.state.is_active() {
+                        String::new()
+                    } else {
+                        i.description.clone()
+                    },
                     crash_restarts: crash.map_or(0, |c| c.attempts),
                     next_retry_at: crash.and_then(|c| c.next_retry_ms).map_or(0, |t| t.div_euclid(1000)),
                     stderr_tail: if is_failing(i) {

@@ -131,7 +131,16 @@ impl StandIn {
             ("spawnerr", s("")),
             ("stdout_logfile", s("")),
             ("stderr_logfile", s("")),
-            ("description", s("stand-in")),
+            // As supervisord words it: a running process's uptime changes every second.
+            (
+                "description",
+                s(&if state == 20 {
+                    let up = (now() - start).max(0);
+                    format!("pid {pid}, uptime {}:{:02}:{:02} (stand-in)", up / 3600, up / 60 % 60, up % 60)
+                } else {
+                    "stand-in".to_string()
+                }),
+            ),
         ];
         Value::Struct(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
     }

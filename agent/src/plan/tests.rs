@@ -649,3 +649,25 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
     assert!(f.summary().contains("2 crash-loop restarts"), "{}", f.summary());
     assert_eq!(r.stderr_tail, "");
 }
+
+#[test]
+fn a_running_process_reports_the_same_status_every_pass() {
+    let d = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
+    let report = |uptime: &str| {
+        let mut obs = observed(&[("web", ProcState::Running)]);
+        if let Some(p) = obs.get_mut("web") {
+            p.description = format!("pid 42, uptime {uptime}");
+        }
+        statuses(&StatusInput {
+            host: "h1",
+            desired: &d,
+            observed: &obs,
+            errors: &BTreeMap::new(),
+            generations: &BTreeMap::new(),
+            memory: &Memory::default(),
+            stderr_tails: &HashMap::new(),
+        })
+    };
+    // Otherwise every pass would rewrite every status in etcd.
+    assert_eq!(report("0:00:01"), report("0:00:03"));
+}
