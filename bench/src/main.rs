@@ -292,7 +292,7 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
     // Every host at once: the figure is the agent's work, not a paced rollout.
     let unpaced = |s: &mut ProgramSpec| {
         s.rollout = Some(corral_proto::RolloutSpec {
-            max_unavailable: Some(hosts as i64),
+            max_unavailable: Some(corral_proto::HostCount::Percent(100)),
         })
     };
 
@@ -571,6 +571,7 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
+    let metrics_port = corral_tests::free_port()?;
     let mut agent = tokio::process::Command::new(sibling("corral-agent")?)
         .args([
             "--etcd-endpoints",
@@ -579,6 +580,8 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
             "bench",
             "--supervisor-url",
             &sd.unix_url(),
+            "--metrics-listen",
+            &format!("127.0.0.1:{metrics_port}"),
             "--conf-dir",
         ])
         .arg(&sd.conf_dir)
@@ -613,10 +616,17 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
         agent.id().context("agent pid")?,
         controller.id().context("controller pid")?,
     );
+    let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let passes = || async {
+        let text = reqwest::get(&metrics).await?.text().await?;
+        anyhow::Ok(corral_tests::corral::counter_sum(&text, "corral_reconcile_total"))
+    };
+    let p0 = passes().await?;
     let (t_start, _) = proc_stat(agent_pid)?;
     let w0 = Instant::now();
     tokio::time::sleep(idle).await;
     let (t_end, agent_rss) = proc_stat(agent_pid)?;
+    let idle_passes = passes().await? - p0;
     let (_, controller_rss) = proc_stat(controller_pid)?;
     let tck = std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -631,7 +641,7 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
             idle.as_secs()
         ),
         format!(
-            "{:.2}% of one core ({cpu_s:.2} s)",
+            "{:.2}% of one core ({cpu_s:.2} s, {idle_passes:.0} passes)",
             100.0 * cpu_s / w0.elapsed().as_secs_f64()
         ),
         "(reported)",
@@ -731,7 +741,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
                 s.command = "/bin/sleep 200000".into();
                 // All hosts at once: the figure is the fan-out, not a paced rollout.
                 s.rollout = Some(corral_proto::RolloutSpec {
-                    max_unavailable: Some(hosts as i64),
+                    max_unavailable: Some(corral_proto::HostCount::Percent(100)),
                 });
             }),
             false,

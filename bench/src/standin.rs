@@ -136,7 +136,12 @@ impl StandIn {
                 "description",
                 s(&if state == 20 {
                     let up = (now() - start).max(0);
-                    format!("pid {pid}, uptime {}:{:02}:{:02} (stand-in)", up / 3600, up / 60 % 60, up % 60)
+                    format!(
+                        "pid {pid}, uptime {}:{:02}:{:02} (stand-in)",
+                        up / 3600,
+                        up / 60 % 60,
+                        up % 60
+                    )
                 } else {
                     "stand-in".to_string()
                 }),

@@ -576,6 +576,12 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
     if let Some(o @ (Output::Yaml | Output::Json)) = out {
         print_structured(&[&s], true, o)?;
     } else {
+        if !s.control_plane.is_empty() {
+            println!("Control plane: {} problem(s)", s.control_plane.len());
+            for p in &s.control_plane {
+                println!("  {p}");
+            }
+        }
         println!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
         for h in &s.not_ready_hosts {
             let why = s.not_ready_reasons.get(h).map_or("agent not reporting", String::as_str);

@@ -163,6 +163,35 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
     }
     until_converged(s).await;
 
+    // A program that crashes at once: describe and status say how, with its stderr, and when
+    // the crash-loop policy starts it next.
+    let crashy = dir.path().join("crashy.yaml");
+    std::fs::write(
+        &crashy,
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: crashy}\nspec:\n  selector: {role: app}\n  \
+         command: /bin/sh -c 'echo cannot-open-db >&2; exit 4'\n  startsecs: 1\n  startretries: 0\n  \
+         crash_loop: {initial_delay_secs: 60}\n",
+    )?;
+    assert!(
+        corral(s, &["apply", "-f", &crashy.display().to_string()])
+            .status
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let out = loop {
+        let (out, _) = text(&corral(s, &["describe", "program", "crashy"]));
+        if out.contains("next start in") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "never saw crashy waiting: {out}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(out.contains("Failing processes:") && out.contains("FATAL"), "{out}");
+    assert!(out.contains("| cannot-open-db"), "{out}");
+    let (status, _) = text(&corral(s, &["status"]));
+    assert!(status.contains("crashy FATAL"), "{status}");
+    assert!(corral(s, &["delete", "program", "crashy"]).status.success());
+
     // delete -f removes everything the file declares, from supervisord too.
     assert!(corral(s, &["delete", "-f", &examples]).status.success());
     let deadline = Instant::now() + Duration::from_secs(30);

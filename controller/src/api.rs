@@ -418,5 +418,10 @@ async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiErro
         );
     }
     let names = hosts.iter().map(|h| h.metadata.name.clone()).collect();
-    Ok((fleet_status(&programs, &assigned, &reports, &readiness), names))
+    let mut status = fleet_status(&programs, &assigned, &reports, &readiness);
+    // What the leader could not do, and what this replica could not read itself.
+    let mut health = store.health().await?;
+    health.unreadable.extend(store.unreadable());
+    status.control_plane = health.problems();
+    Ok((status, names))
 }

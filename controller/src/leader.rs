@@ -8,8 +8,12 @@ use etcd_client::{ResignOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use std::collections::BTreeMap;
+
+use corral_proto::fleet::ControlPlaneHealth;
+
 use crate::placement::{diff, place, rollout};
-use crate::store::{Store, StoreError};
+use crate::store::{Fence, Store, StoreError};
 
 /// What one placement did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,11 +23,16 @@ pub struct Placed {
 }
 
 /// Recomputes every assignment (placement, then the rollout's pace) and writes the
-/// differences.
+/// differences, each write conditioned on `fence` (still the leader). Assignments etcd refuses
+/// and values that cannot be read are skipped and recorded in `health`.
 ///
 /// # Errors
 /// Store errors; nothing is half-decided (the writes are computed before any is made).
-pub async fn place_all(store: &Store) -> Result<Placed, StoreError> {
+pub async fn place_all(
+    store: &Store,
+    fence: Option<&Fence>,
+    health: &mut ControlPlaneHealth,
+) -> Result<Placed, StoreError> {
     // Five reads at once: a placement's latency is one round trip, not five.
     let (programs, groups, hosts, current, reports) = tokio::try_join!(
         store.list::<Program>(),
@@ -37,14 +46,23 @@ pub async fn place_all(store: &Store) -> Result<Placed, StoreError> {
     let rollout_waiting = desired != placed;
     let writes = diff(&desired, &current);
     let n = writes.put.len() + writes.delete.len();
+    let mut refused = BTreeMap::new();
     if n > 0 {
-        store.write_assignments(&writes).await?;
+        let failures = store.write_assignments(&writes, fence).await?;
         tracing::info!(
             put = writes.put.len(),
             deleted = writes.delete.len(),
+            refused = failures.0.len(),
             "assignments updated"
         );
+        refused = failures
+            .0
+            .into_iter()
+            .map(|((h, p), why)| (format!("{h}/{p}"), why))
+            .collect();
     }
+    health.unreadable = store.unreadable();
+    health.refused_assignments = refused;
     Ok(Placed { rollout_waiting })
 }
 
@@ -108,8 +126,17 @@ async fn lead_once(
         r = client.campaign(election.clone(), id.to_string(), lease) => r?,
     };
     let leader_key = campaign.leader().cloned();
+    let fence = leader_key.as_ref().map(|k| Fence {
+        key: k.key().to_vec(),
+        create_revision: k.rev(),
+    });
     is_leader.send_replace(true);
     tracing::info!(id, "elected leader");
+    let mut health = ControlPlaneHealth {
+        leader: id.to_string(),
+        ..Default::default()
+    };
+    let mut written_health: Option<ControlPlaneHealth> = None;
 
     let prefix = store.keys().prefix().to_string();
     let mut watch = client
@@ -120,7 +147,8 @@ async fn lead_once(
     // ready lets it move on. Otherwise a thousand hosts' reports would each cost a placement.
     let status = store.keys().all_status();
     let mut resync = tokio::time::interval(Duration::from_secs(5));
-    let mut placed = place_all(store).await?;
+    let mut placed = place_all(store, fence.as_ref(), &mut health).await?;
+    report_health(store, &health, &mut written_health).await;
     let mut last_placed = tokio::time::Instant::now();
     loop {
         let dirty = tokio::select! {
@@ -154,8 +182,28 @@ async fn lead_once(
                     return Err(StoreError::Timeout("watch (cancelled)"));
                 }
             }
-            placed = place_all(store).await?;
+            placed = place_all(store, fence.as_ref(), &mut health).await?;
+            report_health(store, &health, &mut written_health).await;
             last_placed = tokio::time::Instant::now();
         }
+    }
+}
+
+/// Writes the control plane's health when it changed (best effort: a failure is logged and
+/// tried again after the next placement).
+async fn report_health(store: &Store, health: &ControlPlaneHealth, written: &mut Option<ControlPlaneHealth>) {
+    if written.as_ref() == Some(health) {
+        return;
+    }
+    match store.put_health(health).await {
+        Ok(()) => *written = Some(health.clone()),
+        Err(e) => tracing::warn!(error = %e, "cannot record the control plane's health"),
+    }
+    if !health.unreadable.is_empty() || !health.refused_assignments.is_empty() {
+        tracing::warn!(
+            unreadable = health.unreadable.len(),
+            refused = health.refused_assignments.len(),
+            "placement skipped objects it cannot read or write"
+        );
     }
 }

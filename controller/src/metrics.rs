@@ -59,6 +59,7 @@ pub struct ControllerMetrics {
     api_requests: Family<RouteCodeLabels, Counter>,
     api_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     leader: Gauge,
+    control_plane_problems: Gauge,
 }
 
 impl ControllerMetrics {
@@ -72,11 +73,17 @@ impl ControllerMetrics {
             api_requests: Family::default(),
             api_duration: Family::new_with_constructor(latency),
             leader: Gauge::default(),
+            control_plane_problems: Gauge::default(),
         };
+        registry.register(
+            "corral_control_plane_problems",
+            "Objects the control plane skips: values it cannot read, assignments etcd refused",
+            m.control_plane_problems.clone(),
+        );
         registry.register("corral_hosts", "Registered hosts, by readiness", m.hosts.clone());
         registry.register(
             "corral_host_ready",
-            "1 if the host's agent holds its liveness lease",
+            "1 if the host is ready: its agent holds its liveness lease and reaches supervisord",
             m.host_ready.clone(),
         );
         registry.register(
@@ -128,6 +135,7 @@ impl ControllerMetrics {
 
     /// Replaces the fleet gauges with `status` (series of deleted programs and hosts go).
     pub fn set_fleet(&self, status: &FleetStatus, hosts: &BTreeSet<String>) {
+        self.control_plane_problems.set(status.control_plane.len() as i64);
         self.hosts.clear();
         self.hosts
             .get_or_create(&ReadyLabels { ready: "true".into() })

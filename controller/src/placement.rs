@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
-use corral_proto::resource::{Group, Host, Program};
+use corral_proto::resource::{Group, Host, Program, RolloutSpec};
 
 /// `(host, program)`.
 pub type Slot = (String, String);
@@ -49,7 +49,7 @@ pub fn place(programs: &[Program], groups: &[Group], hosts: &[Host]) -> BTreeMap
 }
 
 /// Holds spec changes back so that a program updates at most `rollout.max_unavailable`
-/// hosts at a time (default 1).
+/// hosts at a time (a count, or a share of the hosts it runs on; default 25%, at least one).
 ///
 /// A host is *in flight* when it was given the program's current generation but has not yet
 /// reported it ready. While `max_unavailable` hosts are in flight, hosts running an older
@@ -87,14 +87,14 @@ pub fn rollout(
             }
         }
     }
+    let mut hosts_of: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, program) in desired.keys() {
+        *hosts_of.entry(program.as_str()).or_default() += 1;
+    }
     for (in_flight, hosts) in waiting.into_values() {
         let Some(first) = hosts.first() else { continue };
-        let max = desired
-            .get(first)
-            .and_then(|a| a.program.spec.rollout.as_ref())
-            .and_then(|r| r.max_unavailable)
-            .unwrap_or(1)
-            .max(1) as usize;
+        let total = hosts_of.get(first.1.as_str()).copied().unwrap_or(1);
+        let max = RolloutSpec::max_unavailable(desired.get(first).and_then(|a| a.program.spec.rollout.as_ref()), total);
         for slot in hosts.into_iter().take(max.saturating_sub(in_flight)) {
             if let Some(want) = desired.get(&slot) {
                 out.insert(slot, want.clone());
@@ -292,7 +292,7 @@ mod tests {
 
         // max_unavailable 2 moves two at once; new hosts are not held back.
         p2.spec.rollout = Some(corral_proto::RolloutSpec {
-            max_unavailable: Some(2),
+            max_unavailable: Some(corral_proto::HostCount::Count(2)),
         });
         let v2 = place(
             &[p2],
@@ -303,6 +303,37 @@ mod tests {
             generation_of(&rollout(v2, &v1, &ready1)),
             g(&[("h1", 2), ("h2", 2), ("h3", 1), ("h4", 2)])
         );
+    }
+
+    #[test]
+    fn max_unavailable_is_a_count_or_a_share_of_the_programs_hosts_default_a_quarter() {
+        let hosts: Vec<Host> = (0..10).map(|i| host(&format!("h{i:02}"), &[])).collect();
+        let v1 = place(&[program("p", Some(&[]), None)], &[], &hosts);
+        let ready: BTreeMap<_, _> = hosts.iter().map(|h| report(&h.metadata.name, "p", 1, true)).collect();
+        let moved = |rollout_spec: Option<corral_proto::HostCount>| {
+            let mut p2 = program("p", Some(&[]), None);
+            p2.metadata.generation = 2;
+            p2.spec.rollout = rollout_spec.map(|m| corral_proto::RolloutSpec {
+                max_unavailable: Some(m),
+            });
+            let v2 = place(&[p2], &[], &hosts);
+            rollout(v2, &v1, &ready)
+                .values()
+                .filter(|a| a.program.metadata.generation == 2)
+                .count()
+        };
+        use corral_proto::HostCount::*;
+        assert_eq!(moved(None), 3, "default 25% of 10, rounded up");
+        assert_eq!(moved(Some(Percent(100))), 10);
+        assert_eq!(moved(Some(Percent(1))), 1);
+        assert_eq!(moved(Some(Count(4))), 4);
+        assert_eq!(RolloutSpec::max_unavailable(None, 1000), 250);
+        // Read from YAML either way.
+        let spec: corral_proto::RolloutSpec = serde_json::from_str(r#"{"max_unavailable": "30%"}"#).expect("parses");
+        assert_eq!(spec.max_unavailable, Some(Percent(30)));
+        let spec: corral_proto::RolloutSpec = serde_json::from_str(r#"{"max_unavailable": 7}"#).expect("parses");
+        assert_eq!(spec.max_unavailable, Some(Count(7)));
+        assert!(serde_json::from_str::<corral_proto::RolloutSpec>(r#"{"max_unavailable": "lots"}"#).is_err());
     }
 
     #[test]

@@ -123,6 +123,7 @@ pub fn fleet_status(
         hosts_ready: readiness.len() - not_ready_hosts.len(),
         not_ready_hosts,
         not_ready_reasons,
+        control_plane: Vec::new(),
         programs,
     }
 }

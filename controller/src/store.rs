@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use corral_etcd::Etcd;
-use corral_proto::fleet::{Assignment, ProgramHostStatus};
+use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, Metadata, Program};
 use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
@@ -105,7 +105,44 @@ pub struct Applied<T> {
 pub struct Store {
     etcd: Etcd,
     keys: Keys,
+    unreadable: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
+
+/// Keys per page when listing. A Program is at most `MAX_SPEC_BYTES` (32 KiB) of spec, so a
+/// page stays far below etcd's 4 MiB answer.
+pub const PAGE: i64 = 100;
+
+/// Operations per assignment transaction, below etcd's default `--max-txn-ops` (128); with
+/// specs of at most 32 KiB, below its 1.5 MiB request limit too.
+pub const TXN_OPS: usize = 32;
+
+/// Assignment transactions in flight at once.
+const TXN_CONCURRENCY: usize = 8;
+
+/// The end of the key range of `prefix` (its last byte incremented; prefixes end in '/').
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Who may write assignments: the leader's election key and its creation revision. Every
+/// assignment transaction compares it, so a paused old leader can never write after a new one
+/// leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub create_revision: i64,
+}
+
+/// What a batch of assignment writes did not do, per slot, and why (etcd refused it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WriteFailures(pub BTreeMap<Slot, String>);
 
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
@@ -116,7 +153,11 @@ fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError
 
 impl Store {
     pub fn new(etcd: Etcd, keys: Keys) -> Store {
-        Store { etcd, keys }
+        Store {
+            etcd,
+            keys,
+            unreadable: Default::default(),
+        }
     }
 
     /// Runs one etcd call with a timeout; when the member is gone, moves the connection to
@@ -151,37 +192,112 @@ impl Store {
         self.etcd.client().await
     }
 
+    /// Every key under `prefix`, read in pages of [`PAGE`] keys at one revision (a consistent
+    /// snapshot): no answer comes near gRPC's 4 MiB message limit, however large the fleet.
     async fn list_raw(&self, prefix: String) -> Result<Vec<(String, Vec<u8>, i64)>, StoreError> {
         let mut c = self.etcd.client().await;
-        let r = self
-            .within("list", c.get(prefix, Some(GetOptions::new().with_prefix())))
-            .await?;
-        Ok(r.kvs()
-            .iter()
-            .map(|kv| {
-                (
+        let end = prefix_end(&prefix);
+        let mut from = prefix.into_bytes();
+        let mut revision = 0;
+        let mut out = Vec::new();
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let r = self.within("list", c.get(from.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = r.header().map_or(0, |h| h.revision());
+            }
+            for kv in r.kvs() {
+                out.push((
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     kv.value().to_vec(),
                     kv.mod_revision(),
-                )
-            })
-            .collect())
+                ));
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    // The next key after the last one read.
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
-    /// Every object of a kind, with `resourceVersion` set.
+    /// Decodes what `list_raw` read; a value that does not parse is left out and recorded in
+    /// [`Store::unreadable`], so one bad key never hides the rest.
+    fn decode_all<T: DeserializeOwned>(&self, prefix: &str, raw: Vec<(String, Vec<u8>, i64)>) -> Vec<(String, T, i64)> {
+        let mut bad = BTreeMap::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for (k, v, rev) in raw {
+            match decode::<T>(k.as_bytes(), &v) {
+                Ok(o) => out.push((k, o, rev)),
+                Err(e) => {
+                    tracing::warn!(key = %k, error = %e, "skipping an unreadable value");
+                    bad.insert(k, e.to_string());
+                }
+            }
+        }
+        if let Ok(mut u) = self.unreadable.lock() {
+            u.retain(|k, _| !k.starts_with(prefix));
+            u.extend(bad);
+        }
+        out
+    }
+
+    /// Records the control plane's health for every replica (and `corral status`) to read.
     ///
     /// # Errors
-    /// etcd errors and unreadable values.
+    /// etcd errors.
+    pub async fn put_health(&self, health: &ControlPlaneHealth) -> Result<(), StoreError> {
+        let mut c = self.etcd.client().await;
+        let v = serde_json::to_vec(health).map_err(|e| StoreError::Corrupt {
+            key: self.keys.controller_health(),
+            reason: e.to_string(),
+        })?;
+        self.within("put health", c.put(self.keys.controller_health(), v, None))
+            .await?;
+        Ok(())
+    }
+
+    /// The control plane's health as the leader last recorded it (empty if none).
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn health(&self) -> Result<ControlPlaneHealth, StoreError> {
+        let mut c = self.etcd.client().await;
+        let r = self
+            .within("get health", c.get(self.keys.controller_health(), None))
+            .await?;
+        Ok(r.kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+            .unwrap_or_default())
+    }
+
+    /// Keys whose values did not parse when last listed, with why.
+    pub fn unreadable(&self) -> BTreeMap<String, String> {
+        self.unreadable.lock().map(|u| u.clone()).unwrap_or_default()
+    }
+
+    /// Every readable object of a kind, with `resourceVersion` set (see [`Store::unreadable`]).
+    ///
+    /// # Errors
+    /// etcd errors.
     pub async fn list<T: Object>(&self) -> Result<Vec<T>, StoreError> {
-        self.list_raw(T::prefix(&self.keys))
-            .await?
+        let prefix = T::prefix(&self.keys);
+        let raw = self.list_raw(prefix.clone()).await?;
+        Ok(self
+            .decode_all::<T>(&prefix, raw)
             .into_iter()
-            .map(|(k, v, rev)| {
-                let mut o: T = decode(k.as_bytes(), &v)?;
+            .map(|(_, mut o, rev)| {
                 o.metadata_mut().resource_version = Some(rev.to_string());
-                Ok(o)
+                o
             })
-            .collect()
+            .collect())
     }
 
     /// One object, with `resourceVersion` set.
@@ -307,11 +423,9 @@ impl Store {
     /// # Errors
     /// etcd errors and unreadable values.
     pub async fn hosts(&self) -> Result<Vec<Host>, StoreError> {
-        self.list_raw(self.keys.hosts())
-            .await?
-            .into_iter()
-            .map(|(k, v, _)| decode(k.as_bytes(), &v))
-            .collect()
+        let prefix = self.keys.hosts();
+        let raw = self.list_raw(prefix.clone()).await?;
+        Ok(self.decode_all(&prefix, raw).into_iter().map(|(_, h, _)| h).collect())
     }
 
     /// Hosts whose agent holds its liveness lease.
@@ -332,10 +446,12 @@ impl Store {
     /// # Errors
     /// etcd errors and unreadable values.
     pub async fn assignments(&self) -> Result<BTreeMap<Slot, Assignment>, StoreError> {
+        let prefix = self.keys.all_assignments();
+        let raw = self.list_raw(prefix.clone()).await?;
         let mut out = BTreeMap::new();
-        for (k, v, _) in self.list_raw(self.keys.all_assignments()).await? {
+        for (k, a, _) in self.decode_all::<Assignment>(&prefix, raw) {
             if let Some((h, p)) = self.keys.host_and_program(&k) {
-                out.insert((h.to_string(), p.to_string()), decode(k.as_bytes(), &v)?);
+                out.insert((h.to_string(), p.to_string()), a);
             }
         }
         Ok(out)
@@ -346,36 +462,92 @@ impl Store {
     /// # Errors
     /// etcd errors and unreadable values.
     pub async fn reports(&self) -> Result<BTreeMap<Slot, ProgramHostStatus>, StoreError> {
+        let prefix = self.keys.all_status();
+        let raw = self.list_raw(prefix.clone()).await?;
         let mut out = BTreeMap::new();
-        for (k, v, _) in self.list_raw(self.keys.all_status()).await? {
+        for (k, r, _) in self.decode_all::<ProgramHostStatus>(&prefix, raw) {
             if let Some((h, p)) = self.keys.host_and_program(&k) {
-                out.insert((h.to_string(), p.to_string()), decode(k.as_bytes(), &v)?);
+                out.insert((h.to_string(), p.to_string()), r);
             }
         }
         Ok(out)
     }
 
-    /// Applies assignment writes, in transactions of at most 100 operations (etcd's default
-    /// limit is 128).
+    /// Applies assignment writes: transactions of at most [`TXN_OPS`] operations, several in
+    /// flight at once, each conditioned on `fence` (still the leader). A transaction etcd
+    /// refuses for its content (too large, ...) is retried one operation at a time, and what
+    /// still fails is returned per slot, so one bad object never stops the others.
     ///
     /// # Errors
-    /// etcd errors.
-    pub async fn write_assignments(&self, w: &AssignmentWrites) -> Result<(), StoreError> {
-        let mut ops = Vec::new();
+    /// [`StoreError::Conflict`] when the fence no longer holds (leadership lost); etcd being
+    /// unreachable.
+    pub async fn write_assignments(
+        &self,
+        w: &AssignmentWrites,
+        fence: Option<&Fence>,
+    ) -> Result<WriteFailures, StoreError> {
+        let mut ops: Vec<(Slot, TxnOp)> = Vec::with_capacity(w.put.len() + w.delete.len());
+        let mut failures = WriteFailures::default();
         for ((h, p), a) in &w.put {
-            let v = serde_json::to_vec(a).map_err(|e| StoreError::Corrupt {
-                key: p.clone(),
-                reason: e.to_string(),
-            })?;
-            ops.push(TxnOp::put(self.keys.assignment(h, p), v, None));
+            match serde_json::to_vec(a) {
+                Ok(v) => ops.push(((h.clone(), p.clone()), TxnOp::put(self.keys.assignment(h, p), v, None))),
+                Err(e) => {
+                    failures.0.insert((h.clone(), p.clone()), e.to_string());
+                }
+            }
         }
         for (h, p) in &w.delete {
-            ops.push(TxnOp::delete(self.keys.assignment(h, p), None));
+            ops.push(((h.clone(), p.clone()), TxnOp::delete(self.keys.assignment(h, p), None)));
         }
+        let chunks: Vec<&[(Slot, TxnOp)]> = ops.chunks(TXN_OPS).collect();
+        for wave in chunks.chunks(TXN_CONCURRENCY) {
+            let mut writes = Vec::with_capacity(wave.len());
+            for chunk in wave {
+                writes.push(self.write_chunk(chunk, fence));
+            }
+            for r in futures_util::future::join_all(writes).await {
+                failures.0.extend(r?.0);
+            }
+        }
+        Ok(failures)
+    }
+
+    async fn write_chunk(&self, chunk: &[(Slot, TxnOp)], fence: Option<&Fence>) -> Result<WriteFailures, StoreError> {
         let mut c = self.etcd.client().await;
-        for chunk in ops.chunks(100) {
-            self.within("txn", c.txn(Txn::new().and_then(chunk.to_vec()))).await?;
+        let txn = |ops: Vec<TxnOp>| {
+            let t = Txn::new();
+            let t = match fence {
+                Some(f) => t.when([Compare::create_revision(
+                    f.key.clone(),
+                    CompareOp::Equal,
+                    f.create_revision,
+                )]),
+                None => t,
+            };
+            t.and_then(ops)
+        };
+        let lost = || StoreError::Conflict("this controller no longer leads (its election key changed)".into());
+        let all: Vec<TxnOp> = chunk.iter().map(|(_, op)| op.clone()).collect();
+        match self.within("txn", c.txn(txn(all))).await {
+            Ok(r) if r.succeeded() => return Ok(WriteFailures::default()),
+            Ok(_) => return Err(lost()),
+            Err(StoreError::Etcd(e)) if !Etcd::is_unavailable(&e) => {
+                tracing::warn!(error = %e, ops = chunk.len(), "etcd refused an assignment transaction; writing its operations one by one");
+            }
+            Err(e) => return Err(e),
         }
-        Ok(())
+        let mut failures = WriteFailures::default();
+        for (slot, op) in chunk {
+            match self.within("txn", c.txn(txn(vec![op.clone()]))).await {
+                Ok(r) if r.succeeded() => {}
+                Ok(_) => return Err(lost()),
+                Err(StoreError::Etcd(e)) if !Etcd::is_unavailable(&e) => {
+                    tracing::warn!(host = %slot.0, program = %slot.1, error = %e, "etcd refused an assignment");
+                    failures.0.insert(slot.clone(), e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(failures)
     }
 }

@@ -149,6 +149,9 @@ pub struct FleetStatus {
     pub hosts: usize,
     pub hosts_ready: usize,
     pub not_ready_hosts: Vec<String>,
+    /// What the control plane cannot do: unreadable keys, assignments etcd refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub control_plane: Vec<String>,
     /// Why each of them is not ready.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub not_ready_reasons: std::collections::BTreeMap<String, String>,
@@ -158,6 +161,40 @@ pub struct FleetStatus {
 impl FleetStatus {
     /// Everything is as declared.
     pub fn converged(&self) -> bool {
-        self.not_ready_hosts.is_empty() && self.programs.iter().all(|p| p.ready == p.desired)
+        self.not_ready_hosts.is_empty()
+            && self.control_plane.is_empty()
+            && self.programs.iter().all(|p| p.ready == p.desired)
+    }
+}
+
+/// `<prefix>/controller/health`: what the leading controller could not do at its last
+/// placement, written when it changes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ControlPlaneHealth {
+    /// Which controller wrote it.
+    pub leader: String,
+    /// Key -> why its value cannot be read (it is skipped).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unreadable: std::collections::BTreeMap<String, String>,
+    /// `host/program` -> why etcd refused its assignment (it keeps its previous one).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused_assignments: std::collections::BTreeMap<String, String>,
+}
+
+impl ControlPlaneHealth {
+    /// One line per problem, for `corral status`.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .unreadable
+            .iter()
+            .map(|(k, why)| format!("unreadable value at {k} (skipped): {why}"))
+            .collect();
+        out.extend(
+            self.refused_assignments
+                .iter()
+                .map(|(slot, why)| format!("etcd refused the assignment {slot}: {why}")),
+        );
+        out
     }
 }

@@ -83,6 +83,10 @@ impl Keys {
     pub fn election(&self) -> String {
         format!("{}/election/controller", self.prefix)
     }
+    /// The leading controller's account of what it could not do (`ControlPlaneHealth`).
+    pub fn controller_health(&self) -> String {
+        format!("{}/controller/health", self.prefix)
+    }
 
     /// The last segment of a key under `collection` (e.g. the program of an assignment key).
     pub fn last_segment<'a>(&self, key: &'a str) -> Option<&'a str> {

@@ -16,8 +16,8 @@ pub mod validate;
 
 pub use render::{ManagedFile, group_file_name, managed_file_kind, program_file_name, render_group, render_program};
 pub use resource::{
-    API_VERSION, AutoRestart, ByteSize, CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Host, HostSpec,
-    HostStatus, Kind, Metadata, ParseError, Program, ProgramSpec, Resource, RolloutSpec, SignalRequest,
+    API_VERSION, AutoRestart, ByteSize, CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Host, HostCount,
+    HostSpec, HostStatus, Kind, Metadata, ParseError, Program, ProgramSpec, Resource, RolloutSpec, SignalRequest,
     parse_documents, parse_json,
 };
 pub use validate::{FieldError, Valid, ValidationErrors, validate_group, validate_host, validate_program};

@@ -200,9 +200,87 @@ pub struct SignalRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
-    /// How many hosts may be updating (and so possibly not ready) at once. Default 1.
+    /// How many hosts may be updating (and so possibly not ready) at once: a count (`5`) or a
+    /// share of the hosts the program runs on (`"25%"`, rounded up, at least one). Default
+    /// [`RolloutSpec::DEFAULT_MAX_UNAVAILABLE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_unavailable: Option<i64>,
+    pub max_unavailable: Option<HostCount>,
+}
+
+impl RolloutSpec {
+    /// 25%: a change reaches a fleet in four batches whatever its size (10 hosts: 3 at a time;
+    /// 1000 hosts: 250), so a rollout to a thousand hosts finishes in seconds when every batch
+    /// is healthy, while a bad change that fails its first batch stops there, with three
+    /// quarters of the program's hosts still running the previous version. One host at a time
+    /// would take a thousand batches; 100% would give a bad change the whole fleet at once.
+    pub const DEFAULT_MAX_UNAVAILABLE: HostCount = HostCount::Percent(25);
+
+    /// How many of `hosts` may be updating at once.
+    pub fn max_unavailable(spec: Option<&RolloutSpec>, hosts: usize) -> usize {
+        spec.and_then(|r| r.max_unavailable)
+            .unwrap_or(Self::DEFAULT_MAX_UNAVAILABLE)
+            .of(hosts)
+    }
+}
+
+/// A number of hosts, or a percentage of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostCount {
+    Count(i64),
+    /// `"25%"`.
+    Percent(i64),
+}
+
+impl HostCount {
+    /// The count this stands for among `total` hosts: a percentage rounded up; at least one.
+    pub fn of(self, total: usize) -> usize {
+        let n = match self {
+            HostCount::Count(n) => usize::try_from(n).unwrap_or(0),
+            HostCount::Percent(p) => (total * usize::try_from(p).unwrap_or(0)).div_ceil(100),
+        };
+        n.max(1)
+    }
+}
+
+impl Serialize for HostCount {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HostCount::Count(n) => s.serialize_i64(*n),
+            HostCount::Percent(p) => s.serialize_str(&format!("{p}%")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HostCount {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = HostCount;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of hosts (5) or a percentage (\"25%\")")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<HostCount, E> {
+                Ok(HostCount::Count(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<HostCount, E> {
+                i64::try_from(v)
+                    .map(HostCount::Count)
+                    .map_err(|_| E::custom("too many hosts"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HostCount, E> {
+                let digits = v
+                    .trim()
+                    .strip_suffix('%')
+                    .ok_or_else(|| E::custom(format!("{v:?} is neither a number nor a percentage like \"25%\"")))?;
+                digits
+                    .trim()
+                    .parse::<i64>()
+                    .map(HostCount::Percent)
+                    .map_err(|_| E::custom(format!("{v:?} is not a percentage like \"25%\"")))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Corral's crash-loop policy: what happens after supervisord gives up on a process (FATAL,

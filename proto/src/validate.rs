@@ -325,6 +325,9 @@ fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
     }
 }
 
+/// The largest spec a Program may have, serialized as JSON.
+pub const MAX_SPEC_BYTES: usize = 32 * 1024;
+
 /// Validates a Program, collecting every field error.
 ///
 /// # Errors
@@ -354,8 +357,24 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
             }
         }
     }
-    if let Some(r) = &s.rollout {
-        e.range("spec.rollout.max_unavailable", r.max_unavailable, 1, 1_000_000);
+    match s.rollout.as_ref().and_then(|r| r.max_unavailable) {
+        Some(crate::resource::HostCount::Count(n)) => e.range("spec.rollout.max_unavailable", Some(n), 1, 1_000_000),
+        Some(crate::resource::HostCount::Percent(p)) if !(1..=100).contains(&p) => e.add(
+            "spec.rollout.max_unavailable",
+            format!("{p}% is out of range (1% to 100%)"),
+        ),
+        _ => {}
+    }
+    // Every host's assignment carries the spec: a huge one would make etcd refuse the
+    // controller's writes (its request limit is 1.5 MiB) and slow every read.
+    let size = serde_json::to_vec(s).map_or(0, |v| v.len());
+    if size > MAX_SPEC_BYTES {
+        e.add(
+            "spec",
+            format!(
+                "is {size} bytes, more than the {MAX_SPEC_BYTES}-byte limit (put a long command in a script, long values in an environment file)"
+            ),
+        );
     }
     if let Some(c) = &s.crash_loop {
         e.range("spec.crash_loop.initial_delay_secs", c.initial_delay_secs, 1, 86_400);

@@ -81,7 +81,13 @@ async fn a_host_whose_supervisord_refuses_the_agent_is_not_ready_with_the_reason
         (stop, task)
     };
     let (stop, task) = run("wrong");
-    let status = wait_for(&api, WAIT, |s| s.hosts == 1 && !s.not_ready_hosts.is_empty()).await?;
+    // (Until its first pass the host may be unready only because its lease is not there yet.)
+    let status = wait_for(&api, WAIT, |s| {
+        s.not_ready_reasons
+            .get("h1")
+            .is_some_and(|why| why.contains("401") || why.contains("credentials"))
+    })
+    .await?;
     let why = &status.not_ready_reasons["h1"];
     assert!(why.contains("401") || why.contains("credentials"), "{why}");
     let hosts = api.hosts().await?;

@@ -4,6 +4,7 @@ mod agent_process;
 mod alerting;
 mod cluster;
 mod conformance;
+mod control_plane;
 mod deploy;
 mod etcd_kit;
 mod fleet;
