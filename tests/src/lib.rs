@@ -10,10 +10,36 @@ pub mod process;
 pub mod specs;
 pub mod supervisord;
 
-/// A free TCP port on 127.0.0.1 (the OS picks it; it is free when this returns).
+/// A free TCP port on 127.0.0.1, free when this returns.
+///
+/// Taken below the kernel's ephemeral range (32768 and up on Linux) and never twice in one
+/// test binary: a port the OS hands out for an outgoing connection, or to another test of the
+/// same binary, could be taken between this call and the server binding it (etcd then exits
+/// with "address already in use").
 ///
 /// # Errors
-/// If no socket can be bound.
+/// If no port in the range can be bound.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    // Binaries run one after another, but start each at its own place in the range.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN;
+        let port = u16::try_from(port).map_err(std::io::Error::other)?;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free port in 20000-31999",
+    ))
 }
