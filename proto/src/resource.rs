@@ -633,6 +633,9 @@ pub struct ParseError {
     pub message: String,
 }
 
+/// The most documents one YAML stream may hold.
+pub const MAX_DOCUMENTS: usize = 100_000;
+
 /// Parses one YAML stream of `---`-separated documents (JSON is YAML too).
 ///
 /// Empty documents are skipped.
@@ -640,10 +643,18 @@ pub struct ParseError {
 /// # Errors
 /// The first document that does not parse, with its line and column.
 pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, ParseError> {
-    let docs: Vec<Option<Resource>> = serde_saphyr::from_multiple(text).map_err(|e| ParseError {
-        source_name: source_name.to_string(),
-        message: e.to_string(),
-    })?;
+    // A fleet's programs in one file run to thousands of documents; the parser's default
+    // budget stops at 1024. Its other limits (depth, aliases, nodes) still guard the rest.
+    let options = serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_documents: MAX_DOCUMENTS,
+        },
+    };
+    let docs: Vec<Option<Resource>> =
+        serde_saphyr::from_multiple_with_options(text, options).map_err(|e| ParseError {
+            source_name: source_name.to_string(),
+            message: e.to_string(),
+        })?;
     Ok(docs.into_iter().flatten().collect())
 }
 
@@ -680,6 +691,12 @@ mod tests {
         assert_eq!(p.spec.stdout_logfile_maxbytes, Some(ByteSize(10 << 20)));
         assert_eq!(p.spec.autorestart, Some(AutoRestart::Unexpected));
         assert_eq!(p.spec.state, DesiredState::Running);
+    }
+
+    #[test]
+    fn a_file_may_hold_thousands_of_documents() {
+        let text = vec![WEB; 2_000].join("---\n");
+        assert_eq!(parse_documents("fleet.yaml", &text).expect("parses").len(), 2_000);
     }
 
     #[test]
