@@ -242,9 +242,13 @@ pub fn plan_want(
                 want.files.insert(file.clone(), p.content.clone());
             }
             Some(why) => {
-                if let Some(good) = last_good.get(file) {
-                    want.files.insert(file.clone(), good.clone());
-                }
+                let why = match last_good.get(file) {
+                    Some(good) => {
+                        want.files.insert(file.clone(), good.clone());
+                        format!("{why} (the version supervisord accepted before keeps running)")
+                    }
+                    None => why,
+                };
                 want.held.insert(p.name.clone(), why);
             }
         }

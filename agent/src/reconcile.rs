@@ -517,7 +517,9 @@ impl Reconciler {
             };
             let content = want.files.get(&file).cloned().unwrap_or_default();
             tracing::warn!(host = %self.host, file = %file, "supervisord refused a managed file");
-            let why = format!("supervisord refused the rendered config on this host: {message}");
+            let why = format!(
+                "supervisord refused the rendered config on this host (the agent took the file out again; tried again when the spec changes or after a backoff): {message}"
+            );
             if last_good.get(&file) == Some(&content) {
                 // The version it accepted before is refused now (the host changed): nothing
                 // of this program's can stay.

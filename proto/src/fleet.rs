@@ -69,8 +69,10 @@ impl ProcessStatus {
         if !self.spawn_error.is_empty() && !self.description.contains(&self.spawn_error) {
             parts.push(format!("spawn error: {}", self.spawn_error));
         }
-        if self.crash_restarts > 0 {
-            parts.push(format!("{} crash-loop restarts", self.crash_restarts));
+        match self.crash_restarts {
+            0 => {}
+            1 => parts.push("1 crash-loop restart".to_string()),
+            n => parts.push(format!("{n} crash-loop restarts")),
         }
         parts.join(", ")
     }

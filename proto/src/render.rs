@@ -64,7 +64,8 @@ fn bool_str(b: bool) -> &'static str {
 }
 
 /// Whether Corral gives each process of `p` its own supervisord program (and so its own
-/// group), named by its expanded `process_name`, with `%(process_num)`, `%(numprocs)`,
+/// group), named by its expanded `process_name` (for `numprocs > 1`, or a `process_name` with
+/// `%(process_num)`), with `%(process_num)`, `%(numprocs)`,
 /// `%(program_name)` and `%(group_name)` expanded by Corral to what supervisord would have
 /// made of them. supervisord cannot add a process to a running group, and decides "changed"
 /// per group, so with native `numprocs` scaling 2 -> 4 restarts the first two (supervisor
@@ -74,8 +75,10 @@ fn bool_str(b: bool) -> &'static str {
 /// Corral, knows).
 pub fn per_process(p: &Program, native_group: Option<&str>) -> bool {
     let template = p.spec.process_name.as_deref().unwrap_or(DEFAULT_PROCESS_NAME);
+    // A process_name with %(process_num) is a program meant to scale: at numprocs 1 too, so
+    // that scaling 1 -> 4 or 4 -> 1 keeps the first process as it is.
     native_group.is_none()
-        && p.spec.numprocs.unwrap_or(1) > 1
+        && (p.spec.numprocs.unwrap_or(1) > 1 || template::mentions_process_num(template))
         && !template.contains("%(here)")
         && !template.contains("%(host_node_name)")
 }
@@ -502,12 +505,14 @@ mod tests {
         });
         check_changes(Some(cmd("/a")), stopped.clone(), [&[], &[], &["w_01", "w_02"], &[]]);
         check_changes(Some(stopped), cmd("/a"), [&["w_01", "w_02"], &[], &[], &[]]);
-        // One process to several: a new layout, the old process goes.
+        // A program without %(process_num) in its name that starts to scale: a new layout, its
+        // one process is replaced.
         let single = program(|s| {
             s.numprocs = None;
+            s.process_name = None;
             s.command = "/a".into();
         });
-        check_changes(Some(single), cmd("/a"), [&["w_02"], &["w_01"], &[], &[]]);
+        check_changes(Some(single), cmd("/a"), [&["w_01", "w_02"], &[], &["w"], &[]]);
     }
 
     #[test]
@@ -527,7 +532,14 @@ mod tests {
             namespecs(&by_host, "h1", None).expect("names"),
             ["w:h1_1", "w:h1_2", "w:h1_3"]
         );
+        // numprocs 1 with %(process_num) in its name: already one program per process, so
+        // scaling from or to one process keeps it.
         let single = program(|s| s.numprocs = None);
-        assert_eq!(namespecs(&single, "h1", None).expect("names"), ["w:w_01"]);
+        assert_eq!(namespecs(&single, "h1", None).expect("names"), ["w_01"]);
+        let plain = program(|s| {
+            s.numprocs = None;
+            s.process_name = None;
+        });
+        assert_eq!(namespecs(&plain, "h1", None).expect("names"), ["w"]);
     }
 }

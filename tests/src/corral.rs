@@ -80,6 +80,15 @@ impl Controller {
         Ok(ApiClient::new(&self.url, Some(TOKEN.to_string()))?)
     }
 
+    /// Kills the replica as `kill -9` would: its tasks end where they are, it neither resigns
+    /// nor revokes its lease, so another replica leads only once that lease expires.
+    pub async fn kill(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
     /// Stops the replica and waits for it (it resigns leadership).
     pub async fn stop(mut self) {
         self.shutdown.cancel();

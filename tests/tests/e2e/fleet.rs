@@ -390,3 +390,95 @@ async fn a_rollout_updates_one_host_at_a_time_and_a_failing_batch_pauses_it() ->
     assert_ne!(fleet.nodes[1].pids().await?["web"].0, before.1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_survives_the_leaders_death_with_no_host_updated_twice_or_skipped() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let c1 = Controller::start(&etcd.endpoints(), "c1").await?;
+    // c1 leads (it campaigned first); c2 stands by.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let c2 = Controller::start(&etcd.endpoints(), "c2").await?;
+    let api = c2.api()?;
+    let mut nodes = Vec::new();
+    for name in ["h1", "h2", "h3", "h4"] {
+        nodes.push(Node::start(name, &[("role", "app")], &etcd).await?);
+    }
+    let web = |command: &str| {
+        let command = command.to_string();
+        program("web", move |s| {
+            s.selector = role("app");
+            s.command = command;
+            s.startsecs = Some(2);
+            s.rollout = Some(corral_proto::RolloutSpec {
+                max_unavailable: Some(corral_proto::HostCount::Count(1)),
+            });
+        })
+    };
+    api.apply(&web("/bin/sleep 1000"), false).await?;
+    wait_for(&api, Duration::from_secs(60), |s| {
+        converged(s) && s.programs[0].ready == 4
+    })
+    .await?;
+
+    // Every pid each host's web ever had, sampled throughout.
+    let mut clients = Vec::new();
+    for n in &nodes {
+        clients.push(n.sd.client().await?);
+    }
+    let mut seen: Vec<std::collections::BTreeSet<i64>> = vec![Default::default(); nodes.len()];
+    let sample = async |seen: &mut Vec<std::collections::BTreeSet<i64>>| -> anyhow::Result<()> {
+        for (i, c) in clients.iter().enumerate() {
+            if let Ok(info) = c.get_process_info("web").await
+                && info.pid > 0
+            {
+                seen[i].insert(info.pid);
+            }
+        }
+        Ok(())
+    };
+    sample(&mut seen).await?;
+
+    api.apply(&web("/bin/sleep 2000"), false).await?;
+    // The first host updated: kill the leader mid-rollout.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        sample(&mut seen).await?;
+        let s = api.status().await?;
+        if s.programs[0].updated >= 1 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the rollout never started: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = etcd
+        .client()
+        .await?
+        .leader(corral_proto::keys::Keys::default().election())
+        .await?;
+    let leader = leader.kv().map(|kv| kv.value().to_vec()).unwrap_or_default();
+    assert_eq!(leader, b"c1", "c1 was to lead");
+    c1.kill().await;
+    // c2 takes over once c1's lease expires, and finishes the rollout from etcd.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        sample(&mut seen).await?;
+        let s = api.status().await?;
+        if converged(&s) && s.programs[0].ready == 4 && s.programs[0].generation == 2 {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the rollout never finished: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sample(&mut seen).await?;
+    for (n, pids) in nodes.iter().zip(&seen) {
+        // Exactly the old process and one new one: updated once, not twice, not skipped.
+        assert_eq!(pids.len(), 2, "{}: pids {pids:?}", n.name);
+    }
+    Ok(())
+}

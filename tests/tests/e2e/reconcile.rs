@@ -805,6 +805,11 @@ async fn scaling_numprocs_starts_and_stops_only_the_processes_that_come_and_go()
     assert_eq!((c.stop, c.keep.len(), c.restart), (s(&["w_03"]), 3, vec![]));
     let c = check_changes(&host, &mut r, &mut a, w(4, 3, "/bin/sleep 1001")).await?;
     assert_eq!(c.restart, s(&["w_00", "w_01", "w_02"]));
+    // Down to one process and back: the first one stays.
+    let c = check_changes(&host, &mut r, &mut a, w(5, 1, "/bin/sleep 1001")).await?;
+    assert_eq!((c.stop, c.keep), (s(&["w_01", "w_02"]), s(&["w_00"])));
+    let c = check_changes(&host, &mut r, &mut a, w(6, 3, "/bin/sleep 1001")).await?;
+    assert_eq!((c.start, c.keep), (s(&["w_01", "w_02"]), s(&["w_00"])));
     // In supervisorctl each process is a group of its own.
     assert_eq!(
         host.pids().await?.keys().collect::<Vec<_>>(),
