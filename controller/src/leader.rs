@@ -3,67 +3,58 @@
 
 use std::time::Duration;
 
-use corral_proto::resource::{Group, Program};
-use etcd_client::{ResignOptions, WatchOptions};
+use etcd_client::{EventType, ResignOptions, WatchOptions};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 
 use corral_proto::fleet::ControlPlaneHealth;
 
-use crate::placement::{diff, place, rollout};
+use crate::index::{Dirty, Index};
 use crate::store::{Fence, Store, StoreError};
 
-/// What one placement did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Placed {
-    /// Some rollout holds hosts back, waiting for others to report ready.
-    pub rollout_waiting: bool,
-}
-
-/// Recomputes every assignment (placement, then the rollout's pace) and writes the
-/// differences, each write conditioned on `fence` (still the leader). Assignments etcd refuses
-/// and values that cannot be read are skipped and recorded in `health`.
+/// Places the dirty programs from the index and writes the differences, each write
+/// conditioned on `fence` (still the leader). Assignments etcd refuses are skipped (they keep
+/// their previous value) and recorded in `health` with the values the index cannot read.
 ///
 /// # Errors
-/// Store errors; nothing is half-decided (the writes are computed before any is made).
-pub async fn place_all(
+/// Store errors (etcd unreachable, leadership lost); nothing is half-decided: the writes are
+/// computed before any is made.
+pub async fn place(
     store: &Store,
+    index: &mut Index,
+    dirty: &Dirty,
     fence: Option<&Fence>,
     health: &mut ControlPlaneHealth,
-) -> Result<Placed, StoreError> {
-    // Five reads at once: a placement's latency is one round trip, not five.
-    let (programs, groups, hosts, current, reports) = tokio::try_join!(
-        store.list::<Program>(),
-        store.list::<Group>(),
-        store.hosts(),
-        store.assignments(),
-        store.reports(),
-    )?;
-    let placed = place(&programs, &groups, &hosts);
-    let desired = rollout(placed.clone(), &current, &reports);
-    let rollout_waiting = desired != placed;
-    let writes = diff(&desired, &current);
+) -> Result<(), StoreError> {
+    let writes = index.plan(dirty);
     let n = writes.put.len() + writes.delete.len();
-    let mut refused = BTreeMap::new();
     if n > 0 {
         let failures = store.write_assignments(&writes, fence).await?;
+        let failed: BTreeSet<(String, String)> = failures.0.keys().cloned().collect();
+        index.written(&writes, &failed);
         tracing::info!(
             put = writes.put.len(),
             deleted = writes.delete.len(),
             refused = failures.0.len(),
             "assignments updated"
         );
-        refused = failures
-            .0
-            .into_iter()
-            .map(|((h, p), why)| (format!("{h}/{p}"), why))
-            .collect();
+        // A refusal stays on record until a placement of that program writes it.
+        for (h, p) in writes.put.iter().map(|(s, _)| s).chain(&writes.delete) {
+            health.refused_assignments.remove(&format!("{h}/{p}"));
+        }
+        health
+            .refused_assignments
+            .extend(failures.0.into_iter().map(|((h, p), why)| (format!("{h}/{p}"), why)));
     }
-    health.unreadable = store.unreadable();
-    health.refused_assignments = refused;
-    Ok(Placed { rollout_waiting })
+    // Assignments of programs that no longer exist are no one's problem.
+    health.refused_assignments.retain(|slot, _| {
+        slot.split_once('/')
+            .is_some_and(|(_, p)| index.programs.contains_key(p))
+    });
+    health.unreadable = index.unreadable.clone();
+    Ok(())
 }
 
 /// Campaigns, and while leader keeps assignments in line with programs, groups and hosts.
@@ -138,20 +129,49 @@ async fn lead_once(
     };
     let mut written_health: Option<ControlPlaneHealth> = None;
 
-    let prefix = store.keys().prefix().to_string();
-    let mut watch = client
-        .watch(format!("{prefix}/"), Some(WatchOptions::new().with_prefix()))
+    // The index: one paged scan at one revision, then the watch from the next one.
+    let prefix = format!("{}/", store.keys().prefix());
+    let keys = store.keys().clone();
+    let mut index = Index::default();
+    let mut dirty = Dirty {
+        all: true,
+        ..Default::default()
+    };
+    let revision = store
+        .scan(&prefix, |k, v| index.apply(&keys, k, Some(v), &mut dirty))
         .await?;
-    let relevant = [store.keys().programs(), store.keys().groups(), store.keys().hosts()];
-    // Status reports matter only while a rollout waits: a host reporting the new generation
-    // ready lets it move on. Otherwise a thousand hosts' reports would each cost a placement.
-    let status = store.keys().all_status();
-    let mut resync = tokio::time::interval(Duration::from_secs(5));
-    let mut placed = place_all(store, fence.as_ref(), &mut health).await?;
-    report_health(store, &health, &mut written_health).await;
+    dirty.all = true;
+    let mut watch = client
+        .watch(
+            prefix.clone(),
+            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
+        )
+        .await?;
+    tracing::info!(
+        programs = index.programs.len(),
+        hosts = index.hosts.len(),
+        assignments = index.current.len(),
+        revision,
+        "index built"
+    );
     let mut last_placed = tokio::time::Instant::now();
     loop {
-        let dirty = tokio::select! {
+        if !dirty.is_empty() {
+            // Coalesce bursts (a thousand hosts reporting a rollout's progress): at most one
+            // placement per 20 ms, taking every event that arrived meanwhile into account.
+            tokio::time::sleep_until(last_placed + Duration::from_millis(20)).await;
+            while let Ok(msg) = tokio::time::timeout(Duration::from_millis(1), watch.message()).await {
+                let Some(resp) = msg? else {
+                    return Err(StoreError::Timeout("watch"));
+                };
+                apply_events(&keys, &mut index, &resp, &mut dirty)?;
+            }
+            place(store, &mut index, &dirty, fence.as_ref(), &mut health).await?;
+            report_health(store, &health, &mut written_health).await;
+            dirty = Dirty::default();
+            last_placed = tokio::time::Instant::now();
+        }
+        tokio::select! {
             _ = shutdown.cancelled() => {
                 if let Some(key) = leader_key {
                     let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
@@ -160,33 +180,35 @@ async fn lead_once(
                 return Ok(());
             }
             _ = lost.cancelled() => return Err(StoreError::Timeout("lease keep-alive")),
-            _ = resync.tick() => true,
             msg = watch.message() => {
                 let Some(resp) = msg? else { return Err(StoreError::Timeout("watch")) };
-                if resp.canceled() {
-                    return Err(StoreError::Timeout("watch (cancelled)"));
-                }
-                resp.events().iter().filter_map(|e| e.kv()).any(|kv| {
-                    let k = String::from_utf8_lossy(kv.key());
-                    relevant.iter().any(|r| k.starts_with(r.as_str()))
-                        || (placed.rollout_waiting && k.starts_with(status.as_str()))
-                })
+                apply_events(&keys, &mut index, &resp, &mut dirty)?;
             }
-        };
-        if dirty {
-            // Coalesce bursts (a thousand hosts reporting a rollout's progress): at most one
-            // placement per 20 ms, taking every event that arrived meanwhile into account.
-            tokio::time::sleep_until(last_placed + Duration::from_millis(20)).await;
-            while let Ok(Ok(Some(resp))) = tokio::time::timeout(Duration::from_millis(1), watch.message()).await {
-                if resp.canceled() {
-                    return Err(StoreError::Timeout("watch (cancelled)"));
-                }
-            }
-            placed = place_all(store, fence.as_ref(), &mut health).await?;
-            report_health(store, &health, &mut written_health).await;
-            last_placed = tokio::time::Instant::now();
         }
     }
+}
+
+/// Applies one watch response to the index. A cancelled watch (compaction) ends the lead; the
+/// next one rebuilds the index from a new scan.
+fn apply_events(
+    keys: &corral_proto::keys::Keys,
+    index: &mut Index,
+    resp: &etcd_client::WatchResponse,
+    dirty: &mut Dirty,
+) -> Result<(), StoreError> {
+    if resp.canceled() {
+        return Err(StoreError::Timeout("watch (cancelled)"));
+    }
+    for ev in resp.events() {
+        let Some(kv) = ev.kv() else { continue };
+        let key = String::from_utf8_lossy(kv.key());
+        let value = match ev.event_type() {
+            EventType::Put => Some(kv.value()),
+            EventType::Delete => None,
+        };
+        index.apply(keys, &key, value, dirty);
+    }
+    Ok(())
 }
 
 /// Writes the control plane's health when it changed (best effort: a failure is logged and

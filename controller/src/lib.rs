@@ -2,6 +2,7 @@
 //! aggregates status, and serves the HTTP API. Several replicas may run; one leads.
 
 pub mod api;
+pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod placement;

@@ -227,6 +227,39 @@ impl Store {
         }
     }
 
+    /// Calls `f` with every key and value under `prefix`, read in pages of [`PAGE`] at one
+    /// revision (a consistent snapshot), one page in memory at a time. Returns that revision,
+    /// from which a watch continues.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn scan(&self, prefix: &str, mut f: impl FnMut(&str, &[u8])) -> Result<i64, StoreError> {
+        let mut c = self.etcd.client().await;
+        let end = prefix_end(prefix);
+        let mut from = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let r = self.within("scan", c.get(from.clone(), Some(opts))).await?;
+            if revision == 0 {
+                revision = r.header().map_or(0, |h| h.revision());
+            }
+            for kv in r.kvs() {
+                f(&String::from_utf8_lossy(kv.key()), kv.value());
+            }
+            match r.kvs().last() {
+                Some(last) if r.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok(revision),
+            }
+        }
+    }
+
     /// Decodes what `list_raw` read; a value that does not parse is left out and recorded in
     /// [`Store::unreadable`], so one bad key never hides the rest.
     fn decode_all<T: DeserializeOwned>(&self, prefix: &str, raw: Vec<(String, Vec<u8>, i64)>) -> Vec<(String, T, i64)> {

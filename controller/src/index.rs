@@ -1,0 +1,545 @@
+//! The leader's index of the fleet: built from one paged scan at one revision, then kept
+//! current by applying watch events, so that an event costs what it changes, not a re-read of
+//! the fleet. Pure: keys and values in, placement decisions out.
+//!
+//! Assignments and reports are kept as small digests (generation, content hash, readiness),
+//! not whole specs: 50,000 of them fit in a few megabytes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash as _, Hasher as _};
+
+use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
+use corral_proto::keys::Keys;
+use corral_proto::resource::{Group, Host, Program, RolloutSpec};
+
+use crate::placement::{AssignmentWrites, selects};
+
+/// What etcd holds for one assignment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Held {
+    pub generation: u64,
+    /// A hash of the assignment's JSON: equal content, equal digest.
+    pub digest: u64,
+}
+
+/// What a host last reported for one program.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub generation: u64,
+    pub ready: bool,
+}
+
+/// `(program, host)`: the index's key order, so a program's slots are one range.
+pub type ProgramSlot = (String, String);
+
+/// Which programs must be placed again.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub all: bool,
+    pub programs: BTreeSet<String>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.programs.is_empty()
+    }
+}
+
+/// The leader's view of the fleet.
+#[derive(Clone, Debug, Default)]
+pub struct Index {
+    pub programs: BTreeMap<String, Program>,
+    pub groups: BTreeMap<String, Group>,
+    pub hosts: BTreeMap<String, Host>,
+    pub current: BTreeMap<ProgramSlot, Held>,
+    pub reports: BTreeMap<ProgramSlot, Seen>,
+    /// Key -> why its value cannot be read (it is left out).
+    pub unreadable: BTreeMap<String, String>,
+    /// Programs whose rollout holds hosts back: their hosts' reports move them on.
+    pub waiting: BTreeSet<String>,
+}
+
+/// The digest of an assignment as the controller writes it.
+pub fn digest(a: &Assignment) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    serde_json::to_vec(a).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
+
+impl Index {
+    /// Applies one key's new value (`None`: deleted) and marks what must be placed again.
+    pub fn apply(&mut self, keys: &Keys, key: &str, value: Option<&[u8]>, dirty: &mut Dirty) {
+        let under = |prefix: String| key.strip_prefix(prefix.as_str()).map(str::to_string);
+        if let Some(name) = under(keys.programs()) {
+            dirty.programs.insert(name.clone());
+            self.upsert(key, value, |i| &mut i.programs, name);
+        } else if let Some(name) = under(keys.groups()) {
+            // Members before and after the change get their native group (or lose it).
+            let before: Vec<String> = self
+                .groups
+                .get(&name)
+                .map(|g| g.spec.programs.clone())
+                .unwrap_or_default();
+            self.upsert(key, value, |i| &mut i.groups, name.clone());
+            let after: Vec<String> = self
+                .groups
+                .get(&name)
+                .map(|g| g.spec.programs.clone())
+                .unwrap_or_default();
+            dirty.programs.extend(before.into_iter().chain(after));
+        } else if let Some(name) = under(keys.hosts()) {
+            let before = self.hosts.get(&name).map(|h| h.metadata.labels.clone());
+            self.upsert(key, value, |i| &mut i.hosts, name.clone());
+            let after = self.hosts.get(&name).map(|h| h.metadata.labels.clone());
+            // A host's status (readiness) changes often and places nothing; its labels do.
+            if before != after {
+                dirty.all = true;
+            }
+        } else if key.starts_with(&keys.all_assignments()) {
+            let Some((h, p)) = keys.host_and_program(key) else {
+                return;
+            };
+            let slot = (p.to_string(), h.to_string());
+            match value.map(serde_json::from_slice::<Assignment>) {
+                None => {
+                    self.current.remove(&slot);
+                    self.unreadable.remove(key);
+                }
+                Some(Ok(a)) => {
+                    let held = Held {
+                        generation: a.program.metadata.generation,
+                        digest: digest(&a),
+                    };
+                    self.current.insert(slot, held);
+                    self.unreadable.remove(key);
+                }
+                Some(Err(e)) => {
+                    // Placed again: it will be overwritten with what it should be.
+                    self.current.remove(&slot);
+                    dirty.programs.insert(p.to_string());
+                    self.unreadable.insert(key.to_string(), e.to_string());
+                }
+            }
+        } else if key.starts_with(&keys.all_status()) {
+            let Some((h, p)) = keys.host_and_program(key) else {
+                return;
+            };
+            let slot = (p.to_string(), h.to_string());
+            match value.map(serde_json::from_slice::<ProgramHostStatus>) {
+                Some(Ok(r)) => {
+                    self.reports.insert(
+                        slot,
+                        Seen {
+                            generation: r.observed_generation,
+                            ready: r.ready,
+                        },
+                    );
+                }
+                _ => {
+                    self.reports.remove(&slot);
+                }
+            }
+            if self.waiting.contains(p) {
+                dirty.programs.insert(p.to_string());
+            }
+        }
+    }
+
+    fn upsert<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        value: Option<&[u8]>,
+        map: impl Fn(&mut Index) -> &mut BTreeMap<String, T>,
+        name: String,
+    ) {
+        match value.map(serde_json::from_slice::<T>) {
+            None => {
+                map(self).remove(&name);
+                self.unreadable.remove(key);
+            }
+            Some(Ok(v)) => {
+                map(self).insert(name, v);
+                self.unreadable.remove(key);
+            }
+            Some(Err(e)) => {
+                map(self).remove(&name);
+                self.unreadable.insert(key.to_string(), e.to_string());
+            }
+        }
+    }
+
+    /// The native group `program` belongs to, if any (the first by name: the API refuses a
+    /// program in two).
+    fn native_of(&self, program: &str) -> Option<NativeGroup> {
+        self.groups
+            .values()
+            .find(|g| g.spec.native && g.spec.programs.iter().any(|m| m == program))
+            .map(|g| NativeGroup {
+                name: g.metadata.name.clone(),
+                priority: g.spec.priority,
+            })
+    }
+
+    /// The writes that bring one program's assignments where they should be, paced by its
+    /// rollout: new hosts and content changes within a generation at once; a new generation
+    /// to at most `max_unavailable` hosts that have not reported it ready yet (in host name
+    /// order); hosts the program no longer selects lose it. Returns whether hosts are still
+    /// held back.
+    pub fn plan_program(&self, name: &str, out: &mut AssignmentWrites) -> bool {
+        let range = (name.to_string(), String::new())..;
+        let current: Vec<(&String, &Held)> = self
+            .current
+            .range(range)
+            .take_while(|((p, _), _)| p == name)
+            .map(|((_, h), held)| (h, held))
+            .collect();
+        let Some(p) = self.programs.get(name) else {
+            out.delete
+                .extend(current.into_iter().map(|(h, _)| (h.clone(), name.to_string())));
+            return false;
+        };
+        let mut program = p.clone();
+        program.status = None;
+        program.metadata.resource_version = None;
+        let assignment = Assignment {
+            program,
+            native_group: self.native_of(name),
+        };
+        let want = Held {
+            generation: p.metadata.generation,
+            digest: digest(&assignment),
+        };
+        let selected: Vec<&String> = self
+            .hosts
+            .values()
+            .filter(|h| selects(p, h))
+            .map(|h| &h.metadata.name)
+            .collect();
+        let held: BTreeMap<&String, &Held> = current.iter().copied().collect();
+        let mut behind = Vec::new();
+        let mut in_flight = 0;
+        for h in &selected {
+            match held.get(*h) {
+                None => out.put.push((((*h).clone(), name.to_string()), assignment.clone())),
+                Some(cur) if cur.generation < want.generation => behind.push(*h),
+                Some(cur) if **cur != want => out.put.push((((*h).clone(), name.to_string()), assignment.clone())),
+                Some(_) => {
+                    let ready = self
+                        .reports
+                        .get(&(name.to_string(), (*h).clone()))
+                        .is_some_and(|r| r.generation >= want.generation && r.ready);
+                    in_flight += usize::from(!ready);
+                }
+            }
+        }
+        let max = RolloutSpec::max_unavailable(p.spec.rollout.as_ref(), selected.len());
+        let go = max.saturating_sub(in_flight).min(behind.len());
+        for h in &behind[..go] {
+            out.put.push((((*h).clone(), name.to_string()), assignment.clone()));
+        }
+        let selected: BTreeSet<&String> = selected.into_iter().collect();
+        for (h, _) in current {
+            if !selected.contains(h) {
+                out.delete.push((h.clone(), name.to_string()));
+            }
+        }
+        go < behind.len()
+    }
+
+    /// Plans every dirty program (every program, and every program with assignments, when
+    /// `dirty.all`); updates `waiting`.
+    pub fn plan(&mut self, dirty: &Dirty) -> AssignmentWrites {
+        let names: BTreeSet<String> = if dirty.all {
+            self.programs
+                .keys()
+                .cloned()
+                .chain(self.current.keys().map(|(p, _)| p.clone()))
+                .collect()
+        } else {
+            dirty.programs.clone()
+        };
+        let mut out = AssignmentWrites::default();
+        for name in names {
+            if self.plan_program(&name, &mut out) {
+                self.waiting.insert(name);
+            } else {
+                self.waiting.remove(&name);
+            }
+        }
+        out
+    }
+
+    /// Takes written assignments into account at once (their watch events confirm them).
+    pub fn written(&mut self, writes: &AssignmentWrites, failed: &BTreeSet<(String, String)>) {
+        for ((h, p), a) in &writes.put {
+            if !failed.contains(&(h.clone(), p.clone())) {
+                self.current.insert(
+                    (p.clone(), h.clone()),
+                    Held {
+                        generation: a.program.metadata.generation,
+                        digest: digest(a),
+                    },
+                );
+            }
+        }
+        for (h, p) in &writes.delete {
+            if !failed.contains(&(h.clone(), p.clone())) {
+                self.current.remove(&(p.clone(), h.clone()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::resource::{Metadata, ProgramSpec};
+
+    fn keys() -> Keys {
+        Keys::default()
+    }
+
+    fn program(name: &str, generation: u64, selector: &[(&str, &str)]) -> Program {
+        let mut p = Program::new(
+            Metadata {
+                name: name.into(),
+                generation,
+                ..Default::default()
+            },
+            ProgramSpec {
+                command: "/bin/true".into(),
+                selector: Some(selector.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+                ..Default::default()
+            },
+        );
+        p.metadata.generation = generation;
+        p
+    }
+
+    fn host(name: &str, labels: &[(&str, &str)]) -> Host {
+        Host::new(
+            Metadata {
+                name: name.into(),
+                labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                ..Default::default()
+            },
+            Default::default(),
+        )
+    }
+
+    fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+        serde_json::to_vec(v).expect("serializes")
+    }
+
+    fn put(i: &mut Index, key: String, value: Vec<u8>) -> Dirty {
+        let mut d = Dirty::default();
+        i.apply(&keys(), &key, Some(&value), &mut d);
+        d
+    }
+
+    fn hosts_of(w: &AssignmentWrites) -> Vec<String> {
+        w.put.iter().map(|((h, _), _)| h.clone()).collect()
+    }
+
+    /// An index with `n` hosts labelled role=app running generation 1 of `p`, all ready.
+    fn fleet(n: usize) -> Index {
+        let mut i = Index::default();
+        for h in 0..n {
+            put(
+                &mut i,
+                keys().host(&format!("h{h:02}")),
+                json(&host(&format!("h{h:02}"), &[("role", "app")])),
+            );
+        }
+        put(&mut i, keys().program("p"), json(&program("p", 1, &[("role", "app")])));
+        let w = i.plan(&Dirty {
+            all: true,
+            ..Default::default()
+        });
+        assert_eq!(w.put.len(), n);
+        for ((h, p), a) in &w.put {
+            put(&mut i, keys().assignment(h, p), json(a));
+            let report = ProgramHostStatus {
+                host: h.clone(),
+                program: p.clone(),
+                observed_generation: 1,
+                desired_state: Default::default(),
+                processes: vec![],
+                ready: true,
+                error: None,
+            };
+            put(&mut i, keys().status(h, p), json(&report));
+        }
+        i
+    }
+
+    #[test]
+    fn events_mark_only_what_they_change() {
+        let mut i = fleet(3);
+        assert!(
+            i.plan(&Dirty {
+                all: true,
+                ..Default::default()
+            })
+            .put
+            .is_empty(),
+            "nothing to do when in line"
+        );
+        // A report while no rollout waits: nothing to place.
+        let d = put(&mut i, keys().status("h00", "p"), b"{}".to_vec());
+        assert!(d.is_empty());
+        // A host's status (not its labels) changes nothing.
+        let mut h = host("h00", &[("role", "app")]);
+        h.status = Some(Default::default());
+        assert!(put(&mut i, keys().host("h00"), json(&h)).is_empty());
+        // Its labels do.
+        assert!(put(&mut i, keys().host("h00"), json(&host("h00", &[("role", "db")]))).all);
+        let d = put(&mut i, keys().program("q"), json(&program("q", 1, &[])));
+        assert_eq!(d.programs, ["q".to_string()].into());
+        // An unreadable value is recorded and left out.
+        let d = put(&mut i, keys().program("bad"), b"{not json".to_vec());
+        assert!(i.unreadable.contains_key(&keys().program("bad")) && !i.programs.contains_key("bad"));
+        assert_eq!(d.programs, ["bad".to_string()].into());
+    }
+
+    #[test]
+    fn a_new_generation_rolls_out_a_quarter_at_a_time_and_waits_for_reports() {
+        let mut i = fleet(8);
+        put(&mut i, keys().program("p"), json(&program("p", 2, &[("role", "app")])));
+        let w = i.plan(&Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        });
+        assert_eq!(hosts_of(&w), ["h00", "h01"], "25% of 8");
+        assert!(i.waiting.contains("p"));
+        i.written(&w, &BTreeSet::new());
+        // Nothing more until they report generation 2 ready.
+        assert!(
+            i.plan(&Dirty {
+                programs: ["p".to_string()].into(),
+                ..Default::default()
+            })
+            .put
+            .is_empty()
+        );
+        for h in ["h00", "h01"] {
+            let report = ProgramHostStatus {
+                host: h.into(),
+                program: "p".into(),
+                observed_generation: 2,
+                desired_state: Default::default(),
+                processes: vec![],
+                ready: true,
+                error: None,
+            };
+            let d = put(&mut i, keys().status(h, "p"), json(&report));
+            assert_eq!(
+                d.programs,
+                ["p".to_string()].into(),
+                "a report moves a waiting rollout on"
+            );
+        }
+        let w = i.plan(&Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        });
+        assert_eq!(hosts_of(&w), ["h02", "h03"]);
+    }
+
+    fn report(i: &mut Index, h: &str, generation: u64, ready: bool) -> Dirty {
+        let report = ProgramHostStatus {
+            host: h.into(),
+            program: "p".into(),
+            observed_generation: generation,
+            desired_state: Default::default(),
+            processes: vec![],
+            ready,
+            error: None,
+        };
+        put(i, keys().status(h, "p"), json(&report))
+    }
+
+    fn only_p() -> Dirty {
+        Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_failing_batch_pauses_the_rollout_and_the_others_keep_the_old_version() {
+        let mut i = fleet(3);
+        let mut p2 = program("p", 2, &[("role", "app")]);
+        p2.spec.rollout = Some(RolloutSpec {
+            max_unavailable: Some(corral_proto::HostCount::Count(1)),
+        });
+        put(&mut i, keys().program("p"), json(&p2));
+        let w = i.plan(&only_p());
+        assert_eq!(hosts_of(&w), ["h00"]);
+        i.written(&w, &BTreeSet::new());
+        report(&mut i, "h00", 2, true);
+        let w = i.plan(&only_p());
+        assert_eq!(hosts_of(&w), ["h01"]);
+        i.written(&w, &BTreeSet::new());
+        // h01 runs 2 but never gets ready: nothing more moves, however often it is asked.
+        report(&mut i, "h01", 2, false);
+        for _ in 0..3 {
+            assert!(i.plan(&only_p()).put.is_empty());
+        }
+        assert!(i.waiting.contains("p"));
+        assert_eq!(i.current[&("p".to_string(), "h02".to_string())].generation, 1);
+    }
+
+    #[test]
+    fn max_unavailable_is_a_count_or_a_share_of_the_programs_hosts_default_a_quarter() {
+        use corral_proto::HostCount::*;
+        let moved = |max: Option<corral_proto::HostCount>| {
+            let mut i = fleet(10);
+            let mut p2 = program("p", 2, &[("role", "app")]);
+            p2.spec.rollout = max.map(|m| RolloutSpec {
+                max_unavailable: Some(m),
+            });
+            put(&mut i, keys().program("p"), json(&p2));
+            i.plan(&only_p()).put.len()
+        };
+        assert_eq!(moved(None), 3, "default 25% of 10, rounded up");
+        assert_eq!(moved(Some(Percent(100))), 10);
+        assert_eq!(moved(Some(Percent(1))), 1);
+        assert_eq!(moved(Some(Count(4))), 4);
+        assert_eq!(RolloutSpec::max_unavailable(None, 1000), 250);
+        let spec: RolloutSpec = serde_json::from_str(r#"{"max_unavailable": "30%"}"#).expect("parses");
+        assert_eq!(spec.max_unavailable, Some(Percent(30)));
+        let spec: RolloutSpec = serde_json::from_str(r#"{"max_unavailable": 7}"#).expect("parses");
+        assert_eq!(spec.max_unavailable, Some(Count(7)));
+        assert!(serde_json::from_str::<RolloutSpec>(r#"{"max_unavailable": "lots"}"#).is_err());
+    }
+
+    #[test]
+    fn new_hosts_are_not_held_back_by_a_rollout() {
+        let mut i = fleet(4);
+        put(&mut i, keys().program("p"), json(&program("p", 2, &[("role", "app")])));
+        put(&mut i, keys().host("new"), json(&host("new", &[("role", "app")])));
+        let w = i.plan(&Dirty {
+            all: true,
+            ..Default::default()
+        });
+        // The new host at once; of the five, 25% (two) of the others.
+        assert_eq!(hosts_of(&w), ["new", "h00", "h01"]);
+    }
+
+    #[test]
+    fn a_deleted_program_or_a_host_no_longer_selected_loses_its_assignments() {
+        let mut i = fleet(2);
+        put(&mut i, keys().host("h01"), json(&host("h01", &[("role", "db")])));
+        let w = i.plan(&Dirty {
+            all: true,
+            ..Default::default()
+        });
+        assert_eq!(w.delete, [("h01".to_string(), "p".to_string())]);
+        i.written(&w, &BTreeSet::new());
+        let mut d = Dirty::default();
+        i.apply(&keys(), &keys().program("p"), None, &mut d);
+        let w = i.plan(&d);
+        assert_eq!(w.delete, [("h00".to_string(), "p".to_string())]);
+    }
+}
