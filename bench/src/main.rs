@@ -220,6 +220,58 @@ impl ReadyWatch {
     }
 }
 
+/// The assignments of one program as the controller writes them: a watch opened before the
+/// apply times when the last host's assignment reaches etcd.
+struct WrittenWatch {
+    stream: etcd_client::WatchStream,
+    program: String,
+}
+
+impl WrittenWatch {
+    async fn open(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<WrittenWatch> {
+        let stream = etcd
+            .watch(
+                Keys::default().all_assignments(),
+                Some(WatchOptions::new().with_prefix()),
+            )
+            .await?;
+        Ok(WrittenWatch {
+            stream,
+            program: program.to_string(),
+        })
+    }
+
+    /// Seconds from `t0` until `hosts` assignments of the program at `generation` were written.
+    async fn wait(mut self, generation: u64, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<f64> {
+        let keys = Keys::default();
+        let mut seen = BTreeSet::new();
+        while seen.len() < hosts {
+            let left = timeout
+                .checked_sub(t0.elapsed())
+                .ok_or_else(|| anyhow::anyhow!("only {}/{hosts} assignments written", seen.len()))?;
+            let resp = tokio::time::timeout(left, self.stream.message())
+                .await
+                .map_err(|_| anyhow::anyhow!("only {}/{hosts} assignments written", seen.len()))??
+                .ok_or_else(|| anyhow::anyhow!("the assignment watch ended"))?;
+            for kv in resp
+                .events()
+                .iter()
+                .filter(|e| e.event_type() == EventType::Put)
+                .filter_map(|e| e.kv())
+            {
+                let Some((h, p)) = keys.host_and_program(kv.key_str()?) else {
+                    continue;
+                };
+                let a: Assignment = serde_json::from_slice(kv.value())?;
+                if p == self.program && a.program.metadata.generation >= generation {
+                    seen.insert(h.to_string());
+                }
+            }
+        }
+        Ok(t0.elapsed().as_secs_f64())
+    }
+}
+
 async fn wait_gone(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<()> {
     let t0 = Instant::now();
     while !reports(etcd, program).await?.is_empty() {
@@ -667,17 +719,37 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
 /// A fleet of simulated hosts: the real agent code against STAND-IN supervisords.
 struct Sim {
     etcd: Etcd,
-    _controller: Controller,
+    /// The real controller binary, in its own process as in production (in the bench's
+    /// process it would share two cores' worth of scheduler with a thousand agents).
+    controller: tokio::process::Child,
     api: ApiClient,
     standins: Vec<standin::StandIn>,
     stops: Vec<CancellationToken>,
     _dirs: Vec<tempfile::TempDir>,
 }
 
-async fn simulate(hosts: usize) -> anyhow::Result<Sim> {
+async fn simulate(hosts: usize, dir: &Path) -> anyhow::Result<Sim> {
     let etcd = Etcd::start().await?;
-    let controller = Controller::start(&etcd.endpoints(), "bench").await?;
-    let api = controller.api()?;
+    std::fs::write(dir.join("tokens"), "bench-token\n")?;
+    let port = corral_tests::free_port()?;
+    let controller = tokio::process::Command::new(sibling("corral-controller")?)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(dir.join("tokens"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
+    let t0 = Instant::now();
+    while api.status().await.is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let pids = Arc::new(AtomicI64::new(1000));
     let mut standins = Vec::new();
     let mut stops = Vec::new();
@@ -713,7 +785,7 @@ async fn simulate(hosts: usize) -> anyhow::Result<Sim> {
     }
     Ok(Sim {
         etcd,
-        _controller: controller,
+        controller,
         api,
         standins,
         stops,
@@ -724,7 +796,8 @@ async fn simulate(hosts: usize) -> anyhow::Result<Sim> {
 /// Figure 4: one change to 1000 hosts, and a change to one host.
 async fn fanout(hosts: usize) -> anyhow::Result<()> {
     let t0 = Instant::now();
-    let sim = simulate(hosts).await?;
+    let dir = tempfile::tempdir()?;
+    let mut sim = simulate(hosts, dir.path()).await?;
     println!(
         "   ({hosts} simulated hosts registered in {:.1} s)",
         t0.elapsed().as_secs_f64()
@@ -735,6 +808,9 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     let first = Instant::now();
     ready.wait(1, hosts, first, Duration::from_secs(300)).await?;
     let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
+    let written = WrittenWatch::open(&mut client, "everywhere").await?;
+    // Timed from the user's apply, not from its answer.
+    let t0 = Instant::now();
     sim.api
         .apply(
             &program("everywhere", |s| {
@@ -747,18 +823,44 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
             false,
         )
         .await?;
-    let t0 = Instant::now();
-    let each = sorted(ready.wait(2, hosts, t0, Duration::from_secs(300)).await?);
+    let (written, each) = tokio::try_join!(
+        written.wait(2, hosts, t0, Duration::from_secs(300)),
+        ready.wait(2, hosts, t0, Duration::from_secs(300))
+    )?;
+    line(
+        &format!("4. one spec change to {hosts} hosts, written to etcd (all)"),
+        format!("{:.0} ms", written * 1e3),
+        "<= 200 ms",
+        Some(written <= 0.2),
+    );
+    let each = sorted(each);
+    let p99 = pct(&each, 99.0);
     line(
         &format!("4. fan-out: one spec change to {hosts} hosts, applied and reported"),
         format!(
             "p50 {:.0} ms, p99 {:.0} ms, all {:.0} ms",
             pct(&each, 50.0) * 1e3,
-            pct(&each, 99.0) * 1e3,
+            p99 * 1e3,
             each.last().copied().unwrap_or(0.0) * 1e3
         ),
-        "(reported)",
-        None,
+        "p99 <= 1000 ms",
+        Some(p99 <= 1.0),
+    );
+    // The same with the default rollout (25% at a time, each batch waiting for the last).
+    let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
+    let t0 = Instant::now();
+    sim.api
+        .apply(
+            &program("everywhere", |s| s.command = "/bin/sleep 300000".into()),
+            false,
+        )
+        .await?;
+    let done = last(ready.wait(3, hosts, t0, Duration::from_secs(300)).await?);
+    line(
+        &format!("4. rollout with defaults (25% a batch) to {hosts} healthy hosts"),
+        format!("{:.1} s", done),
+        "<= 60 s",
+        Some(done <= 60.0),
     );
     // A change that targets one host: only that host's agent sees an assignment change and
     // re-reads its config (reloadConfig is the only trace an agent leaves when it acts).
@@ -790,9 +892,20 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         "only that one",
         Some(woke.len() == 1 && woke.contains(&(hosts / 2))),
     );
+    if let Some(pid) = sim.controller.id() {
+        let (_, rss) = proc_stat(pid)?;
+        line(
+            &format!("4. controller RSS with {hosts} hosts"),
+            format!("{:.1} MB", rss as f64 / 1024.0),
+            "(reported)",
+            None,
+        );
+    }
     for s in &sim.stops {
         s.cancel();
     }
+    // Before etcd goes: a controller that loses etcd says so at length.
+    let _ = sim.controller.kill().await;
     Ok(())
 }
 
@@ -818,7 +931,8 @@ async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> 
 
 /// Figure 5: etcd writes with 100 idle hosts.
 async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
-    let sim = simulate(hosts).await?;
+    let dir = tempfile::tempdir()?;
+    let mut sim = simulate(hosts, dir.path()).await?;
     let mut client = sim.etcd.client().await?;
     let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
     sim.api.apply(&program("everywhere", |_| {}), false).await?;
@@ -844,6 +958,8 @@ async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
     for s in &sim.stops {
         s.cancel();
     }
+    // Before etcd goes: a controller that loses etcd says so at length.
+    let _ = sim.controller.kill().await;
     Ok(())
 }
 
