@@ -139,7 +139,8 @@ pub async fn session(
     desired.send_replace(Arc::new(current.clone()));
     let mut stream = within(
         "watch",
-        client.watch(
+        corral_etcd::watch(
+            &client,
             prefix.clone(),
             Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
         ),

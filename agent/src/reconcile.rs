@@ -282,7 +282,7 @@ impl Reconciler {
                 .map(|p| p.name.clone())
                 .collect()
         };
-        let results = futures_util::future::join_all(runtime.actions.iter().map(|(a, _)| self.execute(a))).await;
+        let results = self.execute(&runtime.actions).await?;
         let mut failed = BTreeSet::new();
         for ((action, why), result) in runtime.actions.iter().zip(results) {
             // Only what was done counts (and asks for a quick look again): an action
@@ -595,20 +595,79 @@ impl Reconciler {
         Ok(None)
     }
 
-    async fn execute(&self, action: &Action) -> Result<(), supervisor::Error> {
-        let c = &self.client;
-        match action {
-            Action::AddGroup(g) => tolerate(c.add_process_group(g).await, FaultCode::AlreadyAdded),
-            Action::RemoveGroup(g) => tolerate(c.remove_process_group(g).await, FaultCode::BadName),
-            Action::ReplaceGroup(g) => {
-                tolerate(c.remove_process_group(g).await, FaultCode::BadName)?;
-                tolerate(c.add_process_group(g).await, FaultCode::AlreadyAdded)
-            }
-            Action::Stop(ns) => tolerate(c.stop_process(ns, false).await, FaultCode::NotRunning),
-            Action::Start(ns) => tolerate(c.start_process(ns, false).await, FaultCode::AlreadyStarted),
-            // A process that stopped meanwhile has nothing to receive the signal.
-            Action::Signal(ns, sig) => tolerate(c.signal_process(ns, sig).await, FaultCode::NotRunning),
+    /// Carries out a pass's actions in one `system.multicall` request: supervisord runs them
+    /// in order, none of them waits, and one connection serves them all (fifty concurrent
+    /// calls would be fifty connections). Each action's result is its own; a fault that means
+    /// "already so" is success (already started, not running, already added, no such group).
+    ///
+    /// # Errors
+    /// When the request as a whole fails (supervisord unreachable).
+    async fn execute(&self, actions: &[(Action, Correction)]) -> Result<Vec<Result<(), supervisor::Error>>, PassError> {
+        use dxr::Value;
+        if actions.is_empty() {
+            return Ok(Vec::new());
         }
+        let s = |v: &str| Value::String(v.to_string());
+        // (method, params, the fault that means done) per call; ReplaceGroup makes two.
+        let mut calls: Vec<(&str, Vec<Value>, FaultCode)> = Vec::new();
+        let mut first_call = Vec::with_capacity(actions.len());
+        for (action, _) in actions {
+            first_call.push(calls.len());
+            match action {
+                Action::AddGroup(g) => calls.push(("supervisor.addProcessGroup", vec![s(g)], FaultCode::AlreadyAdded)),
+                Action::RemoveGroup(g) => calls.push(("supervisor.removeProcessGroup", vec![s(g)], FaultCode::BadName)),
+                Action::ReplaceGroup(g) => {
+                    calls.push(("supervisor.removeProcessGroup", vec![s(g)], FaultCode::BadName));
+                    calls.push(("supervisor.addProcessGroup", vec![s(g)], FaultCode::AlreadyAdded));
+                }
+                Action::Stop(ns) => calls.push((
+                    "supervisor.stopProcess",
+                    vec![s(ns), Value::Boolean(false)],
+                    FaultCode::NotRunning,
+                )),
+                Action::Start(ns) => calls.push((
+                    "supervisor.startProcess",
+                    vec![s(ns), Value::Boolean(false)],
+                    FaultCode::AlreadyStarted,
+                )),
+                // A process that stopped meanwhile has nothing to receive the signal.
+                Action::Signal(ns, sig) => {
+                    calls.push(("supervisor.signalProcess", vec![s(ns), s(sig)], FaultCode::NotRunning))
+                }
+            }
+        }
+        let request: Vec<(&str, Vec<Value>)> = calls.iter().map(|(m, p, _)| (*m, p.clone())).collect();
+        let mut answers: Vec<Option<Result<(), supervisor::Error>>> = self
+            .client
+            .multicall(&request)
+            .await?
+            .into_iter()
+            .zip(&calls)
+            .map(|(r, (_, _, fine))| Some(tolerate(r, *fine)))
+            .collect();
+        let mut take = |i: usize| {
+            answers.get_mut(i).and_then(Option::take).unwrap_or_else(|| {
+                Err(supervisor::Error::Decode {
+                    method: "system.multicall".into(),
+                    detail: format!("no answer for call {i}"),
+                })
+            })
+        };
+        let mut out = Vec::with_capacity(actions.len());
+        for ((action, _), i) in actions.iter().zip(first_call) {
+            let r = match action {
+                // The add counts only if the removal worked (else it "succeeds" as already
+                // added, with the old config still loaded).
+                Action::ReplaceGroup(_) => {
+                    let removed = take(i);
+                    let added = take(i + 1);
+                    removed.and(added)
+                }
+                _ => take(i),
+            };
+            out.push(r);
+        }
+        Ok(out)
     }
 
     /// Reads the stderr tail of each failing process of Corral's once per failure (a new

@@ -114,6 +114,33 @@ fn program(name: &str, f: impl FnOnce(&mut ProgramSpec)) -> Resource {
     })
 }
 
+/// A program as a real fleet has them: a command with arguments, an environment, log
+/// settings, a rollout policy (about 1 kB of spec), changed by `version`.
+fn realistic(name: &str, version: &str) -> Resource {
+    program(name, |s| {
+        s.command = format!("/opt/{name}/venv/bin/python -m {name}.server --port 8000 --workers 4 --release {version}");
+        s.directory = Some(format!("/opt/{name}"));
+        s.environment = Some(
+            [
+                ("APP_ENV", "production"),
+                ("DATABASE_URL", "postgres://app@db.internal:5432/app"),
+                ("REDIS_URL", "redis://cache.internal:6379/0"),
+                ("LOG_LEVEL", "info"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        );
+        s.stopasgroup = Some(true);
+        s.stopwaitsecs = Some(30);
+        s.startsecs = Some(0);
+        s.stdout_logfile_maxbytes = Some(corral_proto::ByteSize(50 << 20));
+        s.rollout = Some(corral_proto::RolloutSpec {
+            max_unavailable: Some(corral_proto::HostCount::Percent(100)),
+        });
+    })
+}
+
 /// Starts the real agent code for one host, as the binary does (2 s resync).
 fn spawn_agent(
     host: &str,
@@ -171,9 +198,12 @@ struct ReadyWatch {
 
 impl ReadyWatch {
     async fn open(etcd: &mut etcd_client::Client, programs: &[String]) -> anyhow::Result<ReadyWatch> {
-        let stream = etcd
-            .watch(Keys::default().all_status(), Some(WatchOptions::new().with_prefix()))
-            .await?;
+        let stream = corral_etcd::watch(
+            etcd,
+            Keys::default().all_status(),
+            Some(WatchOptions::new().with_prefix()),
+        )
+        .await?;
         Ok(ReadyWatch {
             stream,
             programs: programs.to_vec(),
@@ -224,27 +254,29 @@ impl ReadyWatch {
 /// apply times when the last host's assignment reaches etcd.
 struct WrittenWatch {
     stream: etcd_client::WatchStream,
-    program: String,
+    programs: BTreeSet<String>,
 }
 
 impl WrittenWatch {
-    async fn open(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Result<WrittenWatch> {
-        let stream = etcd
-            .watch(
-                Keys::default().all_assignments(),
-                Some(WatchOptions::new().with_prefix()),
-            )
-            .await?;
+    async fn open(etcd: &mut etcd_client::Client, programs: &[&str]) -> anyhow::Result<WrittenWatch> {
+        let stream = corral_etcd::watch(
+            etcd,
+            Keys::default().all_assignments(),
+            Some(WatchOptions::new().with_prefix()),
+        )
+        .await?;
         Ok(WrittenWatch {
             stream,
-            program: program.to_string(),
+            programs: programs.iter().map(|p| p.to_string()).collect(),
         })
     }
 
-    /// Seconds from `t0` until `hosts` assignments of the program at `generation` were written.
+    /// Seconds from `t0` until `hosts` assignments of each program at `generation` (or later)
+    /// were written.
     async fn wait(mut self, generation: u64, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<f64> {
         let keys = Keys::default();
         let mut seen = BTreeSet::new();
+        let hosts = hosts * self.programs.len();
         while seen.len() < hosts {
             let left = timeout
                 .checked_sub(t0.elapsed())
@@ -263,8 +295,8 @@ impl WrittenWatch {
                     continue;
                 };
                 let a: Assignment = serde_json::from_slice(kv.value())?;
-                if p == self.program && a.program.metadata.generation >= generation {
-                    seen.insert(h.to_string());
+                if self.programs.contains(p) && a.program.metadata.generation >= generation {
+                    seen.insert((h.to_string(), p.to_string()));
                 }
             }
         }
@@ -808,7 +840,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     let first = Instant::now();
     ready.wait(1, hosts, first, Duration::from_secs(300)).await?;
     let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
-    let written = WrittenWatch::open(&mut client, "everywhere").await?;
+    let written = WrittenWatch::open(&mut client, &["everywhere"]).await?;
     // Timed from the user's apply, not from its answer.
     let t0 = Instant::now();
     sim.api
@@ -862,6 +894,49 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         "<= 60 s",
         Some(done <= 60.0),
     );
+    // A fleet's worth of programs: 50 realistic programs on every host (50,000 assignments).
+    let names: Vec<String> = (0..50).map(|i| format!("svc-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let written = WrittenWatch::open(&mut client, &refs).await?;
+    let t0 = Instant::now();
+    for n in &names {
+        sim.api.apply(&realistic(n, "v1"), false).await?;
+    }
+    let placed = written.wait(1, hosts, t0, Duration::from_secs(600)).await?;
+    line(
+        &format!("4. 50 programs x {hosts} hosts ({} assignments) placed", 50 * hosts),
+        format!("{placed:.1} s"),
+        "(reported)",
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let written = WrittenWatch::open(&mut client, &[refs[7]]).await?;
+    let t0 = Instant::now();
+    sim.api.apply(&realistic(&names[7], "v2"), false).await?;
+    let w = written.wait(2, hosts, t0, Duration::from_secs(120)).await?;
+    line(
+        &format!("4. one program's change to {hosts} hosts among 50,000 assignments, written"),
+        format!("{:.0} ms", w * 1e3),
+        "<= 200 ms",
+        Some(w <= 0.2),
+    );
+    if let Some(pid) = sim.controller.id() {
+        let (_, rss) = proc_stat(pid)?;
+        line(
+            &format!("4. controller RSS with {} assignments", 50 * hosts),
+            format!("{:.1} MB", rss as f64 / 1024.0),
+            "<= 150 MB",
+            Some(rss <= 150 * 1024),
+        );
+    }
+    let status = client.status().await?;
+    line(
+        "4. etcd database size",
+        format!("{:.1} MB", status.db_size() as f64 / 1e6),
+        "(reported)",
+        None,
+    );
+
     // A change that targets one host: only that host's agent sees an assignment change and
     // re-reads its config (reloadConfig is the only trace an agent leaves when it acts).
     tokio::time::sleep(Duration::from_secs(3)).await;

@@ -251,6 +251,41 @@ async fn handle(State(standin): State<StandIn>, body: String) -> String {
         Ok(c) => c,
         Err(e) => return fault(2, &format!("INCORRECT_PARAMETERS: {e}")),
     };
+    if call.name == "system.multicall" {
+        // As supervisord answers it: each call's bare value, or a fault struct.
+        let Some(Value::Array(calls)) = call.params.first() else {
+            return fault(2, "INCORRECT_PARAMETERS: system.multicall takes an array");
+        };
+        let mut answers = Vec::with_capacity(calls.len());
+        for c in calls {
+            let Value::Struct(fields) = c else {
+                return fault(2, "INCORRECT_PARAMETERS: a multicall entry is a struct");
+            };
+            let name = match fields.get("methodName") {
+                Some(Value::String(n)) => n.clone(),
+                _ => return fault(2, "INCORRECT_PARAMETERS: methodName"),
+            };
+            let params = match fields.get("params") {
+                Some(Value::Array(p)) => p.clone(),
+                _ => Vec::new(),
+            };
+            answers.push(match standin.call(&name, &params) {
+                Ok(v) => v,
+                Err((code, msg)) => Value::Struct(
+                    [
+                        ("faultCode".to_string(), Value::Integer(code)),
+                        ("faultString".to_string(), s(&msg)),
+                    ]
+                    .into(),
+                ),
+            });
+        }
+        return MethodResponse {
+            value: Value::Array(answers),
+        }
+        .to_xml()
+        .unwrap_or_default();
+    }
     match standin.call(&call.name, &call.params) {
         Ok(v) => MethodResponse { value: v }.to_xml().unwrap_or_default(),
         Err((code, msg)) => fault(code, &msg),

@@ -141,12 +141,12 @@ async fn lead_once(
         .scan(&prefix, |k, v| index.apply(&keys, k, Some(v), &mut dirty))
         .await?;
     dirty.all = true;
-    let mut watch = client
-        .watch(
-            prefix.clone(),
-            Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
-        )
-        .await?;
+    let mut watch = corral_etcd::watch(
+        &client,
+        prefix.clone(),
+        Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
+    )
+    .await?;
     tracing::info!(
         programs = index.programs.len(),
         hosts = index.hosts.len(),

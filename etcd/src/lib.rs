@@ -212,3 +212,26 @@ impl EtcdFlags {
         })
     }
 }
+
+/// The largest watch answer Corral accepts. etcd sends the events of up to a thousand
+/// revisions in one answer to a watcher catching up, and etcd-client cannot ask for them in
+/// fragments: a rollout writing thousands of assignments in 32-operation transactions makes
+/// answers far above gRPC's default 4 MiB, which would end the watch (and the controller's
+/// lead) in a loop.
+pub const MAX_WATCH_MESSAGE: usize = 256 << 20;
+
+/// Opens a watch with [`MAX_WATCH_MESSAGE`] as its message limit.
+///
+/// # Errors
+/// etcd errors.
+pub async fn watch(
+    client: &Client,
+    key: impl Into<Vec<u8>>,
+    options: Option<etcd_client::WatchOptions>,
+) -> Result<etcd_client::WatchStream, etcd_client::Error> {
+    client
+        .watch_client()
+        .max_decoding_message_size(MAX_WATCH_MESSAGE)
+        .watch(key, options)
+        .await
+}
