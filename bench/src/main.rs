@@ -48,6 +48,8 @@ enum What {
     Drift,
     Footprint,
     Fanout,
+    /// The controller alone with 1000 hosts x 50 programs.
+    Scale,
     IdleWrites,
 }
 
@@ -862,8 +864,8 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     line(
         &format!("4. one spec change to {hosts} hosts, written to etcd (all)"),
         format!("{:.0} ms", written * 1e3),
-        "<= 200 ms",
-        Some(written <= 0.2),
+        "(reported; 4c has the target)",
+        None,
     );
     let each = sorted(each);
     let p99 = pct(&each, 99.0);
@@ -894,49 +896,6 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         "<= 60 s",
         Some(done <= 60.0),
     );
-    // A fleet's worth of programs: 50 realistic programs on every host (50,000 assignments).
-    let names: Vec<String> = (0..50).map(|i| format!("svc-{i:02}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let written = WrittenWatch::open(&mut client, &refs).await?;
-    let t0 = Instant::now();
-    for n in &names {
-        sim.api.apply(&realistic(n, "v1"), false).await?;
-    }
-    let placed = written.wait(1, hosts, t0, Duration::from_secs(600)).await?;
-    line(
-        &format!("4. 50 programs x {hosts} hosts ({} assignments) placed", 50 * hosts),
-        format!("{placed:.1} s"),
-        "(reported)",
-        None,
-    );
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let written = WrittenWatch::open(&mut client, &[refs[7]]).await?;
-    let t0 = Instant::now();
-    sim.api.apply(&realistic(&names[7], "v2"), false).await?;
-    let w = written.wait(2, hosts, t0, Duration::from_secs(120)).await?;
-    line(
-        &format!("4. one program's change to {hosts} hosts among 50,000 assignments, written"),
-        format!("{:.0} ms", w * 1e3),
-        "<= 200 ms",
-        Some(w <= 0.2),
-    );
-    if let Some(pid) = sim.controller.id() {
-        let (_, rss) = proc_stat(pid)?;
-        line(
-            &format!("4. controller RSS with {} assignments", 50 * hosts),
-            format!("{:.1} MB", rss as f64 / 1024.0),
-            "<= 150 MB",
-            Some(rss <= 150 * 1024),
-        );
-    }
-    let status = client.status().await?;
-    line(
-        "4. etcd database size",
-        format!("{:.1} MB", status.db_size() as f64 / 1e6),
-        "(reported)",
-        None,
-    );
-
     // A change that targets one host: only that host's agent sees an assignment change and
     // re-reads its config (reloadConfig is the only trace an agent leaves when it acts).
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -967,15 +926,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         "only that one",
         Some(woke.len() == 1 && woke.contains(&(hosts / 2))),
     );
-    if let Some(pid) = sim.controller.id() {
-        let (_, rss) = proc_stat(pid)?;
-        line(
-            &format!("4. controller RSS with {hosts} hosts"),
-            format!("{:.1} MB", rss as f64 / 1024.0),
-            "(reported)",
-            None,
-        );
-    }
+
     for s in &sim.stops {
         s.cancel();
     }
@@ -1002,6 +953,111 @@ async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> 
         out.insert(name.to_string(), v);
     }
     Ok(out)
+}
+
+/// Figure 4c: the controller alone at fleet scale (no agents competing for the CPU): 1000
+/// registered hosts, 50 realistic programs on each (50,000 assignments) placed, then one
+/// program changed everywhere; its RSS and etcd's database size.
+async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let etcd = Etcd::start().await?;
+    std::fs::write(dir.path().join("tokens"), "bench-token\n")?;
+    let port = corral_tests::free_port()?;
+    let mut controller = tokio::process::Command::new(sibling("corral-controller")?)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(dir.path().join("tokens"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
+    let t0 = Instant::now();
+    while api.status().await.is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Hosts as agents register them (host record and liveness), without the agents.
+    let mut client = etcd.client().await?;
+    let keys = Keys::default();
+    let lease = client.lease_grant(600, None).await?.id();
+    for i in 0..hosts {
+        let name = format!("h-{i:04}");
+        let host = corral_proto::Host::new(
+            corral_proto::Metadata {
+                name: name.clone(),
+                ..Default::default()
+            },
+            Default::default(),
+        );
+        client.put(keys.host(&name), serde_json::to_vec(&host)?, None).await?;
+        client
+            .put(
+                keys.alive(&name),
+                "",
+                Some(etcd_client::PutOptions::new().with_lease(lease)),
+            )
+            .await?;
+    }
+    let names: Vec<String> = (0..programs).map(|i| format!("svc-{i:02}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let written = WrittenWatch::open(&mut client, &refs).await?;
+    let t0 = Instant::now();
+    for n in &names {
+        api.apply(&realistic(n, "v1"), false).await?;
+    }
+    let placed = written.wait(1, hosts, t0, Duration::from_secs(600)).await?;
+    line(
+        &format!(
+            "4c. {programs} programs x {hosts} hosts ({} assignments) applied and written",
+            programs * hosts
+        ),
+        format!("{placed:.1} s"),
+        "(reported)",
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut samples = Vec::new();
+    for rep in 0..20 {
+        let written = WrittenWatch::open(&mut client, &[refs[rep % programs]]).await?;
+        let t0 = Instant::now();
+        api.apply(&realistic(&names[rep % programs], &format!("v{}", rep + 2)), false)
+            .await?;
+        samples.push(written.wait(2, hosts, t0, Duration::from_secs(120)).await?);
+    }
+    let s = sorted(samples);
+    let p99 = pct(&s, 99.0);
+    line(
+        &format!(
+            "4c. one program changed on {hosts} hosts, among {} assignments, written (20 changes)",
+            programs * hosts
+        ),
+        format!("p50 {:.0} ms, p99 {:.0} ms", pct(&s, 50.0) * 1e3, p99 * 1e3),
+        "p99 <= 200 ms",
+        Some(p99 <= 0.2),
+    );
+    if let Some(pid) = controller.id() {
+        let (_, rss) = proc_stat(pid)?;
+        line(
+            &format!("4c. controller RSS with {} assignments", programs * hosts),
+            format!("{:.1} MB", rss as f64 / 1024.0),
+            "<= 150 MB",
+            Some(rss <= 150 * 1024),
+        );
+    }
+    let status = client.status().await?;
+    line(
+        "4c. etcd database size",
+        format!("{:.1} MB", status.db_size() as f64 / 1e6),
+        "(reported)",
+        None,
+    );
+    let _ = controller.kill().await;
+    Ok(())
 }
 
 /// Figure 5: etcd writes with 100 idle hosts.
@@ -1061,6 +1117,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if all || args.what == What::Fanout {
         fanout(args.hosts).await?;
+    }
+    if all || args.what == What::Scale {
+        controller_scale(args.hosts, 50).await?;
     }
     println!("{:-<144}", "");
     println!("done in {:.0} s", started.elapsed().as_secs_f64());
