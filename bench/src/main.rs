@@ -510,6 +510,35 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
         0.0,
         one.then_some(100.0),
     );
+
+    // 1d. A change rolled out with the default pace (25% of the hosts a batch, each batch
+    // waiting for the last to report ready), on every host.
+    if hosts > 1 {
+        let name = "rolled".to_string();
+        let ready = ReadyWatch::open(&mut client, std::slice::from_ref(&name)).await?;
+        api.apply(&program(&name, |s| s.startsecs = Some(0)), false).await?;
+        ready.wait(1, hosts, Instant::now(), Duration::from_secs(60)).await?;
+        let mut worst: f64 = 0.0;
+        for rep in 0..5u64 {
+            let ready = ReadyWatch::open(&mut client, std::slice::from_ref(&name)).await?;
+            let t0 = Instant::now();
+            api.apply(
+                &program(&name, |s| {
+                    s.startsecs = Some(0);
+                    s.command = format!("/bin/sleep {}", 300_000 + rep);
+                }),
+                false,
+            )
+            .await?;
+            worst = worst.max(last(ready.wait(rep + 2, hosts, t0, Duration::from_secs(60)).await?));
+        }
+        line(
+            &format!("1d. change rolled out with the default pace to {hosts} hosts (worst of 5)"),
+            format!("{worst:.2} s"),
+            "<= 5 s",
+            Some(worst <= 5.0),
+        );
+    }
     for s in stops {
         s.cancel();
     }
