@@ -667,25 +667,38 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(p)
 }
 
+/// Starts the real controller binary against `etcd_endpoint` (its token file in `dir`) and
+/// waits until its API answers. Killed when the child is dropped.
+async fn spawn_controller(etcd_endpoint: &str, dir: &Path) -> anyhow::Result<(tokio::process::Child, ApiClient)> {
+    std::fs::write(dir.join("tokens"), "bench-token\n")?;
+    let port = corral_tests::free_port()?;
+    let child = tokio::process::Command::new(sibling("corral-controller")?)
+        .args([
+            "--etcd-endpoints",
+            etcd_endpoint,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(dir.join("tokens"))
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()?;
+    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
+    let t0 = Instant::now();
+    while api.status().await.is_err() {
+        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok((child, api))
+}
+
 /// Figures 2b and 3: the real binaries, as processes, with 100 programs.
 async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let sd = Supervisord::start(Options::default()).await?;
     let dir = tempfile::tempdir()?;
-    std::fs::write(dir.path().join("tokens"), "bench-token\n")?;
-    let port = corral_tests::free_port()?;
-    let mut controller = tokio::process::Command::new(sibling("corral-controller")?)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token-file",
-        ])
-        .arg(dir.path().join("tokens"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
+    let (mut controller, api) = spawn_controller(&etcd.endpoint, dir.path()).await?;
     let metrics_port = corral_tests::free_port()?;
     let mut agent = tokio::process::Command::new(sibling("corral-agent")?)
         .args([
@@ -705,12 +718,6 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
         .env("RUST_LOG", "warn")
         .kill_on_drop(true)
         .spawn()?;
-    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
-    let t0 = Instant::now();
-    while api.status().await.is_err() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     for (_, a) in assignments(programs) {
         api.apply(&Resource::Program(a.program), false).await?;
     }
@@ -793,26 +800,7 @@ struct Sim {
 
 async fn simulate(hosts: usize, dir: &Path) -> anyhow::Result<Sim> {
     let etcd = Etcd::start().await?;
-    std::fs::write(dir.join("tokens"), "bench-token\n")?;
-    let port = corral_tests::free_port()?;
-    let controller = tokio::process::Command::new(sibling("corral-controller")?)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token-file",
-        ])
-        .arg(dir.join("tokens"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
-    let t0 = Instant::now();
-    while api.status().await.is_err() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (controller, api) = spawn_controller(&etcd.endpoint, dir).await?;
     let pids = Arc::new(AtomicI64::new(1000));
     let mut standins = Vec::new();
     let mut stops = Vec::new();
@@ -990,26 +978,7 @@ async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> 
 async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let etcd = Etcd::start().await?;
-    std::fs::write(dir.path().join("tokens"), "bench-token\n")?;
-    let port = corral_tests::free_port()?;
-    let mut controller = tokio::process::Command::new(sibling("corral-controller")?)
-        .args([
-            "--etcd-endpoints",
-            &etcd.endpoint,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--token-file",
-        ])
-        .arg(dir.path().join("tokens"))
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()?;
-    let api = ApiClient::new(&format!("http://127.0.0.1:{port}"), Some("bench-token".into()))?;
-    let t0 = Instant::now();
-    while api.status().await.is_err() {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(20), "controller never answered");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut controller, api) = spawn_controller(&etcd.endpoint, dir.path()).await?;
     // Hosts as agents register them (host record and liveness), without the agents.
     let mut client = etcd.client().await?;
     let keys = Keys::default();

@@ -5,8 +5,9 @@
 //! Assignments and reports are kept as small digests (generation, content hash, readiness),
 //! not whole specs: 50,000 of them fit in a few megabytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
+use std::sync::Arc;
 
 use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
 use corral_proto::keys::Keys;
@@ -201,10 +202,10 @@ impl Index {
         let mut program = p.clone();
         program.status = None;
         program.metadata.resource_version = None;
-        let assignment = Assignment {
+        let assignment = Arc::new(Assignment {
             program,
             native_group: self.native_of(name),
-        };
+        });
         let want = Held {
             generation: p.metadata.generation,
             digest: digest(&assignment),
@@ -271,15 +272,15 @@ impl Index {
 
     /// Takes written assignments into account at once (their watch events confirm them).
     pub fn written(&mut self, writes: &AssignmentWrites, failed: &BTreeSet<(String, String)>) {
+        // One digest per shared assignment, not one per host.
+        let mut held: HashMap<*const Assignment, Held> = HashMap::new();
         for ((h, p), a) in &writes.put {
             if !failed.contains(&(h.clone(), p.clone())) {
-                self.current.insert(
-                    (p.clone(), h.clone()),
-                    Held {
-                        generation: a.program.metadata.generation,
-                        digest: digest(a),
-                    },
-                );
+                let held = *held.entry(Arc::as_ptr(a)).or_insert_with(|| Held {
+                    generation: a.program.metadata.generation,
+                    digest: digest(a),
+                });
+                self.current.insert((p.clone(), h.clone()), held);
             }
         }
         for (h, p) in &writes.delete {
@@ -358,7 +359,7 @@ mod tests {
         });
         assert_eq!(w.put.len(), n);
         for ((h, p), a) in &w.put {
-            put(&mut i, keys().assignment(h, p), json(a));
+            put(&mut i, keys().assignment(h, p), json(a.as_ref()));
             let report = ProgramHostStatus {
                 host: h.clone(),
                 program: p.clone(),

@@ -138,7 +138,7 @@ async fn lead_once(
         ..Default::default()
     };
     let revision = store
-        .scan(&prefix, |k, v| index.apply(&keys, k, Some(v), &mut dirty))
+        .scan(&prefix, |k, v, _| index.apply(&keys, k, Some(v), &mut dirty))
         .await?;
     dirty.all = true;
     let mut watch = corral_etcd::watch(

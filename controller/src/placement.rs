@@ -1,6 +1,8 @@
 //! Placement's vocabulary: which hosts a program selects, and the writes that make etcd's
 //! assignments match (decided per program by `index::Index::plan`). Pure.
 
+use std::sync::Arc;
+
 use corral_proto::fleet::Assignment;
 use corral_proto::resource::{Host, Program};
 
@@ -17,10 +19,11 @@ pub fn selects(program: &Program, host: &Host) -> bool {
     }
 }
 
-/// The writes that bring etcd's assignments where they should be.
+/// The writes that bring etcd's assignments where they should be. A program's assignment is
+/// the same for every host: one `Arc` serves them all (50,000 copies would be ~65 MB).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct AssignmentWrites {
-    pub put: Vec<(Slot, Assignment)>,
+    pub put: Vec<(Slot, Arc<Assignment>)>,
     pub delete: Vec<Slot>,
 }
 
@@ -75,7 +78,7 @@ mod tests {
         let got: Vec<(String, String, Option<String>)> = writes
             .put
             .into_iter()
-            .map(|((h, p), a)| (h, p, a.native_group.map(|g| g.name)))
+            .map(|((h, p), a)| (h, p, a.native_group.as_ref().map(|g| g.name.clone())))
             .collect();
         let expect: Vec<(String, String, Option<String>)> = expect
             .iter()

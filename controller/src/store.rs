@@ -2,6 +2,7 @@
 //! concurrency, and reads of hosts, liveness, assignments and status.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use corral_etcd::Etcd;
@@ -192,48 +193,22 @@ impl Store {
         self.etcd.client().await
     }
 
-    /// Every key under `prefix`, read in pages of [`PAGE`] keys at one revision (a consistent
-    /// snapshot): no answer comes near gRPC's 4 MiB message limit, however large the fleet.
+    /// Every key under `prefix` with its value and mod revision (see [`Store::scan`]).
     async fn list_raw(&self, prefix: String) -> Result<Vec<(String, Vec<u8>, i64)>, StoreError> {
-        let mut c = self.etcd.client().await;
-        let end = prefix_end(&prefix);
-        let mut from = prefix.into_bytes();
-        let mut revision = 0;
         let mut out = Vec::new();
-        loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let r = self.within("list", c.get(from.clone(), Some(opts))).await?;
-            if revision == 0 {
-                revision = r.header().map_or(0, |h| h.revision());
-            }
-            for kv in r.kvs() {
-                out.push((
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                    kv.mod_revision(),
-                ));
-            }
-            match r.kvs().last() {
-                Some(last) if r.more() => {
-                    // The next key after the last one read.
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(out),
-            }
-        }
+        self.scan(&prefix, |k, v, rev| out.push((k.to_string(), v.to_vec(), rev)))
+            .await?;
+        Ok(out)
     }
 
-    /// Calls `f` with every key and value under `prefix`, read in pages of [`PAGE`] at one
-    /// revision (a consistent snapshot), one page in memory at a time. Returns that revision,
+    /// Calls `f` with every key, value and mod revision under `prefix`, read in pages of
+    /// [`PAGE`] keys at one revision (a consistent snapshot: no answer nears gRPC's 4 MiB
+    /// limit, however large the fleet), one page in memory at a time. Returns that revision,
     /// from which a watch continues.
     ///
     /// # Errors
     /// etcd errors.
-    pub async fn scan(&self, prefix: &str, mut f: impl FnMut(&str, &[u8])) -> Result<i64, StoreError> {
+    pub async fn scan(&self, prefix: &str, mut f: impl FnMut(&str, &[u8], i64)) -> Result<i64, StoreError> {
         let mut c = self.etcd.client().await;
         let end = prefix_end(prefix);
         let mut from = prefix.as_bytes().to_vec();
@@ -248,7 +223,7 @@ impl Store {
                 revision = r.header().map_or(0, |h| h.revision());
             }
             for kv in r.kvs() {
-                f(&String::from_utf8_lossy(kv.key()), kv.value());
+                f(&String::from_utf8_lossy(kv.key()), kv.value(), kv.mod_revision());
             }
             match r.kvs().last() {
                 Some(last) if r.more() => {
@@ -519,23 +494,39 @@ impl Store {
         w: &AssignmentWrites,
         fence: Option<&Fence>,
     ) -> Result<WriteFailures, StoreError> {
-        let mut ops: Vec<(Slot, TxnOp)> = Vec::with_capacity(w.put.len() + w.delete.len());
         let mut failures = WriteFailures::default();
-        for ((h, p), a) in &w.put {
-            match serde_json::to_vec(a) {
-                Ok(v) => ops.push(((h.clone(), p.clone()), TxnOp::put(self.keys.assignment(h, p), v, None))),
-                Err(e) => {
-                    failures.0.insert((h.clone(), p.clone()), e.to_string());
-                }
+        // Built a wave at a time, so a change to every host never holds 50,000 serialized
+        // assignments at once; a shared assignment is serialized once.
+        let slots: Vec<(&Slot, Option<&Arc<Assignment>>)> = w
+            .put
+            .iter()
+            .map(|(slot, a)| (slot, Some(a)))
+            .chain(w.delete.iter().map(|slot| (slot, None)))
+            .collect();
+        let mut last: Option<(&Arc<Assignment>, Vec<u8>)> = None;
+        for wave in slots.chunks(TXN_OPS * TXN_CONCURRENCY) {
+            let mut ops: Vec<(Slot, TxnOp)> = Vec::with_capacity(wave.len());
+            for ((h, p), a) in wave {
+                let key = self.keys.assignment(h, p);
+                let op = match a {
+                    None => TxnOp::delete(key, None),
+                    Some(a) => {
+                        if last.as_ref().is_none_or(|(prev, _)| !Arc::ptr_eq(prev, a)) {
+                            match serde_json::to_vec(a.as_ref()) {
+                                Ok(v) => last = Some((*a, v)),
+                                Err(e) => {
+                                    failures.0.insert((h.clone(), p.clone()), e.to_string());
+                                    continue;
+                                }
+                            }
+                        }
+                        TxnOp::put(key, last.as_ref().map(|(_, v)| v.clone()).unwrap_or_default(), None)
+                    }
+                };
+                ops.push(((h.clone(), p.clone()), op));
             }
-        }
-        for (h, p) in &w.delete {
-            ops.push(((h.clone(), p.clone()), TxnOp::delete(self.keys.assignment(h, p), None)));
-        }
-        let chunks: Vec<&[(Slot, TxnOp)]> = ops.chunks(TXN_OPS).collect();
-        for wave in chunks.chunks(TXN_CONCURRENCY) {
-            let mut writes = Vec::with_capacity(wave.len());
-            for chunk in wave {
+            let mut writes = Vec::new();
+            for chunk in ops.chunks(TXN_OPS) {
                 writes.push(self.write_chunk(chunk, fence));
             }
             for r in futures_util::future::join_all(writes).await {

@@ -30,7 +30,7 @@ async fn reads_larger_than_a_grpc_message_are_paged() -> anyhow::Result<()> {
             let a = specs::assignment(&format!("p{i:03}"), 1, |s| {
                 s.environment = Some([("PAD".to_string(), big.clone())].into())
             });
-            (("h1".to_string(), format!("p{i:03}")), a)
+            (("h1".to_string(), format!("p{i:03}")), std::sync::Arc::new(a))
         })
         .collect();
     let failures = store
@@ -65,7 +65,10 @@ async fn a_write_from_a_controller_that_no_longer_leads_is_refused() -> anyhow::
         create_revision: old.rev(),
     };
     let write = |name: &str| AssignmentWrites {
-        put: vec![(("h1".to_string(), name.to_string()), specs::assignment(name, 1, |_| {}))],
+        put: vec![(
+            ("h1".to_string(), name.to_string()),
+            std::sync::Arc::new(specs::assignment(name, 1, |_| {})),
+        )],
         delete: vec![],
     };
     store.write_assignments(&write("while-leading"), Some(&fence)).await?;
