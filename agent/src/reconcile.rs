@@ -101,9 +101,9 @@ pub struct Reconciler {
     reload_due: bool,
     /// Managed files supervisord refused, by file.
     refusals: BTreeMap<String, Refusal>,
-    /// Managed file -> content supervisord last read successfully. `None` until the first
-    /// pass, which takes what is on disk (the agent leaves only accepted files there).
-    last_good: Option<BTreeMap<String, String>>,
+    /// Whether `state.accepted` is known: a first pass without a recorded one takes what is
+    /// on disk (the agent leaves only accepted files there).
+    accepted_known: bool,
     /// supervisord's verdict on Corral's groups, until carried out.
     pending: BTreeMap<String, GroupChange>,
     memory: Memory,
@@ -137,7 +137,7 @@ impl Reconciler {
             crash: state.crash.clone(),
             ..Default::default()
         };
-        let last_good = (!state.accepted.is_empty()).then(|| state.accepted.clone());
+        let accepted_known = !state.accepted.is_empty();
         Ok(Reconciler {
             host: host.to_string(),
             client,
@@ -147,7 +147,7 @@ impl Reconciler {
             state,
             reload_due: true,
             refusals: BTreeMap::new(),
-            last_good,
+            accepted_known,
             pending: BTreeMap::new(),
             memory,
             tails: HashMap::new(),
@@ -183,7 +183,12 @@ impl Reconciler {
         // 1. Files.
         self.conf.read_managed()?;
         let on_disk = self.conf.managed();
-        let mut last_good = self.last_good.take().unwrap_or_else(|| on_disk.clone());
+        if !self.accepted_known {
+            self.state.accepted = on_disk.clone();
+            self.accepted_known = true;
+        }
+        // Taken for the pass (the reload updates it while `self` is borrowed), put back after.
+        let mut last_good = std::mem::take(&mut self.state.accepted);
         // A refusal is about one content: a new spec is tried at once.
         self.refusals.retain(|file, r| match managed_file_kind(file) {
             Some(corral_proto::ManagedFile::Program(name)) => {
@@ -225,12 +230,12 @@ impl Reconciler {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.last_good = Some(last_good);
+                    self.state.accepted = last_good;
                     return Err(e);
                 }
             }
         }
-        self.last_good = Some(last_good);
+        self.state.accepted = last_good;
         for (name, why) in &want.held {
             errors.insert(name.clone(), why.clone());
             if self.refusals.contains_key(&desired.programs[name].file_name) {
@@ -365,10 +370,8 @@ impl Reconciler {
         }
         // A program runs its current generation once supervisord runs exactly its rendered
         // file (a spec change that renders the same file, like a restart marker, counts too).
-        let no_files = BTreeMap::new();
-        let last_good = self.last_good.as_ref().unwrap_or(&no_files);
         for p in desired.programs.values() {
-            if plan::runs_generation(p, last_good, &self.pending, &want.held)
+            if plan::runs_generation(p, &self.state.accepted, &self.pending, &want.held)
                 && self.state.applied_generations.get(&p.name) != Some(&p.generation)
             {
                 self.state.applied_generations.insert(p.name.clone(), p.generation);
@@ -380,11 +383,6 @@ impl Reconciler {
         self.state.applied_signals.retain(|n, _| keep(n));
         if self.state.crash != self.memory.crash {
             self.state.crash = self.memory.crash.clone();
-        }
-        if let Some(good) = &self.last_good
-            && *good != self.state.accepted
-        {
-            self.state.accepted = good.clone();
         }
         if self.state != self.saved {
             self.save_state()?;
