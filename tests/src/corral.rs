@@ -262,6 +262,16 @@ pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// The body of a `/metrics` (or any) page.
+///
+/// # Errors
+/// If the request fails or answers other than 2xx.
+pub async fn scrape(url: &str) -> anyhow::Result<String> {
+    let resp = reqwest::get(url).await?;
+    anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
+    Ok(resp.text().await?)
+}
+
 /// The sum of every sample of a counter (all label sets) in a Prometheus text exposition.
 pub fn counter_sum(exposition: &str, name: &str) -> f64 {
     exposition

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use corral_agent::supervisor::{ClientConfig, Endpoint, ProcessState};
 use corral_proto::resource::DesiredState;
-use corral_tests::corral::{Agent, Controller, agent_config, binary, counter_sum, wait_for};
+use corral_tests::corral::{Agent, Controller, agent_config, binary, counter_sum, scrape, wait_for};
 use corral_tests::etcd::Etcd;
 use corral_tests::process::ChildGuard;
 use corral_tests::specs::program;
@@ -16,10 +16,6 @@ use corral_tests::supervisord::{Options, Supervisord};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-async fn scrape(url: &str) -> anyhow::Result<String> {
-    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refused_program_costs_no_more_passes_than_the_resync_asks_for() -> anyhow::Result<()> {

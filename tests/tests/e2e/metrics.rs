@@ -2,16 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use corral_tests::corral::{Agent, Controller, wait_for};
+use corral_tests::corral::{Agent, Controller, scrape, wait_for};
 use corral_tests::etcd::Etcd;
 use corral_tests::specs::program;
 use corral_tests::supervisord::{Options, Supervisord};
-
-async fn scrape(url: &str) -> anyhow::Result<String> {
-    let resp = reqwest::get(url).await?;
-    anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
-    Ok(resp.text().await?)
-}
 
 /// The value of the first sample whose line starts with `series`.
 fn value(body: &str, series: &str) -> Option<f64> {
