@@ -191,37 +191,58 @@ async fn reports(etcd: &mut etcd_client::Client, program: &str) -> anyhow::Resul
     Ok(out)
 }
 
-/// The status reports of some programs as etcd delivers them: a watch opened before the
-/// apply, so each host is timed when its report is written, not when a poll happens to find it.
-struct ReadyWatch {
-    stream: etcd_client::WatchStream,
-    programs: Vec<String>,
+/// What a timed watch waits for under each (host, program).
+#[derive(Clone, Copy, Debug)]
+enum Mark {
+    /// The agent reports the program at this generation (or later) and ready.
+    Ready(u64),
+    /// The controller wrote the program's assignment at this generation (or later).
+    Written(u64),
 }
 
-impl ReadyWatch {
-    async fn open(etcd: &mut etcd_client::Client, programs: &[String]) -> anyhow::Result<ReadyWatch> {
-        let stream = corral_etcd::watch(
-            etcd,
-            Keys::default().all_status(),
-            Some(WatchOptions::new().with_prefix()),
-        )
-        .await?;
-        Ok(ReadyWatch {
+/// Writes for some programs as etcd delivers them: a watch opened before the apply, so each
+/// (host, program) is timed when its key is written, not when a poll happens to find it.
+struct SlotWatch {
+    stream: etcd_client::WatchStream,
+    programs: BTreeSet<String>,
+    is_status: bool,
+}
+
+impl SlotWatch {
+    /// Watches the agents' status reports.
+    async fn reports(etcd: &mut etcd_client::Client, programs: &[impl AsRef<str>]) -> anyhow::Result<SlotWatch> {
+        SlotWatch::open(etcd, Keys::default().all_status(), programs, true).await
+    }
+
+    /// Watches the controller's assignments.
+    async fn assignments(etcd: &mut etcd_client::Client, programs: &[impl AsRef<str>]) -> anyhow::Result<SlotWatch> {
+        SlotWatch::open(etcd, Keys::default().all_assignments(), programs, false).await
+    }
+
+    async fn open(
+        etcd: &mut etcd_client::Client,
+        prefix: String,
+        programs: &[impl AsRef<str>],
+        is_status: bool,
+    ) -> anyhow::Result<SlotWatch> {
+        let stream = corral_etcd::watch(etcd, prefix, Some(WatchOptions::new().with_prefix())).await?;
+        Ok(SlotWatch {
             stream,
-            programs: programs.to_vec(),
+            programs: programs.iter().map(|p| p.as_ref().to_string()).collect(),
+            is_status,
         })
     }
 
-    /// Waits until `hosts` report every program at `generation` (or later) and ready; returns
-    /// when each (host, program) did, measured from `t0`.
-    async fn wait(mut self, generation: u64, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<Vec<f64>> {
+    /// Waits until `hosts` reach `mark` for every program; returns when each (host, program)
+    /// did, measured from `t0`.
+    async fn wait(mut self, mark: Mark, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<Vec<f64>> {
         let keys = Keys::default();
         let want = hosts * self.programs.len();
         let mut done: BTreeMap<(String, String), f64> = BTreeMap::new();
         while done.len() < want {
             let late = || {
                 anyhow::anyhow!(
-                    "{:?}: only {}/{want} ready after {timeout:?}",
+                    "{:?}: only {}/{want} {mark:?} after {timeout:?}",
                     self.programs,
                     done.len()
                 )
@@ -230,7 +251,7 @@ impl ReadyWatch {
             let resp = tokio::time::timeout(left, self.stream.message())
                 .await
                 .map_err(|_| late())??
-                .ok_or_else(|| anyhow::anyhow!("the status watch ended"))?;
+                .ok_or_else(|| anyhow::anyhow!("the watch ended"))?;
             for kv in resp
                 .events()
                 .iter()
@@ -240,8 +261,21 @@ impl ReadyWatch {
                 let Some((h, p)) = keys.host_and_program(kv.key_str()?) else {
                     continue;
                 };
-                let status: ProgramHostStatus = serde_json::from_slice(kv.value())?;
-                if self.programs.iter().any(|n| n == p) && status.observed_generation >= generation && status.ready {
+                if !self.programs.contains(p) {
+                    continue;
+                }
+                let reached = match (mark, self.is_status) {
+                    (Mark::Ready(generation), true) => {
+                        let status: ProgramHostStatus = serde_json::from_slice(kv.value())?;
+                        status.observed_generation >= generation && status.ready
+                    }
+                    (Mark::Written(generation), false) => {
+                        let a: Assignment = serde_json::from_slice(kv.value())?;
+                        a.program.metadata.generation >= generation
+                    }
+                    _ => anyhow::bail!("{mark:?} is not on this watch"),
+                };
+                if reached {
                     done.entry((h.to_string(), p.to_string()))
                         .or_insert_with(|| t0.elapsed().as_secs_f64());
                 }
@@ -249,60 +283,6 @@ impl ReadyWatch {
         }
         // Dropping the stream ends the watch.
         Ok(done.into_values().collect())
-    }
-}
-
-/// The assignments of one program as the controller writes them: a watch opened before the
-/// apply times when the last host's assignment reaches etcd.
-struct WrittenWatch {
-    stream: etcd_client::WatchStream,
-    programs: BTreeSet<String>,
-}
-
-impl WrittenWatch {
-    async fn open(etcd: &mut etcd_client::Client, programs: &[&str]) -> anyhow::Result<WrittenWatch> {
-        let stream = corral_etcd::watch(
-            etcd,
-            Keys::default().all_assignments(),
-            Some(WatchOptions::new().with_prefix()),
-        )
-        .await?;
-        Ok(WrittenWatch {
-            stream,
-            programs: programs.iter().map(|p| p.to_string()).collect(),
-        })
-    }
-
-    /// Seconds from `t0` until `hosts` assignments of each program at `generation` (or later)
-    /// were written.
-    async fn wait(mut self, generation: u64, hosts: usize, t0: Instant, timeout: Duration) -> anyhow::Result<f64> {
-        let keys = Keys::default();
-        let mut seen = BTreeSet::new();
-        let hosts = hosts * self.programs.len();
-        while seen.len() < hosts {
-            let left = timeout
-                .checked_sub(t0.elapsed())
-                .ok_or_else(|| anyhow::anyhow!("only {}/{hosts} assignments written", seen.len()))?;
-            let resp = tokio::time::timeout(left, self.stream.message())
-                .await
-                .map_err(|_| anyhow::anyhow!("only {}/{hosts} assignments written", seen.len()))??
-                .ok_or_else(|| anyhow::anyhow!("the assignment watch ended"))?;
-            for kv in resp
-                .events()
-                .iter()
-                .filter(|e| e.event_type() == EventType::Put)
-                .filter_map(|e| e.kv())
-            {
-                let Some((h, p)) = keys.host_and_program(kv.key_str()?) else {
-                    continue;
-                };
-                let a: Assignment = serde_json::from_slice(kv.value())?;
-                if self.programs.contains(p) && a.program.metadata.generation >= generation {
-                    seen.insert((h.to_string(), p.to_string()));
-                }
-            }
-        }
-        Ok(t0.elapsed().as_secs_f64())
     }
 }
 
@@ -386,7 +366,7 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
         let mut samples = Vec::new();
         for rep in 0..reps {
             let name = format!("lat-{startsecs}-{rep}");
-            let ready = ReadyWatch::open(&mut client, std::slice::from_ref(&name)).await?;
+            let ready = SlotWatch::reports(&mut client, std::slice::from_ref(&name)).await?;
             api.apply(
                 &program(&name, |s| {
                     s.startsecs = Some(startsecs);
@@ -396,7 +376,9 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
             )
             .await?;
             let t0 = Instant::now();
-            samples.push(last(ready.wait(1, hosts, t0, Duration::from_secs(60)).await?));
+            samples.push(last(
+                ready.wait(Mark::Ready(1), hosts, t0, Duration::from_secs(60)).await?,
+            ));
             api.delete(corral_proto::Kind::Program, &name, false).await?;
             wait_gone(&mut client, &name).await?;
         }
@@ -410,7 +392,7 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
 
     // 1b. Three running programs changed at once (a new command each).
     let three = names("chg", 3);
-    let ready = ReadyWatch::open(&mut client, &three).await?;
+    let ready = SlotWatch::reports(&mut client, &three).await?;
     for n in &three {
         api.apply(
             &program(n, |s| {
@@ -421,15 +403,12 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
         )
         .await?;
     }
-    if let Err(e) = ready.wait(1, hosts, Instant::now(), Duration::from_secs(10)).await {
-        for n in &three {
-            eprintln!("{n}: {:?}", reports(&mut client, n).await?);
-        }
-        return Err(e);
-    }
+    ready
+        .wait(Mark::Ready(1), hosts, Instant::now(), Duration::from_secs(60))
+        .await?;
     let mut samples = Vec::new();
     for rep in 0..reps {
-        let ready = ReadyWatch::open(&mut client, &three).await?;
+        let ready = SlotWatch::reports(&mut client, &three).await?;
         let t0 = Instant::now();
         for n in &three {
             api.apply(
@@ -442,18 +421,11 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
             )
             .await?;
         }
-        match ready.wait(rep as u64 + 2, hosts, t0, Duration::from_secs(10)).await {
-            Ok(t) => samples.push(last(t)),
-            Err(e) => {
-                for n in &three {
-                    eprintln!("{n}: {:?}", reports(&mut client, n).await?);
-                }
-                for sd in &sds {
-                    eprintln!("{:?}", sd.client().await?.get_all_process_info().await?);
-                }
-                return Err(e);
-            }
-        }
+        samples.push(last(
+            ready
+                .wait(Mark::Ready(rep as u64 + 2), hosts, t0, Duration::from_secs(60))
+                .await?,
+        ));
     }
     // `sleep` exits at once on SIGTERM and startsecs is 0: the processes' own time is ~0.
     latency_line(
@@ -472,7 +444,7 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
     let mut samples = Vec::new();
     for rep in 0..reps {
         let three = names(&format!("del{rep}"), 3);
-        let ready = ReadyWatch::open(&mut client, &three).await?;
+        let ready = SlotWatch::reports(&mut client, &three).await?;
         for n in &three {
             api.apply(
                 &program(n, |s| {
@@ -483,7 +455,9 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
             )
             .await?;
         }
-        ready.wait(1, hosts, Instant::now(), Duration::from_secs(60)).await?;
+        ready
+            .wait(Mark::Ready(1), hosts, Instant::now(), Duration::from_secs(60))
+            .await?;
         let t0 = Instant::now();
         for n in &three {
             api.delete(corral_proto::Kind::Program, n, false).await?;
@@ -515,12 +489,14 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
     // waiting for the last to report ready), on every host.
     if hosts > 1 {
         let name = "rolled".to_string();
-        let ready = ReadyWatch::open(&mut client, std::slice::from_ref(&name)).await?;
+        let ready = SlotWatch::reports(&mut client, std::slice::from_ref(&name)).await?;
         api.apply(&program(&name, |s| s.startsecs = Some(0)), false).await?;
-        ready.wait(1, hosts, Instant::now(), Duration::from_secs(60)).await?;
+        ready
+            .wait(Mark::Ready(1), hosts, Instant::now(), Duration::from_secs(60))
+            .await?;
         let mut worst: f64 = 0.0;
         for rep in 0..5u64 {
-            let ready = ReadyWatch::open(&mut client, std::slice::from_ref(&name)).await?;
+            let ready = SlotWatch::reports(&mut client, std::slice::from_ref(&name)).await?;
             let t0 = Instant::now();
             api.apply(
                 &program(&name, |s| {
@@ -530,7 +506,11 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
                 false,
             )
             .await?;
-            worst = worst.max(last(ready.wait(rep + 2, hosts, t0, Duration::from_secs(60)).await?));
+            worst = worst.max(last(
+                ready
+                    .wait(Mark::Ready(rep + 2), hosts, t0, Duration::from_secs(60))
+                    .await?,
+            ));
         }
         line(
             &format!("1d. change rolled out with the default pace to {hosts} hosts (worst of 5)"),
@@ -740,7 +720,7 @@ async fn footprint(programs: usize, idle: Duration) -> anyhow::Result<()> {
     );
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let passes = || async {
-        let text = reqwest::get(&metrics).await?.text().await?;
+        let text = corral_tests::corral::scrape(&metrics).await?;
         anyhow::Ok(corral_tests::corral::counter_sum(&text, "corral_reconcile_total"))
     };
     let p0 = passes().await?;
@@ -854,12 +834,14 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let mut client = sim.etcd.client().await?;
-    let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
+    let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
     sim.api.apply(&program("everywhere", |_| {}), false).await?;
     let first = Instant::now();
-    ready.wait(1, hosts, first, Duration::from_secs(300)).await?;
-    let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
-    let written = WrittenWatch::open(&mut client, &["everywhere"]).await?;
+    ready
+        .wait(Mark::Ready(1), hosts, first, Duration::from_secs(300))
+        .await?;
+    let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
+    let written = SlotWatch::assignments(&mut client, &["everywhere"]).await?;
     // Timed from the user's apply, not from its answer.
     let t0 = Instant::now();
     sim.api
@@ -875,12 +857,12 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         )
         .await?;
     let (written, each) = tokio::try_join!(
-        written.wait(2, hosts, t0, Duration::from_secs(300)),
-        ready.wait(2, hosts, t0, Duration::from_secs(300))
+        written.wait(Mark::Written(2), hosts, t0, Duration::from_secs(300)),
+        ready.wait(Mark::Ready(2), hosts, t0, Duration::from_secs(300))
     )?;
     line(
         &format!("4. one spec change to {hosts} hosts, written to etcd (all)"),
-        format!("{:.0} ms", written * 1e3),
+        format!("{:.0} ms", last(written) * 1e3),
         "(reported; 4c has the target)",
         None,
     );
@@ -898,7 +880,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
         Some(p99 <= 1.0),
     );
     // The same with the default rollout (25% at a time, each batch waiting for the last).
-    let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
+    let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
     let t0 = Instant::now();
     sim.api
         .apply(
@@ -906,7 +888,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
             false,
         )
         .await?;
-    let done = last(ready.wait(3, hosts, t0, Duration::from_secs(300)).await?);
+    let done = last(ready.wait(Mark::Ready(3), hosts, t0, Duration::from_secs(300)).await?);
     line(
         &format!("4. rollout with defaults (25% a batch) to {hosts} healthy hosts"),
         format!("{:.1} s", done),
@@ -918,7 +900,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(3)).await;
     let before: Vec<usize> = sim.standins.iter().map(|s| s.reloads.load(Ordering::Relaxed)).collect();
     let target = format!("h-{:04}", hosts / 2);
-    let ready = ReadyWatch::open(&mut client, &["solo".to_string()]).await?;
+    let ready = SlotWatch::reports(&mut client, &["solo".to_string()]).await?;
     sim.api
         .apply(
             &program("solo", |s| {
@@ -928,7 +910,9 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
             false,
         )
         .await?;
-    ready.wait(1, 1, Instant::now(), Duration::from_secs(60)).await?;
+    ready
+        .wait(Mark::Ready(1), 1, Instant::now(), Duration::from_secs(60))
+        .await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let woke: BTreeSet<usize> = sim
         .standins
@@ -1003,12 +987,16 @@ async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
     }
     let names: Vec<String> = (0..programs).map(|i| format!("svc-{i:02}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let written = WrittenWatch::open(&mut client, &refs).await?;
+    let written = SlotWatch::assignments(&mut client, &refs).await?;
     let t0 = Instant::now();
     for n in &names {
         api.apply(&realistic(n, "v1"), false).await?;
     }
-    let placed = written.wait(1, hosts, t0, Duration::from_secs(600)).await?;
+    let placed = last(
+        written
+            .wait(Mark::Written(1), hosts, t0, Duration::from_secs(600))
+            .await?,
+    );
     line(
         &format!(
             "4c. {programs} programs x {hosts} hosts ({} assignments) applied and written",
@@ -1021,11 +1009,15 @@ async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut samples = Vec::new();
     for rep in 0..20 {
-        let written = WrittenWatch::open(&mut client, &[refs[rep % programs]]).await?;
+        let written = SlotWatch::assignments(&mut client, &[refs[rep % programs]]).await?;
         let t0 = Instant::now();
         api.apply(&realistic(&names[rep % programs], &format!("v{}", rep + 2)), false)
             .await?;
-        samples.push(written.wait(2, hosts, t0, Duration::from_secs(120)).await?);
+        samples.push(last(
+            written
+                .wait(Mark::Written(2), hosts, t0, Duration::from_secs(120))
+                .await?,
+        ));
     }
     let s = sorted(samples);
     let p99 = pct(&s, 99.0);
@@ -1063,9 +1055,11 @@ async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut sim = simulate(hosts, dir.path()).await?;
     let mut client = sim.etcd.client().await?;
-    let ready = ReadyWatch::open(&mut client, &["everywhere".to_string()]).await?;
+    let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
     sim.api.apply(&program("everywhere", |_| {}), false).await?;
-    ready.wait(1, hosts, Instant::now(), Duration::from_secs(120)).await?;
+    ready
+        .wait(Mark::Ready(1), hosts, Instant::now(), Duration::from_secs(120))
+        .await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let a = etcd_counters(&sim.etcd.endpoint).await?;
     tokio::time::sleep(idle).await;
