@@ -262,11 +262,13 @@ impl ConfDir {
     ///
     /// # Errors
     /// If the temporary file cannot be written, synced or renamed.
-    pub fn write(&mut self, name: &str, content: &str) -> Result<(), Error> {
+    pub async fn write(&mut self, name: &str, content: &str) -> Result<(), Error> {
         self.stamps.remove(name);
         self.rescan();
         debug_assert!(content.starts_with(HEADER));
-        write_atomic(&self.dir.join(name), content.as_bytes())
+        let path = self.dir.join(name);
+        let bytes = content.as_bytes().to_vec();
+        off_runtime(&path.clone(), move || write_atomic(&path, &bytes)).await
     }
 
     /// The next [`ConfDir::read_managed`] looks at the directory again.
@@ -280,14 +282,15 @@ impl ConfDir {
     ///
     /// # Errors
     /// Any other removal error.
-    pub fn remove(&mut self, name: &str) -> Result<(), Error> {
+    pub async fn remove(&mut self, name: &str) -> Result<(), Error> {
         self.stamps.remove(name);
         self.rescan();
         let path = self.dir.join(name);
-        match std::fs::remove_file(&path) {
+        off_runtime(&path.clone(), move || match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(err("remove", &path)(e)),
             _ => Ok(()),
-        }
+        })
+        .await
     }
 }
 
@@ -336,6 +339,27 @@ pub fn write_private(path: &Path, content: &[u8]) -> Result<(), Error> {
     write_with_mode(path, content, 0o600)
 }
 
+/// [`write_private`] on a blocking thread: a write ends in an fsync, which can take
+/// milliseconds, and the runtime's threads meanwhile serve etcd's watch and lease.
+///
+/// # Errors
+/// As [`write_private`].
+pub async fn write_private_off_runtime(path: PathBuf, content: Vec<u8>) -> Result<(), Error> {
+    off_runtime(&path.clone(), move || write_private(&path, &content)).await
+}
+
+/// Runs file I/O on tokio's blocking threads rather than a runtime worker.
+async fn off_runtime(path: &Path, f: impl FnOnce() -> Result<(), Error> + Send + 'static) -> Result<(), Error> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(e) => Err(Error {
+            action: "write",
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e),
+        }),
+    }
+}
+
 fn write_with_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
@@ -360,14 +384,14 @@ fn write_with_mode(path: &Path, content: &[u8], mode: u32) -> Result<(), Error> 
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_only_managed_files_and_writes_atomically() -> Result<(), Box<dyn std::error::Error>> {
+    #[tokio::test]
+    async fn reads_only_managed_files_and_writes_atomically() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut cd = ConfDir::new(dir.path());
         std::fs::write(dir.path().join("theirs.conf"), "[program:theirs]\n")?;
         std::fs::write(dir.path().join("corral-program-Bad.conf"), "x")?;
         let content = format!("{HEADER}\n[program:a]\ncommand=x\n");
-        cd.write("corral-program-a.conf", &content)?;
+        cd.write("corral-program-a.conf", &content).await?;
         let got = cd.read_managed()?;
         assert_eq!(
             got.iter().collect::<Vec<_>>(),
@@ -378,8 +402,8 @@ mod tests {
         let edited = format!("{content}autostart=false\n");
         std::fs::write(dir.path().join("corral-program-a.conf"), &edited)?;
         assert_eq!(cd.read_managed()?["corral-program-a.conf"], edited);
-        cd.remove("corral-program-a.conf")?;
-        cd.remove("corral-program-a.conf")?;
+        cd.remove("corral-program-a.conf").await?;
+        cd.remove("corral-program-a.conf").await?;
         assert!(cd.read_managed()?.is_empty());
         assert!(dir.path().join("theirs.conf").exists());
         Ok(())
@@ -428,8 +452,8 @@ mod tests {
         Err("the change was never seen".into())
     }
 
-    #[test]
-    fn a_watched_dir_is_scanned_only_after_a_change() -> Result<(), Box<dyn std::error::Error>> {
+    #[tokio::test]
+    async fn a_watched_dir_is_scanned_only_after_a_change() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("corral-program-a.conf");
         let events = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -439,7 +463,7 @@ mod tests {
             counter.fetch_add(1, Ordering::SeqCst);
         })?;
         let content = format!("{HEADER}\n[program:a]\ncommand=x\n");
-        cd.write("corral-program-a.conf", &content)?;
+        cd.write("corral-program-a.conf", &content).await?;
         // The agent's own write is seen at once, without waiting for its event.
         assert_eq!(cd.read_managed()?["corral-program-a.conf"], content);
         // Let the write's events arrive and be consumed; then quiet reads do not scan.
@@ -500,12 +524,13 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn a_failed_scan_is_never_trusted_as_a_reading() -> Result<(), Box<dyn std::error::Error>> {
+    #[tokio::test]
+    async fn a_failed_scan_is_never_trusted_as_a_reading() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut cd = ConfDir::new(dir.path());
         cd.watch(|| {})?;
-        cd.write("corral-program-a.conf", &format!("{HEADER}\n[program:a]\ncommand=x\n"))?;
+        cd.write("corral-program-a.conf", &format!("{HEADER}\n[program:a]\ncommand=x\n"))
+            .await?;
         // A directory with a managed name cannot be read as a file.
         std::fs::create_dir(dir.path().join("corral-program-d.conf"))?;
         std::thread::sleep(Duration::from_millis(100));

@@ -12,7 +12,9 @@ use std::time::Duration;
 use corral_proto::fleet::{Assignment, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Host, HostSpec, HostStatus, Metadata};
-use etcd_client::{EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+
+use crate::plan;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -164,6 +166,9 @@ pub async fn session(
         }
     }
     statuses.mark_changed();
+    // Program -> when its status was first seen on its way (held back a moment).
+    let mut on_its_way: BTreeMap<String, i64> = BTreeMap::new();
+    let mut report_again: Option<tokio::time::Instant> = None;
 
     let mut keep_alive = tokio::time::interval(Duration::from_secs((cfg.lease_ttl / 3).max(1) as u64));
     loop {
@@ -220,22 +225,56 @@ pub async fn session(
                 if r.is_err() {
                     return Ok(());
                 }
-                let now = statuses.borrow_and_update().clone();
-                for (program, s) in now.iter() {
-                    if written.get(program) != Some(s) {
-                        let v = serde_json::to_vec(s).unwrap_or_default();
-                        within("put status", client.put(keys.status(&cfg.host, program), v, None)).await?;
-                        written.insert(program.clone(), s.clone());
-                    }
-                }
-                let gone: Vec<String> = written.keys().filter(|p| !now.contains_key(*p)).cloned().collect();
-                for program in gone {
-                    within("delete status", client.delete(keys.status(&cfg.host, &program), None)).await?;
-                    written.remove(&program);
-                }
+                report_again = report(&mut client, cfg, statuses, &mut written, &mut on_its_way).await?;
+            }
+            _ = sleep_until(report_again) => {
+                report_again = report(&mut client, cfg, statuses, &mut written, &mut on_its_way).await?;
             }
         }
     }
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Status operations in one transaction: well under etcd's default `--max-txn-ops` (128).
+const REPORT_TXN_OPS: usize = 64;
+
+/// Writes the statuses due (see [`plan::reports_due`]), in transactions of up to
+/// [`REPORT_TXN_OPS`]; returns when to look again for one held back.
+async fn report(
+    client: &mut etcd_client::Client,
+    cfg: &EtcdConfig,
+    statuses: &watch::Receiver<Statuses>,
+    written: &mut BTreeMap<String, ProgramHostStatus>,
+    on_its_way: &mut BTreeMap<String, i64>,
+) -> Result<Option<tokio::time::Instant>, Error> {
+    let wanted = statuses.borrow().clone();
+    let due = plan::reports_due(written, &wanted, on_its_way, crate::reconcile::now_ms());
+    let keys = &cfg.keys;
+    let mut ops: Vec<TxnOp> = Vec::with_capacity(due.put.len() + due.delete.len());
+    for s in &due.put {
+        let v = serde_json::to_vec(s).unwrap_or_default();
+        ops.push(TxnOp::put(keys.status(&cfg.host, &s.program), v, None));
+    }
+    for program in &due.delete {
+        ops.push(TxnOp::delete(keys.status(&cfg.host, program), None));
+    }
+    for chunk in ops.chunks(REPORT_TXN_OPS) {
+        within("write status", client.txn(Txn::new().and_then(chunk.to_vec()))).await?;
+    }
+    for s in due.put {
+        written.insert(s.program.clone(), s);
+    }
+    for program in &due.delete {
+        written.remove(program);
+    }
+    Ok(due.next.map(|d| tokio::time::Instant::now() + d))
 }
 
 /// Applies one assignment value; an unreadable one is logged and skipped (the controller

@@ -921,5 +921,61 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
     out
 }
 
+/// How long a program may be on its way (stopping, starting, about to be started again)
+/// before that is reported. A change of a running program passes through such states for
+/// tens of milliseconds; writing each to etcd would double the writes of every fan-out for
+/// something no one could read in time. One that lasts is reported like any other.
+pub const REPORT_SETTLE: Duration = Duration::from_millis(250);
+
+/// Whether `s` is only on its way to its desired state: not ready, no error, and every
+/// process starting, stopping or stopped (about to be started, or stopped for a replacement).
+pub fn on_its_way(s: &ProgramHostStatus) -> bool {
+    !s.ready
+        && s.error.is_none()
+        && s.processes
+            .iter()
+            .all(|p| matches!(p.state.as_str(), "STARTING" | "STOPPING" | "STOPPED"))
+}
+
+/// The status writes due now.
+#[derive(Debug, Default, PartialEq)]
+pub struct Reports {
+    pub put: Vec<ProgramHostStatus>,
+    pub delete: Vec<String>,
+    /// When to look again for a status held back as on its way.
+    pub next: Option<Duration>,
+}
+
+/// Which statuses to write: those that differ from what etcd holds (`written`), except one
+/// [`on_its_way`] for less than [`REPORT_SETTLE`] (`since`: program -> when it was first seen
+/// on its way; kept up to date here). Settled statuses (ready, failing, an error) go at once.
+pub fn reports_due(
+    written: &BTreeMap<String, ProgramHostStatus>,
+    wanted: &BTreeMap<String, ProgramHostStatus>,
+    since: &mut BTreeMap<String, i64>,
+    now_ms: i64,
+) -> Reports {
+    let mut out = Reports::default();
+    since.retain(|p, _| wanted.get(p).is_some_and(on_its_way));
+    for (program, s) in wanted {
+        if on_its_way(s) {
+            let first = *since.entry(program.clone()).or_insert(now_ms);
+            let due = first + REPORT_SETTLE.as_millis() as i64;
+            if now_ms < due {
+                if written.get(program) != Some(s) {
+                    let wait = Duration::from_millis((due - now_ms) as u64);
+                    out.next = Some(out.next.map_or(wait, |n| n.min(wait)));
+                }
+                continue;
+            }
+        }
+        if written.get(program) != Some(s) {
+            out.put.push(s.clone());
+        }
+    }
+    out.delete = written.keys().filter(|p| !wanted.contains_key(*p)).cloned().collect();
+    out
+}
+
 #[cfg(test)]
 mod tests;

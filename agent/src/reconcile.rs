@@ -82,7 +82,7 @@ pub struct PassReport {
 /// How many bytes of a failing process's stderr are shown.
 const STDERR_TAIL_BYTES: i32 = 2048;
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
@@ -165,9 +165,9 @@ impl Reconciler {
         &self.state
     }
 
-    fn save_state(&self) -> Result<(), confdir::Error> {
+    async fn save_state(&self) -> Result<(), confdir::Error> {
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
-        confdir::write_private(&self.state_path, &bytes)
+        confdir::write_private_off_runtime(self.state_path.clone(), bytes).await
     }
 
     /// One pass: files, then `reloadConfig`, then groups and processes, then status.
@@ -213,7 +213,7 @@ impl Reconciler {
         report
             .corrections
             .extend(std::iter::repeat_n(Correction::ConfFile, drifted));
-        self.write_files(&actions)?;
+        self.write_files(&actions).await?;
         if !actions.is_empty() {
             self.reload_due = true;
         }
@@ -385,7 +385,7 @@ impl Reconciler {
             self.state.crash = self.memory.crash.clone();
         }
         if self.state != self.saved {
-            self.save_state()?;
+            self.save_state().await?;
             self.saved = self.state.clone();
         }
 
@@ -433,11 +433,11 @@ impl Reconciler {
         Ok(report)
     }
 
-    fn write_files(&mut self, actions: &[FileAction]) -> Result<(), confdir::Error> {
+    async fn write_files(&mut self, actions: &[FileAction]) -> Result<(), confdir::Error> {
         for a in actions {
             match a {
-                FileAction::Write { file, content } => self.conf.write(file, content)?,
-                FileAction::Remove { file } => self.conf.remove(file)?,
+                FileAction::Write { file, content } => self.conf.write(file, content).await?,
+                FileAction::Remove { file } => self.conf.remove(file).await?,
             }
         }
         Ok(())
@@ -544,7 +544,7 @@ impl Reconciler {
             );
             want = plan::plan_want(desired, last_good, &self.refusals, conflicts, now);
             let on_disk = self.conf.read_managed()?.clone();
-            self.write_files(&plan::file_actions(&want.files, &on_disk))?;
+            self.write_files(&plan::file_actions(&want.files, &on_disk)).await?;
         }
         self.host_error = Some("supervisord keeps refusing the configuration".to_string());
         Ok(None)
@@ -569,24 +569,30 @@ impl Reconciler {
                 *f,
             )
         });
-        let revert = |conf: &mut ConfDir, f: &str| match last_good.get(f) {
-            Some(good) => conf.write(f, good),
-            None => conf.remove(f),
-        };
+        async fn revert(
+            conf: &mut ConfDir,
+            last_good: &BTreeMap<String, String>,
+            f: &str,
+        ) -> Result<(), confdir::Error> {
+            match last_good.get(f) {
+                Some(good) => conf.write(f, good).await,
+                None => conf.remove(f).await,
+            }
+        }
         for f in &changed {
-            revert(&mut self.conf, f)?;
+            revert(&mut self.conf, last_good, f).await?;
         }
         if self.client.reload_config().await.is_err() {
             // Not this pass's changes: put them back, they are what Corral wants.
             for f in &changed {
-                self.conf.write(f, &want[*f])?;
+                self.conf.write(f, &want[*f]).await?;
             }
             return Ok(None);
         }
         for f in changed {
-            self.conf.write(f, &want[f])?;
+            self.conf.write(f, &want[f]).await?;
             if self.client.reload_config().await.is_err() {
-                revert(&mut self.conf, f)?;
+                revert(&mut self.conf, last_good, f).await?;
                 return Ok(Some(f.clone()));
             }
         }

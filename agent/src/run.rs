@@ -193,7 +193,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         // older intent than it last acted on (a `corral stop` it carried out stays carried out).
         if new_assignments {
             let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
-            if let Err(e) = confdir::write_private(&cfg.state_dir.join(CACHE_FILE), &bytes) {
+            if let Err(e) = confdir::write_private_off_runtime(cfg.state_dir.join(CACHE_FILE), bytes).await {
                 tracing::warn!(error = %e, "cannot cache assignments");
             }
         }

@@ -24,7 +24,7 @@ pub struct Assignment {
 }
 
 /// One supervisord process as the agent last saw it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProcessStatus {
     /// supervisord's `group:name`.
@@ -131,7 +131,7 @@ pub struct ProgramStatusView {
 }
 
 /// One line of the fleet summary.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProgramSummary {
     pub name: String,

@@ -671,3 +671,76 @@ fn a_running_process_reports_the_same_status_every_pass() {
     // Otherwise every pass would rewrite every status in etcd.
     assert_eq!(report("0:00:01"), report("0:00:03"));
 }
+
+fn report(program: &str, states: &[&str], ready: bool) -> ProgramHostStatus {
+    ProgramHostStatus {
+        host: "h".into(),
+        program: program.into(),
+        observed_generation: 1,
+        desired_state: DesiredState::Running,
+        processes: states
+            .iter()
+            .map(|s| ProcessStatus {
+                name: program.into(),
+                state: s.to_string(),
+                ..Default::default()
+            })
+            .collect(),
+        ready,
+        error: None,
+    }
+}
+
+#[test]
+fn a_status_on_its_way_is_reported_only_when_it_lasts() {
+    let running = report("a", &["RUNNING"], true);
+    let stopping = report("a", &["STOPPING"], false);
+    let written = BTreeMap::from([("a".to_string(), running.clone())]);
+    let mut since = BTreeMap::new();
+
+    // A replacement begins: held back, with a time to look again.
+    let wanted = BTreeMap::from([("a".to_string(), stopping.clone())]);
+    let r = reports_due(&written, &wanted, &mut since, 1_000);
+    assert!(r.put.is_empty());
+    assert_eq!(r.next, Some(REPORT_SETTLE));
+    // It ends before anyone could read it: only the outcome is written.
+    let mut next = running.clone();
+    next.observed_generation = 2;
+    let wanted = BTreeMap::from([("a".to_string(), next.clone())]);
+    let r = reports_due(&written, &wanted, &mut since, 1_100);
+    assert_eq!(r.put, vec![next]);
+    assert_eq!(r.next, None);
+    assert!(since.is_empty());
+
+    // One that lasts is reported, once, and every change of it after that.
+    let wanted = BTreeMap::from([("a".to_string(), stopping.clone())]);
+    assert!(reports_due(&written, &wanted, &mut since, 2_000).put.is_empty());
+    let r = reports_due(&written, &wanted, &mut since, 2_000 + 250);
+    assert_eq!(r.put, vec![stopping.clone()]);
+    let stopped = report("a", &["STOPPED"], false);
+    let wanted = BTreeMap::from([("a".to_string(), stopped.clone())]);
+    assert_eq!(reports_due(&written, &wanted, &mut since, 2_260).put, vec![stopped]);
+}
+
+#[test]
+fn failures_errors_and_removals_are_reported_at_once() {
+    let written = BTreeMap::from([
+        ("a".to_string(), report("a", &["RUNNING"], true)),
+        ("gone".to_string(), report("gone", &["RUNNING"], true)),
+    ]);
+    let mut failed = report("a", &["STOPPED", "BACKOFF"], false);
+    let mut refused = report("b", &[], false);
+    refused.error = Some("supervisord refused it".into());
+    let wanted = BTreeMap::from([("a".to_string(), failed.clone()), ("b".to_string(), refused.clone())]);
+    let mut since = BTreeMap::new();
+    let r = reports_due(&written, &wanted, &mut since, 0);
+    assert_eq!(r.put, vec![failed.clone(), refused]);
+    assert_eq!(r.delete, vec!["gone".to_string()]);
+    assert_eq!(r.next, None);
+    // Nothing written twice.
+    failed.processes.truncate(1);
+    let written = BTreeMap::from([("a".to_string(), failed.clone())]);
+    let wanted = written.clone();
+    let r = reports_due(&written, &wanted, &mut since, 10);
+    assert_eq!(r, Reports::default());
+}
