@@ -16,8 +16,8 @@ use corral_proto::{ValidationErrors, parse_json, validate_group, validate_progra
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::watch;
 
+use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
 use crate::placement::selects;
 use crate::status::{fleet_status, host_readiness, program_status};
@@ -29,20 +29,20 @@ use corral_proto::fleet::FleetStatus;
 pub struct AppState {
     pub store: Store,
     pub tokens: Arc<Vec<String>>,
-    pub is_leader: watch::Receiver<bool>,
+    pub leader: ApiSide,
     pub metrics: ControllerMetrics,
     registry: Arc<Registry>,
 }
 
 impl AppState {
     /// State with a fresh metrics registry.
-    pub fn new(store: Store, tokens: Vec<String>, is_leader: watch::Receiver<bool>) -> AppState {
+    pub fn new(store: Store, tokens: Vec<String>, leader: ApiSide) -> AppState {
         let mut registry = Registry::default();
         let metrics = ControllerMetrics::register(&mut registry);
         AppState {
             store,
             tokens: Arc::new(tokens),
-            is_leader,
+            leader,
             metrics,
             registry: Arc::new(registry),
         }
@@ -168,12 +168,13 @@ async fn track(State(state): State<AppState>, req: Request, next: Next) -> Respo
 }
 
 /// `/metrics`: open like `/healthz`, so Prometheus needs no token. It shows program and host
-/// names and counts, never specs.
+/// names and counts, never specs. The fleet's numbers come from the leader's index (a scrape
+/// reads nothing from etcd), so only the leading replica exports them.
 async fn metrics(State(state): State<AppState>) -> Response {
-    state.metrics.set_leader(*state.is_leader.borrow());
-    match fleet(&state.store).await {
-        Ok((status, hosts)) => state.metrics.set_fleet(&status, &hosts),
-        Err(e) => tracing::warn!(error = %e.message, "metrics: cannot read the fleet status"),
+    state.metrics.set_leader(state.leader.is_leader());
+    match state.leader.numbers().await {
+        Some((status, hosts)) => state.metrics.set_fleet(&status, &hosts),
+        None => state.metrics.clear_fleet(),
     }
     let mut body = String::new();
     match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
@@ -214,7 +215,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"ok": true, "leader": *state.is_leader.borrow()}))
+    Json(json!({"ok": true, "leader": state.leader.is_leader()}))
 }
 
 fn parse_body(body: &str) -> Result<Resource, ApiError> {

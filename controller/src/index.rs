@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
-use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
+use corral_proto::fleet::{Assignment, FleetStatus, NativeGroup, ProgramHostStatus, ProgramSummary};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, Program, RolloutSpec};
 
 use crate::placement::{AssignmentWrites, selects};
+use crate::status::host_readiness;
 
 /// What etcd holds for one assignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +59,8 @@ pub struct Index {
     pub unreadable: BTreeMap<String, String>,
     /// Programs whose rollout holds hosts back: their hosts' reports move them on.
     pub waiting: BTreeSet<String>,
+    /// Hosts whose agent holds its liveness lease.
+    pub alive: BTreeSet<String>,
 }
 
 /// The digest of an assignment as the controller writes it.
@@ -95,6 +98,13 @@ impl Index {
             // A host's status (readiness) changes often and places nothing; its labels do.
             if before != after {
                 dirty.all = true;
+            }
+        } else if let Some(name) = under(keys.alive_prefix()) {
+            // Liveness places nothing; it counts in the fleet's numbers.
+            if value.is_some() {
+                self.alive.insert(name);
+            } else {
+                self.alive.remove(&name);
             }
         } else if key.starts_with(&keys.all_assignments()) {
             let Some((h, p)) = keys.host_and_program(key) else {
@@ -289,6 +299,49 @@ impl Index {
             }
         }
     }
+
+    /// The fleet's numbers as the metrics show them (hosts by readiness; per program the
+    /// hosts assigned, updated and ready; the control plane's problems), and the registered
+    /// hosts, from the index alone: a scrape reads nothing from etcd.
+    pub fn numbers(&self, problems: Vec<String>) -> (FleetStatus, BTreeSet<String>) {
+        let hosts: Vec<Host> = self.hosts.values().cloned().collect();
+        let readiness = host_readiness(&hosts, &self.alive);
+        let ready_host = |h: &str| matches!(readiness.get(h), Some(None));
+        let programs = self
+            .programs
+            .values()
+            .map(|p| {
+                let name = &p.metadata.name;
+                let mut summary = ProgramSummary {
+                    name: name.clone(),
+                    generation: p.metadata.generation,
+                    ..Default::default()
+                };
+                for h in self.hosts.values().filter(|h| selects(p, h)) {
+                    let seen = self.reports.get(&(name.clone(), h.metadata.name.clone()));
+                    let updated = seen.is_some_and(|s| s.generation >= p.metadata.generation);
+                    summary.desired += 1;
+                    summary.updated += usize::from(updated);
+                    summary.ready +=
+                        usize::from(updated && seen.is_some_and(|s| s.ready) && ready_host(&h.metadata.name));
+                }
+                summary
+            })
+            .collect();
+        let not_ready_reasons: BTreeMap<String, String> = readiness
+            .iter()
+            .filter_map(|(h, why)| Some((h.clone(), why.clone()?)))
+            .collect();
+        let status = FleetStatus {
+            hosts: readiness.len(),
+            hosts_ready: readiness.len() - not_ready_reasons.len(),
+            not_ready_hosts: not_ready_reasons.keys().cloned().collect(),
+            not_ready_reasons,
+            control_plane: problems,
+            programs,
+        };
+        (status, self.hosts.keys().cloned().collect())
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +425,33 @@ mod tests {
             put(&mut i, keys().status(h, p), json(&report));
         }
         i
+    }
+
+    #[test]
+    fn the_fleets_numbers_come_from_the_index() {
+        let mut i = fleet(3);
+        for h in ["h00", "h01", "h02"] {
+            put(&mut i, keys().alive(h), Vec::new());
+        }
+        let (s, hosts) = i.numbers(vec![]);
+        assert_eq!((s.hosts, s.hosts_ready), (3, 3));
+        assert_eq!(hosts.len(), 3);
+        let p = &s.programs[0];
+        assert_eq!((p.desired, p.updated, p.ready), (3, 3, 3));
+
+        // A silent agent, a new generation reported by one host, a report not ready.
+        let mut d = Dirty::default();
+        i.apply(&keys(), &keys().alive("h02"), None, &mut d);
+        assert!(d.is_empty(), "liveness places nothing");
+        put(&mut i, keys().program("p"), json(&program("p", 2, &[("role", "app")])));
+        report(&mut i, "h00", 2, true);
+        report(&mut i, "h01", 2, false);
+        let (s, _) = i.numbers(vec!["etcd refused something".into()]);
+        assert_eq!((s.hosts, s.hosts_ready), (3, 2));
+        assert_eq!(s.not_ready_hosts, vec!["h02".to_string()]);
+        let p = &s.programs[0];
+        assert_eq!((p.generation, p.desired, p.updated, p.ready), (2, 3, 2, 1));
+        assert_eq!(s.control_plane.len(), 1);
     }
 
     #[test]

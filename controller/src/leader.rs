@@ -1,15 +1,13 @@
 //! Leader election and the placement loop. Every replica serves the API; only the one that
 //! holds the etcd election writes assignments.
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
+use corral_proto::fleet::{ControlPlaneHealth, FleetStatus};
 use etcd_client::{EventType, ResignOptions, WatchOptions};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-
-use std::collections::BTreeSet;
-
-use corral_proto::fleet::ControlPlaneHealth;
 
 use crate::index::{Dirty, Index};
 use crate::store::{Fence, Store, StoreError};
@@ -57,11 +55,62 @@ pub async fn place(
     Ok(())
 }
 
+/// A request for the fleet's numbers (see [`Index::numbers`]), answered from the leader's index.
+pub type NumbersRequest = oneshot::Sender<(FleetStatus, BTreeSet<String>)>;
+
+/// The leader loop's end of its link with the API.
+pub struct LeaderSide {
+    is_leader: watch::Sender<bool>,
+    numbers: mpsc::Receiver<NumbersRequest>,
+}
+
+/// The API's end: whether this replica leads, and the fleet's numbers from its index.
+#[derive(Clone)]
+pub struct ApiSide {
+    is_leader: watch::Receiver<bool>,
+    numbers: mpsc::Sender<NumbersRequest>,
+}
+
+/// Connects the leader loop and the API.
+pub fn link() -> (LeaderSide, ApiSide) {
+    let (tx, rx) = watch::channel(false);
+    let (ntx, nrx) = mpsc::channel(16);
+    (
+        LeaderSide {
+            is_leader: tx,
+            numbers: nrx,
+        },
+        ApiSide {
+            is_leader: rx,
+            numbers: ntx,
+        },
+    )
+}
+
+impl ApiSide {
+    pub fn is_leader(&self) -> bool {
+        *self.is_leader.borrow()
+    }
+
+    /// The fleet's numbers from the leader's index; `None` on a replica that does not lead
+    /// (or a leader too busy to answer within a second).
+    pub async fn numbers(&self) -> Option<(FleetStatus, BTreeSet<String>)> {
+        if !self.is_leader() {
+            return None;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.numbers.try_send(tx).ok()?;
+        tokio::time::timeout(Duration::from_secs(1), rx).await.ok()?.ok()
+    }
+}
+
 /// Campaigns, and while leader keeps assignments in line with programs, groups and hosts.
-/// Runs until `shutdown`; `is_leader` tells the rest of the controller.
-pub async fn run(store: Store, id: String, is_leader: watch::Sender<bool>, shutdown: CancellationToken) {
+/// Runs until `shutdown`; `link` tells the rest of the controller whether it leads, and
+/// answers its requests for the fleet's numbers.
+pub async fn run(store: Store, id: String, mut link: LeaderSide, shutdown: CancellationToken) {
+    let is_leader = link.is_leader.clone();
     while !shutdown.is_cancelled() {
-        if let Err(e) = lead_once(&store, &id, &is_leader, &shutdown).await {
+        if let Err(e) = lead_once(&store, &id, &mut link, &shutdown).await {
             tracing::warn!(error = %e, "leadership lost or not acquired; retrying");
             if matches!(&e, StoreError::Timeout(_))
                 || matches!(&e, StoreError::Etcd(err) if corral_etcd::Etcd::is_unavailable(err))
@@ -80,9 +129,10 @@ pub async fn run(store: Store, id: String, is_leader: watch::Sender<bool>, shutd
 async fn lead_once(
     store: &Store,
     id: &str,
-    is_leader: &watch::Sender<bool>,
+    link: &mut LeaderSide,
     shutdown: &CancellationToken,
 ) -> Result<(), StoreError> {
+    let is_leader = &link.is_leader;
     let mut client = store.client().await;
     let lease = client.lease_grant(10, None).await?.id();
     let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
@@ -183,6 +233,9 @@ async fn lead_once(
             msg = watch.message() => {
                 let Some(resp) = msg? else { return Err(StoreError::Timeout("watch")) };
                 apply_events(&keys, &mut index, &resp, &mut dirty)?;
+            }
+            Some(answer) = link.numbers.recv() => {
+                let _ = answer.send(index.numbers(health.problems()));
             }
         }
     }

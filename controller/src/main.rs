@@ -9,7 +9,6 @@ use corral_controller::api::{AppState, router};
 use corral_controller::leader;
 use corral_controller::store::Store;
 use corral_proto::keys::Keys;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// Corral's controller.
@@ -56,9 +55,9 @@ async fn main() -> anyhow::Result<()> {
     });
 
     let shutdown = CancellationToken::new();
-    let (leader_tx, leader_rx) = watch::channel(false);
-    let leading = tokio::spawn(leader::run(store.clone(), id, leader_tx, shutdown.clone()));
-    let app = router(AppState::new(store, tokens, leader_rx));
+    let (leader_side, api_side) = leader::link();
+    let leading = tokio::spawn(leader::run(store.clone(), id, leader_side, shutdown.clone()));
+    let app = router(AppState::new(store, tokens, api_side));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen on {}", args.listen))?;

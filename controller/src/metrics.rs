@@ -1,5 +1,6 @@
-//! The controller's Prometheus metrics: fleet and program readiness (computed from etcd at
-//! each scrape, so every replica answers the same), API traffic, and leadership.
+//! The controller's Prometheus metrics: fleet and program readiness (counted from the
+//! leader's index at each scrape; only the leading replica exports them), API traffic, and
+//! leadership.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -131,6 +132,15 @@ impl ControllerMetrics {
                 route: route.to_string(),
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Removes the fleet gauges (a replica that does not lead has no index to count from).
+    pub fn clear_fleet(&self) {
+        self.control_plane_problems.set(0);
+        self.hosts.clear();
+        self.host_ready.clear();
+        self.program_hosts.clear();
+        self.rollout_in_progress.clear();
     }
 
     /// Replaces the fleet gauges with `status` (series of deleted programs and hosts go).

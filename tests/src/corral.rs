@@ -49,16 +49,16 @@ impl Controller {
             .context("controller: connect to etcd")?;
         let store = Store::new(etcd, Keys::default());
         let shutdown = CancellationToken::new();
-        let (leader_tx, leader_rx) = tokio::sync::watch::channel(false);
+        let (leader_side, api_side) = corral_controller::leader::link();
         let leading = tokio::spawn(corral_controller::leader::run(
             store.clone(),
             id.to_string(),
-            leader_tx,
+            leader_side,
             shutdown.clone(),
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = router(AppState::new(store, vec![TOKEN.to_string()], leader_rx));
+        let app = router(AppState::new(store, vec![TOKEN.to_string()], api_side));
         let stop = shutdown.clone();
         let serving = tokio::spawn(async move {
             let _ = axum::serve(listener, app)

@@ -129,5 +129,40 @@ async fn agent_and_controller_export_desired_vs_observed() -> anyhow::Result<()>
         "{body}"
     );
     assert!(!body.contains("hunter2-secret"));
+
+    // The fleet's numbers come from the leader's index: scrapes read nothing from etcd (its
+    // count of range reads stays where it was), and a replica that does not lead exports
+    // none rather than numbers of its own.
+    let follower = Controller::start(&etcd.endpoints(), "c2").await?;
+    let ranges = || async {
+        let etcd_metrics = scrape(&format!("{}/metrics", etcd.endpoint)).await?;
+        Ok::<f64, anyhow::Error>(corral_tests::corral::counter_sum(
+            etcd_metrics
+                .lines()
+                .filter(|l| l.contains("grpc_method=\"Range\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .as_str(),
+            "grpc_server_handled_total",
+        ))
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = ranges().await?;
+    assert!(
+        before > 0.0,
+        "etcd counts no range reads: the check below would prove nothing"
+    );
+    for _ in 0..5 {
+        let body = scrape(&format!("{}/metrics", controller.url)).await?;
+        assert_eq!(
+            value(&body, "corral_program_hosts{program=\"good\",kind=\"ready\"}"),
+            Some(1.0),
+            "{body}"
+        );
+        let body = scrape(&format!("{}/metrics", follower.url)).await?;
+        assert_eq!(value(&body, "corral_controller_leader"), Some(0.0));
+        assert!(!body.contains("corral_program_hosts{"), "{body}");
+    }
+    assert_eq!(ranges().await?, before, "a scrape read from etcd");
     Ok(())
 }
