@@ -65,6 +65,11 @@ impl ApiClient {
         })
     }
 
+    /// The controller's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// Sends a request; a 503 (etcd electing a new leader, say) is retried a few times, which
     /// is safe because every call is idempotent (GET, PUT of a whole object, DELETE).
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T, ClientError> {

@@ -10,6 +10,7 @@ use corral_cli::client::{ApiClient, ClientError};
 use corral_proto::fleet::{FleetStatus, ProgramStatusView};
 use corral_proto::resource::{DesiredState, Group, Kind, Program, ProgramSpec, Resource};
 use corral_proto::{validate_group, validate_program};
+use futures_util::StreamExt as _;
 use serde::Serialize;
 
 use crate::input::read_resources;
@@ -103,22 +104,41 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
         }
         return Ok(ExitCode::from(1));
     }
-    let mut failed = false;
-    for r in &valid {
+    // Programs first, several requests in flight (a fleet's file has thousands); then groups,
+    // one at a time, so that they find the programs they name and the controller's check that
+    // a program is in one native group at most sees each group before the next.
+    let (programs, groups): (Vec<&Resource>, Vec<&Resource>) =
+        valid.iter().partition(|r| matches!(r, Resource::Program(_)));
+    let apply_one = |r: &Resource| {
         let what = format!("{}/{}", r.kind().as_str().to_lowercase(), r.metadata().name);
-        match api.apply(r, dry_run).await {
-            Ok(v) => {
-                let result = v["result"].as_str().unwrap_or("applied");
-                println!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
-            }
-            Err(e) => {
-                eprintln!("{what}: {e}");
-                failed = true;
-            }
+        let r = r.clone();
+        async move { (what, api.apply(&r, dry_run).await) }
+    };
+    let mut results = futures_util::stream::iter(programs.into_iter().map(apply_one)).buffered(APPLY_IN_FLIGHT);
+    let mut failed = false;
+    let mut show = |what: String, result: Result<serde_json::Value, ClientError>| match result {
+        Ok(v) => {
+            let result = v["result"].as_str().unwrap_or("applied");
+            println!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
         }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            failed = true;
+        }
+    };
+    while let Some((what, result)) = results.next().await {
+        show(what, result);
+    }
+    for r in groups {
+        let (what, result) = apply_one(r).await;
+        show(what, result);
     }
     Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
+
+/// Programs applied at once by `corral apply`: enough to keep the controller busy, few
+/// enough not to crowd it.
+const APPLY_IN_FLIGHT: usize = 16;
 
 /// A spec for display with environment values hidden (they are often secrets): each reads
 /// `(hidden)`, or `(hidden, changed)` where it differs from `compare`'s.
