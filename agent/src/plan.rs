@@ -923,9 +923,11 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
 
 /// How long a program may be on its way (stopping, starting, about to be started again)
 /// before that is reported. A change of a running program passes through such states for
-/// tens of milliseconds; writing each to etcd would double the writes of every fan-out for
-/// something no one could read in time. One that lasts is reported like any other.
-pub const REPORT_SETTLE: Duration = Duration::from_millis(250);
+/// tens of milliseconds; writing each to etcd would double the writes of every fan-out (a
+/// thousand hosts, a thousand more writes, while etcd is busiest) for a state no one reads
+/// in time: `corral status` and Prometheus look every few seconds. One that lasts is
+/// reported like any other; failures (BACKOFF, FATAL, EXITED, errors) go at once.
+pub const REPORT_SETTLE: Duration = Duration::from_secs(1);
 
 /// Whether `s` is only on its way to its desired state: not ready, no error, and every
 /// process starting, stopping or stopped (about to be started, or stopped for a replacement).

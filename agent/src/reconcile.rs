@@ -88,6 +88,9 @@ pub(crate) fn now_ms() -> i64 {
         .map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Each action's result, and the processes right after the actions (`None`: no actions).
+type Executed = (Vec<Result<(), supervisor::Error>>, Option<Vec<supervisor::ProcessInfo>>);
+
 /// Runs reconcile passes for one host.
 pub struct Reconciler {
     host: String,
@@ -287,7 +290,7 @@ impl Reconciler {
                 .map(|p| p.name.clone())
                 .collect()
         };
-        let results = self.execute(&runtime.actions).await?;
+        let (results, after) = self.execute(&runtime.actions).await?;
         let mut failed = BTreeSet::new();
         for ((action, why), result) in runtime.actions.iter().zip(results) {
             // Only what was done counts (and asks for a quick look again): an action
@@ -390,12 +393,12 @@ impl Reconciler {
         }
 
         // 4. Status.
-        let (infos, observed) = if runtime.actions.is_empty() {
-            (infos, observed)
-        } else {
-            let infos = self.client.get_all_process_info().await?;
-            let observed = observe(&infos);
-            (infos, observed)
+        let (infos, observed) = match after {
+            Some(infos) => {
+                let observed = observe(&infos);
+                (infos, observed)
+            }
+            None => (infos, observed),
         };
         self.read_stderr_tails(desired, &observed).await;
         let tails: HashMap<String, String> = self
@@ -603,13 +606,15 @@ impl Reconciler {
     /// in order, none of them waits, and one connection serves them all (fifty concurrent
     /// calls would be fifty connections). Each action's result is its own; a fault that means
     /// "already so" is success (already started, not running, already added, no such group).
+    /// The same request ends with `getAllProcessInfo`: the processes as the actions left them
+    /// (`None` when there was nothing to do).
     ///
     /// # Errors
     /// When the request as a whole fails (supervisord unreachable).
-    async fn execute(&self, actions: &[(Action, Correction)]) -> Result<Vec<Result<(), supervisor::Error>>, PassError> {
+    async fn execute(&self, actions: &[(Action, Correction)]) -> Result<Executed, PassError> {
         use dxr::Value;
         if actions.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let s = |v: &str| Value::String(v.to_string());
         // (method, params, the fault that means done) per call; ReplaceGroup makes two.
@@ -641,10 +646,8 @@ impl Reconciler {
             }
         }
         let request: Vec<(&str, Vec<Value>)> = calls.iter().map(|(m, p, _)| (*m, p.clone())).collect();
-        let mut answers: Vec<Option<Result<(), supervisor::Error>>> = self
-            .client
-            .multicall(&request)
-            .await?
+        let (answers, after) = self.client.multicall_then_observe(&request).await?;
+        let mut answers: Vec<Option<Result<(), supervisor::Error>>> = answers
             .into_iter()
             .zip(&calls)
             .map(|(r, (_, _, fine))| Some(tolerate(r, *fine)))
@@ -671,7 +674,7 @@ impl Reconciler {
             };
             out.push(r);
         }
-        Ok(out)
+        Ok((out, Some(after)))
     }
 
     /// Reads the stderr tail of each failing process of Corral's once per failure (a new

@@ -855,36 +855,49 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
     ready
         .wait(Mark::Ready(1), hosts, first, Duration::from_secs(300))
         .await?;
-    let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
-    let written = SlotWatch::assignments(&mut client, &["everywhere"]).await?;
-    // Timed from the user's apply, not from its answer.
-    let t0 = Instant::now();
-    sim.api
-        .apply(
-            &program("everywhere", |s| {
-                s.command = "/bin/sleep 200000".into();
-                // All hosts at once: the figure is the fan-out, not a paced rollout.
-                s.rollout = Some(corral_proto::RolloutSpec {
-                    max_unavailable: Some(corral_proto::HostCount::Percent(100)),
-                });
-            }),
-            false,
-        )
-        .await?;
-    let (written, each) = tokio::try_join!(
-        written.wait(Mark::Written(2), hosts, t0, Duration::from_secs(300)),
-        ready.wait(Mark::Ready(2), hosts, t0, Duration::from_secs(300))
-    )?;
+    // Three changes of the running program, all hosts at once (the figure is the fan-out,
+    // not a paced rollout): p99 over every host of every change.
+    const CHANGES: u64 = 3;
+    let mut each = Vec::new();
+    let mut written_all = Vec::new();
+    for change in 0..CHANGES {
+        let generation = 2 + change;
+        let ready = SlotWatch::reports(&mut client, &["everywhere".to_string()]).await?;
+        let written = SlotWatch::assignments(&mut client, &["everywhere"]).await?;
+        // Timed from the user's apply, not from its answer.
+        let t0 = Instant::now();
+        sim.api
+            .apply(
+                &program("everywhere", |s| {
+                    s.command = format!("/bin/sleep {}", 200000 + generation);
+                    s.rollout = Some(corral_proto::RolloutSpec {
+                        max_unavailable: Some(corral_proto::HostCount::Percent(100)),
+                    });
+                }),
+                false,
+            )
+            .await?;
+        let (written, ready) = tokio::try_join!(
+            written.wait(Mark::Written(generation), hosts, t0, Duration::from_secs(300)),
+            ready.wait(Mark::Ready(generation), hosts, t0, Duration::from_secs(300))
+        )?;
+        written_all.push(last(written));
+        each.extend(ready);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     line(
-        &format!("4. one spec change to {hosts} hosts, written to etcd (all)"),
-        format!("{:.0} ms", last(written) * 1e3),
+        &format!("4. one spec change to {hosts} hosts, written to etcd (all; worst of {CHANGES})"),
+        format!("{:.0} ms", last(written_all) * 1e3),
         "(reported; 4c has the target)",
         None,
     );
     let each = sorted(each);
     let p99 = pct(&each, 99.0);
     line(
-        &format!("4. fan-out: one spec change to {hosts} hosts, applied and reported"),
+        &format!(
+            "4. fan-out: one spec change to {hosts} hosts, applied and reported ({} samples)",
+            each.len()
+        ),
         format!(
             "p50 {:.0} ms, p99 {:.0} ms, all {:.0} ms",
             pct(&each, 50.0) * 1e3,
@@ -903,7 +916,11 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
             false,
         )
         .await?;
-    let done = last(ready.wait(Mark::Ready(3), hosts, t0, Duration::from_secs(300)).await?);
+    let done = last(
+        ready
+            .wait(Mark::Ready(2 + CHANGES), hosts, t0, Duration::from_secs(300))
+            .await?,
+    );
     line(
         &format!("4. rollout with defaults (25% a batch) to {hosts} healthy hosts"),
         format!("{:.1} s", done),

@@ -44,11 +44,20 @@ impl ChildGuard {
         Ok(())
     }
 
-    /// Kills the process now (SIGKILL) and waits for it.
+    /// Kills the process now (SIGKILL) and waits for it, and kills what it started (a
+    /// supervisord killed while a program ignores SIGTERM would leave that program running
+    /// on the machine after the test).
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let left = descendants(child.id());
             let _ = child.kill();
             let _ = child.wait();
+            for pid in left {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
         }
     }
 
@@ -77,4 +86,23 @@ impl Drop for ChildGuard {
     fn drop(&mut self) {
         self.terminate(Duration::from_secs(10));
     }
+}
+
+/// Every process below `pid` (Linux: `/proc/PID/task/*/children`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+                out.push(c);
+                todo.push(c);
+            }
+        }
+    }
+    out
 }

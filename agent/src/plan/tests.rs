@@ -715,11 +715,12 @@ fn a_status_on_its_way_is_reported_only_when_it_lasts() {
     // One that lasts is reported, once, and every change of it after that.
     let wanted = BTreeMap::from([("a".to_string(), stopping.clone())]);
     assert!(reports_due(&written, &wanted, &mut since, 2_000).put.is_empty());
-    let r = reports_due(&written, &wanted, &mut since, 2_000 + 250);
+    let r = reports_due(&written, &wanted, &mut since, 2_000 + REPORT_SETTLE.as_millis() as i64);
     assert_eq!(r.put, vec![stopping.clone()]);
     let stopped = report("a", &["STOPPED"], false);
     let wanted = BTreeMap::from([("a".to_string(), stopped.clone())]);
-    assert_eq!(reports_due(&written, &wanted, &mut since, 2_260).put, vec![stopped]);
+    let later = 2_010 + REPORT_SETTLE.as_millis() as i64;
+    assert_eq!(reports_due(&written, &wanted, &mut since, later).put, vec![stopped]);
 }
 
 #[test]

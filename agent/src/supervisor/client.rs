@@ -359,6 +359,34 @@ impl Client {
             })
             .collect())
     }
+
+    /// [`Client::multicall`] of `calls` followed by `getAllProcessInfo`: each call's answer,
+    /// and the processes as they are right after the calls, in one request.
+    ///
+    /// # Errors
+    /// The outer error if the request fails, or if the process listing cannot be read.
+    pub async fn multicall_then_observe(
+        &self,
+        calls: &[(&str, Vec<Value>)],
+    ) -> Result<(Vec<Result<Value, Error>>, Vec<ProcessInfo>), Error> {
+        let mut all = calls.to_vec();
+        all.push((ALL_PROCESS_INFO, Vec::new()));
+        let mut answers = self.multicall(&all).await?;
+        let infos = match answers.pop() {
+            Some(Ok(v)) => crate::supervisor::types::decode_process_infos(&v).map_err(|detail| Error::Decode {
+                method: ALL_PROCESS_INFO.into(),
+                detail,
+            })?,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(Error::Decode {
+                    method: "system.multicall".into(),
+                    detail: "no answer for getAllProcessInfo".into(),
+                });
+            }
+        };
+        Ok((answers, infos))
+    }
 }
 
 const ALL_PROCESS_INFO: &str = "supervisor.getAllProcessInfo";
