@@ -12,7 +12,7 @@ use std::time::Duration;
 use corral_proto::fleet::{Assignment, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Host, HostSpec, HostStatus, Metadata};
-use etcd_client::{EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{EventType, PutOptions, Txn, TxnOp, WatchOptions};
 
 use crate::plan;
 use tokio::sync::watch;
@@ -128,16 +128,16 @@ pub async fn session(
 
     // List, then watch from the next revision.
     let prefix = keys.assignments(&cfg.host);
-    let listed = within(
-        "list",
-        client.get(prefix.clone(), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
-    let revision = listed.header().map_or(0, |h| h.revision());
     let mut current: BTreeMap<String, Assignment> = BTreeMap::new();
-    for kv in listed.kvs() {
-        apply_put(keys, &mut current, kv.key(), kv.value());
+    let mut pages = corral_etcd::Pages::new(&prefix);
+    while let Some((key, opts)) = pages.next_request() {
+        let page = within("list", client.get(key, Some(opts))).await?;
+        for kv in page.kvs() {
+            apply_put(keys, &mut current, kv.key(), kv.value());
+        }
+        pages.advance(&page);
     }
+    let revision = pages.revision();
     desired.send_replace(Arc::new(current.clone()));
     let mut stream = within(
         "watch",
@@ -153,17 +153,17 @@ pub async fn session(
 
     // Reported statuses: what etcd holds for this host, so only changes are written.
     let mut written: BTreeMap<String, ProgramHostStatus> = BTreeMap::new();
-    let listed = within(
-        "list status",
-        client.get(keys.host_status(&cfg.host), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
-    for kv in listed.kvs() {
-        if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value()))
-            && let Some((_, program)) = keys.host_and_program(key)
-        {
-            written.insert(program.to_string(), s);
+    let mut pages = corral_etcd::Pages::new(&keys.host_status(&cfg.host));
+    while let Some((key, opts)) = pages.next_request() {
+        let page = within("list status", client.get(key, Some(opts))).await?;
+        for kv in page.kvs() {
+            if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value()))
+                && let Some((_, program)) = keys.host_and_program(key)
+            {
+                written.insert(program.to_string(), s);
+            }
         }
+        pages.advance(&page);
     }
     statuses.mark_changed();
     // Program -> when its status was first seen on its way (held back a moment).

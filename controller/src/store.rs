@@ -9,7 +9,7 @@ use corral_etcd::Etcd;
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, Metadata, Program};
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -109,9 +109,7 @@ pub struct Store {
     unreadable: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
-/// Keys per page when listing. A Program is at most `MAX_SPEC_BYTES` (32 KiB) of spec, so a
-/// page stays far below etcd's 4 MiB answer.
-pub const PAGE: i64 = 100;
+pub use corral_etcd::PAGE;
 
 /// Operations per assignment transaction, below etcd's default `--max-txn-ops` (128); with
 /// specs of at most 32 KiB, below its 1.5 MiB request limit too.
@@ -119,18 +117,6 @@ pub const TXN_OPS: usize = 32;
 
 /// Assignment transactions in flight at once.
 const TXN_CONCURRENCY: usize = 8;
-
-/// The end of the key range of `prefix` (its last byte incremented; prefixes end in '/').
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
 
 /// Who may write assignments: the leader's election key and its creation revision. Every
 /// assignment transaction compares it, so a paused old leader can never write after a new one
@@ -210,29 +196,15 @@ impl Store {
     /// etcd errors.
     pub async fn scan(&self, prefix: &str, mut f: impl FnMut(&str, &[u8], i64)) -> Result<i64, StoreError> {
         let mut c = self.etcd.client().await;
-        let end = prefix_end(prefix);
-        let mut from = prefix.as_bytes().to_vec();
-        let mut revision = 0;
-        loop {
-            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-            if revision > 0 {
-                opts = opts.with_revision(revision);
-            }
-            let r = self.within("scan", c.get(from.clone(), Some(opts))).await?;
-            if revision == 0 {
-                revision = r.header().map_or(0, |h| h.revision());
-            }
+        let mut pages = corral_etcd::Pages::new(prefix);
+        while let Some((key, opts)) = pages.next_request() {
+            let r = self.within("scan", c.get(key, Some(opts))).await?;
             for kv in r.kvs() {
                 f(&String::from_utf8_lossy(kv.key()), kv.value(), kv.mod_revision());
             }
-            match r.kvs().last() {
-                Some(last) if r.more() => {
-                    from = last.key().to_vec();
-                    from.push(0);
-                }
-                _ => return Ok(revision),
-            }
+            pages.advance(&r);
         }
+        Ok(pages.revision())
     }
 
     /// Decodes what `list_raw` read; a value that does not parse is left out and recorded in

@@ -5,6 +5,10 @@
 //! read (which needs a quorum, so a member cut off from the others is skipped), and moves to
 //! the next one when that member stops answering.
 
+mod pages;
+
+pub use pages::{PAGE, Pages, prefix_end};
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;

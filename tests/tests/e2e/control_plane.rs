@@ -48,6 +48,37 @@ async fn reads_larger_than_a_grpc_message_are_paged() -> anyhow::Result<()> {
     let read = store.assignments().await?;
     assert_eq!(read.len(), 300);
     assert!(read.keys().all(|(h, _)| h == "h1"));
+
+    // The agent of h1 lists its assignments in pages too: its session starts and hands on
+    // all 300.
+    let (desired, mut seen) = tokio::sync::watch::channel(std::sync::Arc::default());
+    let (_statuses_tx, statuses) = tokio::sync::watch::channel(std::sync::Arc::default());
+    let (_health_tx, health) = tokio::sync::watch::channel(None);
+    let (connected, _) = tokio::sync::watch::channel(false);
+    let mut channels = corral_agent::etcd::Channels {
+        desired,
+        statuses,
+        health,
+        connected,
+    };
+    let cfg = corral_agent::etcd::EtcdConfig {
+        etcd: corral_etcd::EtcdOptions::plain(&etcd.endpoints()),
+        keys: Keys::default(),
+        host: "h1".into(),
+        labels: Default::default(),
+        lease_ttl: 10,
+    };
+    let stop = tokio_util::sync::CancellationToken::new();
+    let session = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut member = 0;
+            corral_agent::etcd::session(&cfg, &mut member, None, &mut channels, &stop).await
+        })
+    };
+    tokio::time::timeout(WAIT, seen.wait_for(|a| a.len() == 300)).await??;
+    stop.cancel();
+    session.await??;
     Ok(())
 }
 
