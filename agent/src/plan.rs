@@ -754,10 +754,11 @@ pub const STOP_POLL_MAX: Duration = Duration::from_millis(500);
 /// How long past its startsecs a process the agent started is still polled for.
 pub const SPAWN_GRACE: Duration = Duration::from_secs(5);
 
-/// When the next pass should look, if before the resync: soon after acting; while a process
-/// the agent stopped is still stopping (every few ms at first, then less often, so a program
-/// that ignores SIGTERM for a minute costs little); when a process the agent started is due
-/// RUNNING; when a crash-loop start or a refused file's retry is due.
+/// When the next pass should look, if before the resync: while a process the agent stopped
+/// is still stopping (every few ms at first, then less often, so a program that ignores
+/// SIGTERM for a minute costs little); when a process the agent started or added is due
+/// RUNNING (at once for startsecs 0); when a crash-loop start or a refused file's retry is
+/// due. Acting in itself asks for no look: what was acted on is in one of those.
 ///
 /// Processes supervisord restarts by itself (autorestart) wait for the resync: no polling
 /// for a crash loop. Forgets started processes that are no longer pending.
@@ -766,11 +767,10 @@ pub fn next_look(
     observed: &Observed,
     memory: &mut Memory,
     refusal_retries: impl Iterator<Item = i64>,
-    acted: bool,
     now_ms: i64,
 ) -> Option<Duration> {
     let ms = |d: i64| Duration::from_millis(d.max(0) as u64);
-    let mut due: Option<Duration> = acted.then_some(POLL);
+    let mut due: Option<Duration> = None;
     let mut at = |d: Duration| due = Some(due.map_or(d, |x| x.min(d)));
     for since in memory.stopping.values() {
         at(ms((now_ms - since) / 8).clamp(POLL, STOP_POLL_MAX));

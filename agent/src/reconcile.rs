@@ -415,21 +415,11 @@ impl Reconciler {
             memory: &self.memory,
             stderr_tails: &tails,
         });
-        let acted = report.corrections.iter().any(|c| {
-            matches!(
-                c,
-                Correction::Group
-                    | Correction::ProcessStarted
-                    | Correction::ProcessRestarted
-                    | Correction::CrashLoopRestart
-            )
-        });
         report.recheck_after = plan::next_look(
             desired,
             &observed,
             &mut self.memory,
             self.refusals.values().map(Refusal::retry_at_ms),
-            acted,
             now_ms(),
         );
         report.processes = infos;

@@ -539,17 +539,14 @@ fn stops_are_polled_often_at_first_then_less() {
         stopping: [("slow".to_string(), 0)].into(),
         ..Default::default()
     };
-    let look = |m: &mut Memory, now| next_look(&w.desired, &stopping, m, std::iter::empty(), false, now);
+    let look = |m: &mut Memory, now| next_look(&w.desired, &stopping, m, std::iter::empty(), now);
     assert_eq!(look(&mut m, 0), Some(POLL));
     assert_eq!(look(&mut m, 800), Some(Duration::from_millis(100)));
     assert_eq!(look(&mut m, 60_000), Some(STOP_POLL_MAX));
     // Nothing to wait for: the resync will do.
     let mut quiet = Memory::default();
     let running = observed(&[("slow", ProcState::Running)]);
-    assert_eq!(
-        next_look(&w.desired, &running, &mut quiet, std::iter::empty(), false, 0),
-        None
-    );
+    assert_eq!(next_look(&w.desired, &running, &mut quiet, std::iter::empty(), 0), None);
     // A crash-loop start or a refused file's retry is looked at when due.
     quiet.crash.insert(
         "slow".into(),
@@ -559,7 +556,7 @@ fn stops_are_polled_often_at_first_then_less() {
         },
     );
     assert_eq!(
-        next_look(&w.desired, &running, &mut quiet, [4_000].into_iter(), false, 0),
+        next_look(&w.desired, &running, &mut quiet, [4_000].into_iter(), 0),
         Some(Duration::from_secs(4))
     );
 }
@@ -572,7 +569,7 @@ fn a_started_process_is_looked_at_when_its_startsecs_end() {
         started: [("slow".to_string(), 1_000)].into(),
         ..Default::default()
     };
-    let look = |m: &mut Memory, now| next_look(&w.desired, &starting, m, std::iter::empty(), false, now);
+    let look = |m: &mut Memory, now| next_look(&w.desired, &starting, m, std::iter::empty(), now);
     assert_eq!(look(&mut m, 1_500), Some(Duration::from_millis(1_500)));
     assert_eq!(look(&mut m, 3_000), Some(POLL));
     // Long past startsecs + grace: given up (supervisord restarts by itself from here).
