@@ -25,6 +25,9 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the controller: {0}")]
     Decode(String),
+    /// Refused before anything was sent (an invalid name, a server that is not a URL).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl ClientError {
@@ -51,6 +54,21 @@ impl ApiClient {
     /// # Errors
     /// If the HTTP client cannot be built.
     pub fn new(server: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+        // `127.0.0.1:7070` means plain HTTP, as the controller's own --listen does.
+        let server = if server.contains("://") {
+            server.to_string()
+        } else {
+            format!("http://{server}")
+        };
+        match reqwest::Url::parse(&server) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+            _ => {
+                return Err(ClientError::Invalid(format!(
+                    "--server {server:?} is not the controller's URL (http://HOST:PORT or https://HOST:PORT)"
+                )));
+            }
+        }
+        let server = server.as_str();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
@@ -118,6 +136,19 @@ impl ApiClient {
         format!("{}/v1{path}", self.base)
     }
 
+    /// `/v1/<collection>/<name>`, the name checked (it must be a valid program or group name,
+    /// so `..`, `/` or `?` never reach a URL) and escaped all the same.
+    fn object_url(&self, collection: &str, name: &str) -> Result<String, ClientError> {
+        corral_proto::validate::check_name(name).map_err(ClientError::Invalid)?;
+        let mut url =
+            reqwest::Url::parse(&self.base).map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Invalid(format!("{} cannot be a base URL", self.base)))?
+            .pop_if_empty()
+            .extend(["v1", collection, name]);
+        Ok(url.to_string())
+    }
+
     fn collection(kind: Kind) -> &'static str {
         match kind {
             Kind::Program => "programs",
@@ -132,7 +163,7 @@ impl ApiClient {
     /// # Errors
     /// Validation (422, every field error in `details`), conflicts (409), transport.
     pub async fn apply(&self, r: &Resource, dry_run: bool) -> Result<Value, ClientError> {
-        let url = self.url(&format!("/{}/{}", Self::collection(r.kind()), r.metadata().name));
+        let url = self.object_url(Self::collection(r.kind()), &r.metadata().name)?;
         self.send(self.http.put(format!("{url}?dry_run={dry_run}")).json(r))
             .await
     }
@@ -140,7 +171,7 @@ impl ApiClient {
     /// # Errors
     /// 404 when absent.
     pub async fn program(&self, name: &str) -> Result<Program, ClientError> {
-        self.send(self.http.get(self.url(&format!("/programs/{name}")))).await
+        self.send(self.http.get(self.object_url("programs", name)?)).await
     }
 
     /// # Errors
@@ -152,7 +183,7 @@ impl ApiClient {
     /// # Errors
     /// 404 when absent.
     pub async fn group(&self, name: &str) -> Result<Group, ClientError> {
-        self.send(self.http.get(self.url(&format!("/groups/{name}")))).await
+        self.send(self.http.get(self.object_url("groups", name)?)).await
     }
 
     /// # Errors
@@ -176,7 +207,7 @@ impl ApiClient {
     /// # Errors
     /// 404 when absent.
     pub async fn delete(&self, kind: Kind, name: &str, dry_run: bool) -> Result<Value, ClientError> {
-        let url = self.url(&format!("/{}/{name}", Self::collection(kind)));
+        let url = self.object_url(Self::collection(kind), name)?;
         self.send(self.http.delete(format!("{url}?dry_run={dry_run}"))).await
     }
 

@@ -113,12 +113,12 @@ pub async fn dev(dir: &Path, apply: Option<&Path>, port: u16) -> anyhow::Result<
             ExitCode::from(1)
         }
     };
-    println!("stopping...");
+    outln!("stopping...");
     // Reverse order: the agent first, supervisord (which stops its children) before etcd.
     while let Some(s) = servers.pop() {
         s.stop(Duration::from_secs(20)).await;
     }
-    println!("stopped; state kept in {}", dir.display());
+    outln!("stopped; state kept in {}", dir.display());
     Ok(code)
 }
 
@@ -231,7 +231,7 @@ async fn start_all(
                 .apply(r, false)
                 .await
                 .with_context(|| format!("apply {}", r.metadata().name))?;
-            println!(
+            outln!(
                 "{}/{} {}",
                 r.kind().as_str().to_lowercase(),
                 r.metadata().name,
@@ -239,7 +239,7 @@ async fn start_all(
             );
         }
     }
-    println!(
+    outln!(
         "\nCorral is running on this host ({host}), everything under {dir}.\n\n  export CORRAL_SERVER={server}\n  export CORRAL_TOKEN={token}\n\nthen try:\n  corral get programs\n  corral status\n  corral describe program gunicorn\n  supervisorctl -c {conf} status     # what supervisord runs\n  corral stop celery-beat && corral get programs\n  corral restart myapp:\n\nready. Ctrl-C stops everything.",
         dir = dir.display(),
         conf = conf_path.display()

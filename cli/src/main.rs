@@ -1,7 +1,11 @@
 //! `corral`: Corral's command line. `main` parses arguments and hands off to one function per
 //! command; offline commands use `corral-proto`, online ones the controller's API.
 
+#[macro_use]
+mod output;
+
 mod dev;
+mod exit;
 mod input;
 mod offline;
 mod online;
@@ -172,7 +176,7 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(2)
+            exit::code(exit::of_error(&e))
         }
     }
 }

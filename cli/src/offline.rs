@@ -11,12 +11,12 @@ use corral_proto::{Resource, group_file_name, program_file_name, render_group, v
 
 use crate::input::read_resources;
 
-/// Prints every error on stderr and returns exit code 1.
+/// Prints every error on stderr and returns the exit code for invalid input.
 fn refuse(errors: &[String]) -> ExitCode {
     for e in errors {
         eprintln!("{e}");
     }
-    ExitCode::from(1)
+    crate::exit::code(crate::exit::INVALID)
 }
 
 /// Validates everything, then renders; nothing is printed unless all of it is valid.
@@ -57,7 +57,7 @@ pub fn render(files: &[String]) -> anyhow::Result<ExitCode> {
         .into_iter()
         .map(|(file, body)| format!("; ==> {file} <==\n{body}"))
         .collect();
-    print!("{}", text.join("\n"));
+    out!("{}", text.join("\n"));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -138,6 +138,6 @@ pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> 
         .iter()
         .map(|d| serde_saphyr::to_string(d).context("serialize YAML"))
         .collect::<anyhow::Result<_>>()?;
-    print!("{}", yaml.join("---\n"));
+    out!("{}", yaml.join("---\n"));
     Ok(ExitCode::SUCCESS)
 }

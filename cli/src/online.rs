@@ -13,6 +13,7 @@ use corral_proto::{validate_group, validate_program};
 use futures_util::StreamExt as _;
 use serde::Serialize;
 
+use crate::exit;
 use crate::input::read_resources;
 
 /// `-o` formats.
@@ -66,11 +67,11 @@ fn table(header: &[&str]) -> Table {
 
 fn print_structured<T: Serialize>(items: &[T], single: bool, out: Output) -> anyhow::Result<()> {
     match out {
-        Output::Json if single => println!("{}", serde_json::to_string_pretty(&items[0])?),
-        Output::Json => println!("{}", serde_json::to_string_pretty(items)?),
+        Output::Json if single => outln!("{}", serde_json::to_string_pretty(&items[0])?),
+        Output::Json => outln!("{}", serde_json::to_string_pretty(items)?),
         _ => {
             let docs: Vec<String> = items.iter().map(serde_saphyr::to_string).collect::<Result<_, _>>()?;
-            print!("{}", docs.join("---\n"));
+            out!("{}", docs.join("---\n"));
         }
     }
     Ok(())
@@ -80,29 +81,13 @@ fn print_structured<T: Serialize>(items: &[T], single: bool, out: Output) -> any
 pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
     let docs = read_resources(files)?;
     let mut errors = docs.errors;
-    let mut valid = Vec::new();
-    for (source, r) in docs.resources {
-        let checked = match r {
-            Resource::Program(p) => validate_program(p).map(|p| Resource::Program(p.into_inner())),
-            Resource::Group(g) => validate_group(g).map(|g| Resource::Group(g.into_inner())),
-            Resource::Host(h) => {
-                errors.push(format!(
-                    "{source}: Host {:?}: hosts register themselves",
-                    h.metadata.name
-                ));
-                continue;
-            }
-        };
-        match checked {
-            Ok(r) => valid.push(r),
-            Err(e) => errors.push(format!("{source}: {e}")),
-        }
-    }
+    errors.extend(invalid_resources(&docs.resources));
+    let valid: Vec<Resource> = docs.resources.into_iter().map(|(_, r)| r).collect();
     if !errors.is_empty() {
         for e in &errors {
             eprintln!("{e}");
         }
-        return Ok(ExitCode::from(1));
+        return Ok(exit::code(exit::INVALID));
     }
     // Programs first, several requests in flight (a fleet's file has thousands); then groups,
     // one at a time, so that they find the programs they name and the controller's check that
@@ -115,15 +100,15 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
         async move { (what, api.apply(&r, dry_run).await) }
     };
     let mut results = futures_util::stream::iter(programs.into_iter().map(apply_one)).buffered(APPLY_IN_FLIGHT);
-    let mut failed = false;
+    let mut worst = exit::Worst::default();
     let mut show = |what: String, result: Result<serde_json::Value, ClientError>| match result {
         Ok(v) => {
             let result = v["result"].as_str().unwrap_or("applied");
-            println!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
+            outln!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
         }
         Err(e) => {
             eprintln!("{what}: {e}");
-            failed = true;
+            worst.failed(&e);
         }
     };
     while let Some((what, result)) = results.next().await {
@@ -133,7 +118,30 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
         let (what, result) = apply_one(r).await;
         show(what, result);
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(worst.code())
+}
+
+/// What the controller would refuse in `resources` (validated as it validates them), each
+/// with its source file.
+fn invalid_resources(resources: &[(String, Resource)]) -> Vec<String> {
+    let mut errors = Vec::new();
+    for (source, r) in resources {
+        let checked = match r {
+            Resource::Program(p) => validate_program(p.clone()).map(|_| ()),
+            Resource::Group(g) => validate_group(g.clone()).map(|_| ()),
+            Resource::Host(h) => {
+                errors.push(format!(
+                    "{source}: Host {:?}: hosts register themselves",
+                    h.metadata.name
+                ));
+                continue;
+            }
+        };
+        if let Err(e) = checked {
+            errors.push(format!("{source}: {e}"));
+        }
+    }
+    errors
 }
 
 /// Programs applied at once by `corral apply`: enough to keep the controller busy, few
@@ -171,7 +179,14 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
         for e in &docs.errors {
             eprintln!("{e}");
         }
-        return Ok(ExitCode::from(2));
+        return Ok(exit::code(exit::INVALID));
+    }
+    let invalid = invalid_resources(&docs.resources);
+    if !invalid.is_empty() {
+        for e in &invalid {
+            eprintln!("{e}");
+        }
+        return Ok(exit::code(exit::INVALID));
     }
     let groups = api.groups().await?;
     let mut changed = false;
@@ -217,33 +232,33 @@ pub async fn diff(api: &ApiClient, files: &[String], show_secrets: bool) -> anyh
         match current {
             None => {
                 changed = true;
-                println!("+ {what} (new)");
+                outln!("+ {what} (new)");
                 for l in wanted.lines() {
-                    println!("+   {l}");
+                    outln!("+   {l}");
                 }
                 if let Some(e) = &effects {
-                    println!("{e}");
+                    outln!("{e}");
                 }
             }
             Some(cur) if cur != wanted => {
                 changed = true;
                 let d = similar::TextDiff::from_lines(&cur, &wanted);
-                print!(
+                out!(
                     "{}",
                     d.unified_diff()
                         .header(&format!("{what} (live)"), &format!("{what} (file)"))
                 );
                 if let Some(e) = &effects {
-                    println!("{e}");
+                    outln!("{e}");
                 }
                 if let Some(n) = native_note {
-                    println!("{n}");
+                    outln!("{n}");
                 }
             }
             Some(_) => {}
         }
     }
-    Ok(if changed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(exit::code(if changed { exit::REFUSED } else { exit::OK }))
 }
 
 /// `processes on each host: restart a, b; start c`: what the change does to the program's
@@ -335,7 +350,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                 }
                 t.add_row(row);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         What::Groups => {
             let groups = match name {
@@ -355,7 +370,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                     g.spec.priority.unwrap_or(999).to_string(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
         What::Hosts => {
             let mut hosts = api.hosts().await?;
@@ -384,7 +399,7 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                     s.reason.unwrap_or_default(),
                 ]);
             }
-            println!("{t}");
+            outln!("{t}");
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -395,7 +410,7 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
     match kind {
         DescribeKind::Group => {
             let g: Group = api.group(name).await?;
-            print!("{}", yaml_of(&g));
+            out!("{}", yaml_of(&g));
         }
         DescribeKind::Host => {
             let h = api
@@ -405,30 +420,32 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 .find(|h| h.metadata.name == name)
                 .ok_or_else(|| anyhow::anyhow!("host {name:?} not found"))?;
             let s = h.status.clone().unwrap_or_default();
-            println!("Name:         {}", h.metadata.name);
-            println!("Ready:        {}", if s.ready { "Ready" } else { "NotReady" });
+            outln!("Name:         {}", h.metadata.name);
+            outln!("Ready:        {}", if s.ready { "Ready" } else { "NotReady" });
             if let Some(why) = &s.reason {
-                println!("Reason:       {why}");
+                outln!("Reason:       {why}");
             }
             let labels: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("Labels:       {}", labels.join(","));
-            println!("Agent:        {}", s.agent_version.unwrap_or_default());
-            println!("Supervisord:  {}", s.supervisord_version.unwrap_or_default());
+            outln!("Labels:       {}", labels.join(","));
+            outln!("Agent:        {}", s.agent_version.unwrap_or_default());
+            outln!("Supervisord:  {}", s.supervisord_version.unwrap_or_default());
         }
         DescribeKind::Program => {
             let p = api.program(name).await?;
             let v = status_view(&p);
-            println!("Name:        {}", p.metadata.name);
-            println!("Generation:  {}", p.metadata.generation);
-            println!("State:       {}", state_str(p.spec.state));
-            println!("Placement:   {}", placement(&p));
-            println!(
+            outln!("Name:        {}", p.metadata.name);
+            outln!("Generation:  {}", p.metadata.generation);
+            outln!("State:       {}", state_str(p.spec.state));
+            outln!("Placement:   {}", placement(&p));
+            outln!(
                 "Hosts:       {} desired, {} up to date, {} ready",
-                v.desired, v.updated, v.ready
+                v.desired,
+                v.updated,
+                v.ready
             );
-            println!("Spec:");
+            outln!("Spec:");
             for l in yaml_of(&redacted(&p.spec, None, show_secrets)).lines() {
-                println!("  {l}");
+                outln!("  {l}");
             }
             let mut t = table(&[
                 "HOST",
@@ -464,16 +481,16 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                     ]);
                 }
             }
-            println!("Status:\n{t}");
+            outln!("Status:\n{t}");
             let errors: Vec<_> = v
                 .hosts
                 .iter()
                 .filter_map(|h| h.error.as_ref().map(|e| (h.host.clone(), e)))
                 .collect();
             if !errors.is_empty() {
-                println!("Errors:");
+                outln!("Errors:");
                 for (h, e) in errors {
-                    println!("  {h}: {e}");
+                    outln!("  {h}: {e}");
                 }
             }
             let failing: Vec<_> = v
@@ -483,11 +500,11 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 .filter(|(_, p)| matches!(p.state.as_str(), "FATAL" | "BACKOFF" | "EXITED") || p.crash_restarts > 0)
                 .collect();
             if !failing.is_empty() {
-                println!("Failing processes:");
+                outln!("Failing processes:");
                 for (host, p) in failing {
-                    println!("  {host} {}: {}", p.name, process_problem(p, now));
+                    outln!("  {host} {}: {}", p.name, process_problem(p, now));
                     for l in p.stderr_tail.lines() {
-                        println!("    | {l}");
+                        outln!("    | {l}");
                     }
                 }
             }
@@ -517,18 +534,18 @@ pub async fn delete(
         );
     }
     anyhow::ensure!(!targets.is_empty(), "name a program or group, or give -f FILE");
-    let mut failed = false;
+    let mut worst = exit::Worst::default();
     for (kind, name) in targets {
         let what = format!("{}/{name}", kind.as_str().to_lowercase());
         match api.delete(kind, &name, dry_run).await {
-            Ok(_) => println!("{what} deleted{}", if dry_run { " (dry run)" } else { "" }),
+            Ok(_) => outln!("{what} deleted{}", if dry_run { " (dry run)" } else { "" }),
             Err(e) => {
                 eprintln!("{what}: {e}");
-                failed = true;
+                worst.failed(&e);
             }
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(worst.code())
 }
 
 /// The programs `NAME` or `GROUP:` stands for.
@@ -556,7 +573,7 @@ pub enum Change {
 /// (and a stopped program stays stopped, across supervisord restarts too).
 pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Result<ExitCode> {
     let marker = now_marker();
-    let mut failed = false;
+    let mut worst = exit::Worst::default();
     for program in targets(api, name).await.with_context(|| format!("resolve {name}"))? {
         let r = api
             .update_program(&program, |p| match change {
@@ -579,15 +596,18 @@ pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Resu
                     Change::Signal(_) => "signalled",
                 };
                 let note = if v["result"] == "unchanged" { " (already)" } else { "" };
-                println!("program/{program} {verb}{note}");
+                outln!("program/{program} {verb}{note}");
             }
             Err(e) => {
                 eprintln!("program/{program}: {e}");
-                failed = true;
+                if e.status() == Some(404) && !name.ends_with(':') && api.group(name).await.is_ok() {
+                    eprintln!("hint: {name:?} is a group: write `{name}:` for its programs");
+                }
+                worst.failed(&e);
             }
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(worst.code())
 }
 
 /// `status`: what in the fleet is not as declared. Exit 0 when all is, 1 otherwise.
@@ -597,15 +617,15 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
         print_structured(&[&s], true, o)?;
     } else {
         if !s.control_plane.is_empty() {
-            println!("Control plane: {} problem(s)", s.control_plane.len());
+            outln!("Control plane: {} problem(s)", s.control_plane.len());
             for p in &s.control_plane {
-                println!("  {p}");
+                outln!("  {p}");
             }
         }
-        println!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
+        outln!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
         for h in &s.not_ready_hosts {
             let why = s.not_ready_reasons.get(h).map_or("agent not reporting", String::as_str);
-            println!("  {h}: NotReady ({why})");
+            outln!("  {h}: NotReady ({why})");
         }
         let off: BTreeMap<&str, _> = s
             .programs
@@ -613,22 +633,21 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
             .filter(|p| p.ready != p.desired)
             .map(|p| (p.name.as_str(), p))
             .collect();
-        println!("Programs: {} declared, {} not as declared", s.programs.len(), off.len());
+        outln!("Programs: {} declared, {} not as declared", s.programs.len(), off.len());
         for (name, p) in off {
-            println!(
+            outln!(
                 "  {name}: {}/{} ready, {}/{} up to date",
-                p.ready, p.desired, p.updated, p.desired
+                p.ready,
+                p.desired,
+                p.updated,
+                p.desired
             );
             for problem in &p.problems {
-                println!("    {problem}");
+                outln!("    {problem}");
             }
         }
     }
-    Ok(if s.converged() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(exit::code(if s.converged() { exit::OK } else { exit::REFUSED }))
 }
 
 /// One line on a failing process, with when the crash-loop policy starts it next.

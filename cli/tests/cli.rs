@@ -80,7 +80,7 @@ fn render_refuses_invalid_input_with_every_error_and_prints_nothing() {
     let typo = dir.path().join("c-typo.yaml");
     std::fs::write(&typo, "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: t}\nspec:\n  command: /bin/true\n  autostrat: true\n").expect("write");
     let out = corral().args(["render", "-f"]).arg(dir.path()).output().expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(
         out.stdout.is_empty(),
         "printed {:?}",
@@ -143,7 +143,7 @@ fn import_refuses_what_it_cannot_express_and_names_the_line() {
     )
     .expect("write");
     let out = corral().arg("import").arg(&conf).output().expect("runs");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

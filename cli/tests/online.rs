@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use corral_agent::supervisor::ProcessState;
 use corral_tests::corral::{Agent, Controller, TOKEN};
 use corral_tests::etcd::Etcd;
@@ -65,7 +66,7 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: bad}\nspec:\n  selector: {}\n  command: \"/bin/true ; id\"\n  numprocs: 0\n",
     )?;
     let o = corral(s, &["apply", "-f", &bad.display().to_string()]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2), "invalid input");
     let (_, err) = text(&o);
     assert!(err.contains("spec.command") && err.contains("spec.numprocs"), "{err}");
 
@@ -199,12 +200,12 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         assert!(Instant::now() < deadline, "processes left behind");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Without a token: a one-line error, exit 2.
+    // Without a token: a one-line error; the controller refused (exit 1).
     let o = Command::new(env!("CARGO_BIN_EXE_corral"))
         .args(["--server", s, "get", "programs"])
         .env_remove("CORRAL_TOKEN")
         .output()?;
-    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("missing or invalid bearer token"));
     Ok(())
 }
@@ -272,5 +273,167 @@ async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Res
         "processes left behind: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+    Ok(())
+}
+
+/// The CLI's sharp edges, against a live controller (no agent needed): one exit-code table
+/// for every verb, names that cannot reach a URL unchecked (in the CLI and again in the API),
+/// closed pipes, JSON lists, a server without a scheme, a body past the API's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "c1").await?;
+    let s = controller.url.as_str();
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str, text: &str| -> anyhow::Result<String> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text)?;
+        Ok(p.display().to_string())
+    };
+    let shop = path(
+        "shop.yaml",
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: web}\nspec: {command: /bin/sleep 1000, selector: {role: nowhere}}\n\
+         ---\napiVersion: corral.dev/v1\nkind: Group\nmetadata: {name: tmpg}\nspec: {programs: [web]}\n",
+    )?;
+    assert!(corral(s, &["apply", "-f", &shop]).status.success());
+
+    // 2: invalid input, nothing sent. diff of an invalid file shows no diff.
+    let invalid = path(
+        "invalid.yaml",
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: web}\nspec: {command: '/bin/true ; id', selector: {}}\n",
+    )?;
+    for verb in ["apply", "diff"] {
+        let o = corral(s, &[verb, "-f", &invalid]);
+        assert_eq!(o.status.code(), Some(2), "{verb}: {:?}", text(&o));
+        assert!(o.stdout.is_empty(), "{verb} printed {:?}", text(&o).0);
+        assert!(text(&o).1.contains("spec.command"), "{:?}", text(&o));
+    }
+    // Names that would change the URL are refused by the CLI (2) and never reach the API.
+    for args in [
+        &["delete", "program", "../groups/tmpg"][..],
+        &["get", "program", "web?x=1"],
+        &["describe", "program", "a/b"],
+        &["stop", "web%2F.."],
+    ] {
+        let o = corral(s, args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {:?}", text(&o));
+        assert!(text(&o).1.contains("is not a valid name"), "{args:?}: {:?}", text(&o));
+    }
+    let o = corral(s, &["get", "groups"]);
+    assert!(text(&o).0.contains("tmpg"), "the group survived: {:?}", text(&o));
+    // The API refuses them too, whatever a client sends.
+    let http = reqwest::Client::new();
+    for raw in [
+        "/v1/programs/..%2Fgroups%2Ftmpg",
+        "/v1/groups/TMPG",
+        "/v1/programs/web%3Fx%3D1",
+    ] {
+        let r = http.delete(format!("{s}{raw}")).bearer_auth(TOKEN).send().await?;
+        assert_eq!(r.status().as_u16(), 400, "{raw}");
+        let body: serde_json::Value = r.json().await?;
+        assert!(
+            body["details"][0]
+                .as_str()
+                .unwrap_or_default()
+                .contains("metadata.name"),
+            "{raw}: {body}"
+        );
+    }
+    assert!(text(&corral(s, &["get", "groups"])).0.contains("tmpg"));
+
+    // 1: the controller refused (not found), with a hint when a group was meant.
+    assert_eq!(corral(s, &["get", "program", "nope"]).status.code(), Some(1));
+    assert_eq!(corral(s, &["delete", "program", "nope"]).status.code(), Some(1));
+    let o = corral(s, &["stop", "tmpg"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).1.contains("write `tmpg:`"), "{:?}", text(&o));
+
+    // 3: the controller cannot be reached, for every verb.
+    let nobody = format!("http://127.0.0.1:{}", corral_tests::free_port()?);
+    for args in [
+        &["get", "programs"][..],
+        &["status"],
+        &["apply", "-f", &shop],
+        &["diff", "-f", &shop],
+        &["delete", "program", "web"],
+        &["stop", "web"],
+        &["describe", "program", "web"],
+    ] {
+        let o = corral(&nobody, args);
+        assert_eq!(o.status.code(), Some(3), "{args:?}: {:?}", text(&o));
+        assert!(
+            text(&o).1.contains("cannot reach the controller"),
+            "{args:?}: {:?}",
+            text(&o)
+        );
+    }
+
+    // A server without a scheme is plain HTTP; one that is no URL says so (2).
+    let bare = s.trim_start_matches("http://");
+    assert!(corral(bare, &["get", "programs"]).status.success());
+    let o = corral("not a url", &["get", "programs"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).1.contains("is not the controller's URL"), "{:?}", text(&o));
+
+    // What `get -o json` prints applies as it is.
+    let listed = corral(s, &["get", "programs", "-o", "json"]);
+    assert!(listed.status.success());
+    let mut apply = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["--server", s, "--token", TOKEN, "apply", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        apply.stdin.take().context("stdin")?.write_all(&listed.stdout)?;
+    }
+    let o = apply.wait_with_output()?;
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(text(&o).0.contains("program/web unchanged"), "{:?}", text(&o));
+
+    // A reader that closes the pipe ends the CLI quietly, not with a panic.
+    for args in [
+        &["describe", "program", "web"][..],
+        &["get", "programs", "-o", "yaml"],
+        &["render", "-f", &shop],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["--server", s, "--token", TOKEN])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        drop(child.stdout.take());
+        let o = child.wait_with_output()?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+    }
+
+    // A body past the API's limit: 413, with the limit, as JSON.
+    let r = http
+        .put(format!("{s}/v1/programs/web"))
+        .bearer_auth(TOKEN)
+        .body(vec![b' '; 2 << 20])
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 413);
+    let body: serde_json::Value = r.json().await?;
+    assert!(
+        body["error"].as_str().unwrap_or_default().contains("1048576 bytes"),
+        "{body}"
+    );
+    // A file with one object past the object limit is refused by the CLI, naming the limit.
+    let huge = path(
+        "huge.yaml",
+        &format!(
+            "apiVersion: corral.dev/v1\nkind: Group\nmetadata: {{name: huge}}\nspec: {{programs: [{}]}}\n",
+            (0..8000).map(|i| format!("p{i:05}")).collect::<Vec<_>>().join(", ")
+        ),
+    )?;
+    let o = corral(s, &["apply", "-f", &huge]);
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).1.contains("65536-byte limit"), "{:?}", text(&o));
     Ok(())
 }

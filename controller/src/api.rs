@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,6 +23,53 @@ use crate::placement::selects;
 use crate::status::{fleet_status, host_readiness, program_status};
 use crate::store::{Applied, Object, Store, StoreError};
 use corral_proto::fleet::FleetStatus;
+
+/// A program or group name from the request path, refused with 400 unless it is a valid name
+/// (names become etcd key segments and file names: `..`, `/` or `?` never get that far).
+pub struct Name(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Name {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Name, ApiError> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        corral_proto::validate::check_name(&name).map_err(|why| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: "invalid name in the request path".to_string(),
+            details: vec![format!("metadata.name: {why}")],
+        })?;
+        Ok(Name(name))
+    }
+}
+
+/// The largest request body the API reads: many times the largest object
+/// ([`corral_proto::validate::MAX_OBJECT_BYTES`]), far below etcd's request limit.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// A request body as text; one past [`MAX_BODY_BYTES`] is refused with 413 and the limit.
+pub struct Body(pub String);
+
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Body, ApiError> {
+        String::from_request(req, state).await.map(Body).map_err(|e| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!(
+                        "the request is larger than the API accepts ({MAX_BODY_BYTES} bytes; one object may have {} bytes)",
+                        corral_proto::validate::MAX_OBJECT_BYTES
+                    ),
+                )
+            } else {
+                ApiError::new(e.status(), e.body_text())
+            }
+        })
+    }
+}
 
 /// Shared by every request.
 #[derive(Clone)]
@@ -149,6 +196,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .nest("/v1", v1)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -271,7 +319,7 @@ async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<
 async fn apply_any(
     State(state): State<AppState>,
     Query(q): Query<DryRun>,
-    body: String,
+    Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
     let r = parse_body(&body)?;
     Ok(Json(apply_resource(&state, r, q.dry_run).await?))
@@ -300,18 +348,18 @@ async fn put_named(
 
 async fn put_program(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Query(q): Query<DryRun>,
-    body: String,
+    Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
     put_named(&state, Kind::Program, &name, q.dry_run, &body).await
 }
 
 async fn put_group(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Query(q): Query<DryRun>,
-    body: String,
+    Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
     put_named(&state, Kind::Group, &name, q.dry_run, &body).await
 }
@@ -347,7 +395,7 @@ async fn get_one<T: Object>(store: &Store, name: &str) -> Result<T, ApiError> {
     })
 }
 
-async fn get_program(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Program> {
+async fn get_program(State(state): State<AppState>, Name(name): Name) -> ApiResult<Program> {
     let p = get_one::<Program>(&state.store, &name).await?;
     let mut with = with_status(&state.store, vec![p]).await?;
     with.pop()
@@ -357,7 +405,7 @@ async fn get_program(State(state): State<AppState>, Path(name): Path<String>) ->
 
 async fn delete_program(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Query(q): Query<DryRun>,
 ) -> ApiResult<serde_json::Value> {
     state.store.delete::<Program>(&name, q.dry_run).await?;
@@ -370,13 +418,13 @@ async fn list_groups(State(state): State<AppState>) -> ApiResult<Vec<Group>> {
     Ok(Json(state.store.list::<Group>().await?))
 }
 
-async fn get_group(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Group> {
+async fn get_group(State(state): State<AppState>, Name(name): Name) -> ApiResult<Group> {
     Ok(Json(get_one::<Group>(&state.store, &name).await?))
 }
 
 async fn delete_group(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    Name(name): Name,
     Query(q): Query<DryRun>,
 ) -> ApiResult<serde_json::Value> {
     state.store.delete::<Group>(&name, q.dry_run).await?;

@@ -650,12 +650,34 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
             max_documents: MAX_DOCUMENTS,
         },
     };
-    let docs: Vec<Option<Resource>> =
+    let docs: Vec<Option<OneOrMany>> =
         serde_saphyr::from_multiple_with_options(text, options).map_err(|e| ParseError {
             source_name: source_name.to_string(),
             message: e.to_string(),
         })?;
-    Ok(docs.into_iter().flatten().collect())
+    Ok(docs.into_iter().flatten().flat_map(|d| d.0).collect())
+}
+
+/// A document: one resource, or a list of them (what `corral get programs -o json` prints).
+struct OneOrMany(Vec<Resource>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<OneOrMany, D::Error> {
+        struct V;
+        impl<'de> de::Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a resource (a mapping with kind, metadata and spec) or a list of them")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<OneOrMany, A::Error> {
+                Resource::deserialize(de::value::MapAccessDeserializer::new(map)).map(|r| OneOrMany(vec![r]))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<OneOrMany, A::Error> {
+                Vec::<Resource>::deserialize(de::value::SeqAccessDeserializer::new(seq)).map(OneOrMany)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Parses one JSON resource, as the API receives it; the error names the field path.
@@ -697,6 +719,18 @@ mod tests {
     fn a_file_may_hold_thousands_of_documents() {
         let text = vec![WEB; 2_000].join("---\n");
         assert_eq!(parse_documents("fleet.yaml", &text).expect("parses").len(), 2_000);
+    }
+
+    #[test]
+    fn a_document_may_be_a_list_of_resources() {
+        let json = serde_json::to_string(&[&parse_documents("t.yaml", WEB).expect("parses")[0]; 2]).expect("json");
+        let docs = parse_documents("-", &json).expect("a JSON list parses");
+        assert_eq!(docs.len(), 2);
+        // Errors inside a list still name the field.
+        refused(
+            "- apiVersion: corral.dev/v1\n  kind: Program\n  metadata: {name: web}\n  spec: {command: x, autorestrat: true}\n",
+            "autorestrat",
+        );
     }
 
     #[test]

@@ -328,6 +328,21 @@ fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
 /// The largest spec a Program may have, serialized as JSON.
 pub const MAX_SPEC_BYTES: usize = 32 * 1024;
 
+/// The largest Program or Group, metadata and all, serialized as JSON: every object is one
+/// etcd value, and every host's assignment carries its program.
+pub const MAX_OBJECT_BYTES: usize = 64 * 1024;
+
+/// Refuses an object larger than [`MAX_OBJECT_BYTES`].
+fn object_size<T: serde::Serialize>(e: &mut Errors, o: &T) {
+    let size = serde_json::to_vec(o).map_or(0, |v| v.len());
+    if size > MAX_OBJECT_BYTES {
+        e.add(
+            "metadata",
+            format!("the object is {size} bytes, more than the {MAX_OBJECT_BYTES}-byte limit"),
+        );
+    }
+}
+
 /// Validates a Program, collecting every field error.
 ///
 /// # Errors
@@ -504,6 +519,7 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     {
         e.add("spec.serverurl", "must be AUTO or an http://, https:// or unix:// URL");
     }
+    object_size(&mut e, &p);
     let resource = format!("Program {:?}", p.metadata.name);
     e.finish(resource, p)
 }
@@ -576,6 +592,7 @@ pub fn validate_group(g: Group) -> Result<Valid<Group>, ValidationErrors> {
         }
     }
     e.range("spec.priority", g.spec.priority, 0, MAX_PRIORITY);
+    object_size(&mut e, &g);
     let resource = format!("Group {:?}", g.metadata.name);
     e.finish(resource, g)
 }
