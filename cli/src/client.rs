@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use corral_proto::api::{ApplyResult, ProgramAction};
 use corral_proto::fleet::FleetStatus;
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use serde::de::DeserializeOwned;
@@ -162,7 +163,7 @@ impl ApiClient {
     ///
     /// # Errors
     /// Validation (422, every field error in `details`), conflicts (409), transport.
-    pub async fn apply(&self, r: &Resource, dry_run: bool) -> Result<Value, ClientError> {
+    pub async fn apply(&self, r: &Resource, dry_run: bool) -> Result<ApplyResult<Resource>, ClientError> {
         let url = self.object_url(Self::collection(r.kind()), &r.metadata().name)?;
         self.send(self.http.put(format!("{url}?dry_run={dry_run}")).json(r))
             .await
@@ -211,12 +212,25 @@ impl ApiClient {
         self.send(self.http.delete(format!("{url}?dry_run={dry_run}"))).await
     }
 
+    /// Starts, stops, restarts or signals a program: one atomic change on the controller.
+    ///
+    /// # Errors
+    /// 404 when absent, 422 for a signal that is not one, transport.
+    pub async fn act(&self, name: &str, action: &ProgramAction) -> Result<ApplyResult<Program>, ClientError> {
+        let url = format!("{}/action", self.object_url("programs", name)?);
+        self.send(self.http.post(url).json(action)).await
+    }
+
     /// Reads a program, changes its spec with `f`, and writes it back on the same
     /// `resourceVersion`, retrying a few times if someone else wrote in between.
     ///
     /// # Errors
     /// Whatever the last attempt met.
-    pub async fn update_program(&self, name: &str, f: impl Fn(&mut Program)) -> Result<Value, ClientError> {
+    pub async fn update_program(
+        &self,
+        name: &str,
+        f: impl Fn(&mut Program),
+    ) -> Result<ApplyResult<Resource>, ClientError> {
         let mut attempt = 0;
         loop {
             let mut p = self.program(name).await?;

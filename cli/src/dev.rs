@@ -235,7 +235,7 @@ async fn start_all(
                 "{}/{} {}",
                 r.kind().as_str().to_lowercase(),
                 r.metadata().name,
-                v["result"].as_str().unwrap_or("")
+                v.result.as_str()
             );
         }
     }

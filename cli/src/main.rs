@@ -15,9 +15,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use corral_cli::client::ApiClient;
-use corral_proto::resource::DesiredState;
+use corral_proto::api::ProgramAction;
 
-use crate::online::{Change, DescribeKind, KindArg, Output, What};
+use crate::online::{DescribeKind, KindArg, Output, What};
 
 /// Declarative, continuously reconciled supervisord across a fleet.
 #[derive(Debug, Parser)]
@@ -160,13 +160,20 @@ async fn main() -> ExitCode {
                 };
                 online::delete(&api()?, target, files, *dry_run).await
             }
-            Command::Start { name } => online::change(&api()?, name, Change::State(DesiredState::Running)).await,
-            Command::Stop { name } => online::change(&api()?, name, Change::State(DesiredState::Stopped)).await,
-            Command::Restart { name } => online::change(&api()?, name, Change::Restart).await,
+            Command::Start { name } => online::change(&api()?, name, ProgramAction::Start).await,
+            Command::Stop { name } => online::change(&api()?, name, ProgramAction::Stop).await,
+            Command::Restart { name } => online::change(&api()?, name, ProgramAction::Restart).await,
             Command::Signal { signal, name } => {
                 let sig = corral_proto::signal::canonical(signal)
                     .ok_or_else(|| anyhow::anyhow!("{signal:?} is not a signal name (HUP, INT, USR1, USR2, ...)"))?;
-                online::change(&api()?, name, Change::Signal(sig)).await
+                online::change(
+                    &api()?,
+                    name,
+                    ProgramAction::Signal {
+                        signal: sig.to_string(),
+                    },
+                )
+                .await
             }
             Command::Status { output } => online::status(&api()?, *output).await,
         }

@@ -7,6 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use comfy_table::{Table, presets::NOTHING};
 use corral_cli::client::{ApiClient, ClientError};
+use corral_proto::api::{ApplyResult, Outcome, ProgramAction};
 use corral_proto::fleet::{FleetStatus, ProgramStatusView};
 use corral_proto::resource::{DesiredState, Group, Kind, Program, ProgramSpec, Resource};
 use corral_proto::{validate_group, validate_program};
@@ -101,9 +102,9 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
     };
     let mut results = futures_util::stream::iter(programs.into_iter().map(apply_one)).buffered(APPLY_IN_FLIGHT);
     let mut worst = exit::Worst::default();
-    let mut show = |what: String, result: Result<serde_json::Value, ClientError>| match result {
+    let mut show = |what: String, result: Result<ApplyResult<Resource>, ClientError>| match result {
         Ok(v) => {
-            let result = v["result"].as_str().unwrap_or("applied");
+            let result = v.result.as_str();
             outln!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
         }
         Err(e) => {
@@ -556,46 +557,25 @@ async fn targets(api: &ApiClient, name: &str) -> Result<Vec<String>, ClientError
     }
 }
 
-fn now_marker() -> String {
-    let d = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
-}
-
-/// What `start`, `stop` and `restart` change.
-#[derive(Clone, Copy, Debug)]
-pub enum Change {
-    State(DesiredState),
-    Restart,
-    Signal(&'static str),
-}
-
-/// `start|stop|restart|signal NAME|GROUP:`: a spec change through the API, so every host follows
-/// (and a stopped program stays stopped, across supervisord restarts too).
-pub async fn change(api: &ApiClient, name: &str, change: Change) -> anyhow::Result<ExitCode> {
-    let marker = now_marker();
+/// `start|stop|restart|signal NAME|GROUP:`: an action on each program, carried out by the
+/// controller as one atomic spec change (so every host follows, a stopped program stays
+/// stopped across supervisord restarts, and concurrent actions never lose a race).
+pub async fn change(api: &ApiClient, name: &str, action: ProgramAction) -> anyhow::Result<ExitCode> {
     let mut worst = exit::Worst::default();
     for program in targets(api, name).await.with_context(|| format!("resolve {name}"))? {
-        let r = api
-            .update_program(&program, |p| match change {
-                Change::State(s) => p.spec.state = s,
-                Change::Restart => p.spec.restarted_at = Some(marker.clone()),
-                Change::Signal(sig) => {
-                    p.spec.signal_request = Some(corral_proto::SignalRequest {
-                        signal: sig.to_string(),
-                        id: marker.clone(),
-                    })
-                }
-            })
-            .await;
-        match r {
-            Ok(v) => {
-                let verb = match change {
-                    Change::State(DesiredState::Running) => "started",
-                    Change::State(DesiredState::Stopped) => "stopped",
-                    Change::Restart => "restarting",
-                    Change::Signal(_) => "signalled",
+        match api.act(&program, &action).await {
+            Ok(r) => {
+                let verb = match action {
+                    ProgramAction::Start => "started",
+                    ProgramAction::Stop => "stopped",
+                    ProgramAction::Restart => "restarting",
+                    ProgramAction::Signal { .. } => "signalled",
                 };
-                let note = if v["result"] == "unchanged" { " (already)" } else { "" };
+                let note = if r.result == Outcome::Unchanged {
+                    " (already)"
+                } else {
+                    ""
+                };
                 outln!("program/{program} {verb}{note}");
             }
             Err(e) => {

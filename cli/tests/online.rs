@@ -348,6 +348,33 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).1.contains("write `tmpg:`"), "{:?}", text(&o));
 
+    // Ten restarts at once all succeed: each is one atomic change on the controller.
+    let before = controller.api()?.program("web").await?;
+    let restarts: Vec<_> = (0..10)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_corral"))
+                .args(["--server", s, "--token", TOKEN, "restart", "web"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+        })
+        .collect::<Result<_, _>>()?;
+    for child in restarts {
+        let o = child.wait_with_output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let after = controller.api()?.program("web").await?;
+    assert!(after.metadata.generation > before.metadata.generation);
+    assert_ne!(after.spec.restarted_at, before.spec.restarted_at);
+    // The API checks an action as it checks a spec.
+    let r = http
+        .post(format!("{s}/v1/programs/web/action"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"action": "signal", "signal": "NOPE"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 422);
+
     // 3: the controller cannot be reached, for every verb.
     let nobody = format!("http://127.0.0.1:{}", corral_tests::free_port()?);
     for args in [

@@ -11,10 +11,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use corral_proto::api::{ApplyResult, Outcome, ProgramAction};
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use corral_proto::{ValidationErrors, parse_json, validate_group, validate_program};
 use prometheus_client::registry::Registry;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::leader::ApiSide;
@@ -119,6 +120,7 @@ impl From<StoreError> for ApiError {
         let status = match &e {
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             StoreError::Conflict(_) => StatusCode::CONFLICT,
+            StoreError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StoreError::Etcd(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
@@ -155,21 +157,11 @@ pub struct DryRun {
     dry_run: bool,
 }
 
-/// The answer to an apply.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ApplyResult<T> {
-    /// `created`, `configured` or `unchanged`, as kubectl says it.
-    pub result: &'static str,
-    pub dry_run: bool,
-    pub object: T,
-}
-
 fn apply_result<T>(a: Applied<T>, dry_run: bool) -> ApplyResult<T> {
     let result = match (a.created, a.changed) {
-        (true, _) => "created",
-        (false, true) => "configured",
-        (false, false) => "unchanged",
+        (true, _) => Outcome::Created,
+        (false, true) => Outcome::Configured,
+        (false, false) => Outcome::Unchanged,
     };
     ApplyResult {
         result,
@@ -186,6 +178,7 @@ pub fn router(state: AppState) -> Router {
             "/programs/{name}",
             get(get_program).put(put_program).delete(delete_program),
         )
+        .route("/programs/{name}/action", axum::routing::post(program_action))
         .route("/groups", get(list_groups).post(apply_any))
         .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/hosts", get(list_hosts))
@@ -401,6 +394,32 @@ async fn get_program(State(state): State<AppState>, Name(name): Name) -> ApiResu
     with.pop()
         .map(Json)
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))
+}
+
+/// `POST /v1/programs/NAME/action`: start, stop, restart or signal, as one atomic change of
+/// the stored spec (restart markers and signal ids are made here, once for every client).
+async fn program_action(
+    State(state): State<AppState>,
+    Name(name): Name,
+    Body(body): Body,
+) -> ApiResult<ApplyResult<Program>> {
+    let action: ProgramAction = serde_json::from_str(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the action ({{\"action\": \"start|stop|restart|signal\", \"signal\": ...}}): {e}"),
+        )
+    })?;
+    let marker = {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+    };
+    let applied = state
+        .store
+        .update::<Program>(&name, |p| action.apply_to(&mut p.spec, &marker))
+        .await?;
+    Ok(Json(apply_result(applied, false)))
 }
 
 async fn delete_program(

@@ -24,6 +24,9 @@ pub enum StoreError {
     /// The write was based on a stale `resourceVersion`, or raced another write.
     #[error("{0}")]
     Conflict(String),
+    /// A change the object cannot take.
+    #[error("{0}")]
+    Invalid(String),
     #[error("etcd: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("etcd: {0} timed out")]
@@ -292,6 +295,35 @@ impl Store {
         let mut o: T = decode(kv.key(), kv.value())?;
         o.metadata_mut().resource_version = Some(kv.mod_revision().to_string());
         Ok(Some(o))
+    }
+
+    /// Changes the stored object `name` with `f` in one read-modify-write, read again and
+    /// retried when another write came in between, so concurrent updates all take effect.
+    ///
+    /// # Errors
+    /// `NotFound`; what `f` refuses (as `Invalid`); etcd errors; a conflict that outlasts
+    /// the retries.
+    pub async fn update<T: Object>(
+        &self,
+        name: &str,
+        f: impl Fn(&mut T) -> Result<(), String>,
+    ) -> Result<Applied<T>, StoreError> {
+        let mut attempt = 0u32;
+        loop {
+            let mut current = self.get::<T>(name).await?.ok_or_else(|| StoreError::NotFound {
+                kind: T::KIND,
+                name: name.to_string(),
+            })?;
+            f(&mut current).map_err(StoreError::Invalid)?;
+            // `get` sets the resource version it read: `apply` writes only on that one.
+            match self.apply(current, false).await {
+                Err(StoreError::Conflict(_)) if attempt < 20 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Creates or replaces an object (already validated).

@@ -4,6 +4,7 @@
 //! Architecture Invariant: this crate does no I/O. Everything here is a function of its
 //! arguments, so the agent, the controller and the CLI agree on what a spec means.
 
+pub mod api;
 pub mod fleet;
 pub mod import;
 pub mod ini;

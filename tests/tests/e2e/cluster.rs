@@ -24,7 +24,7 @@ async fn a_three_member_cluster_survives_losing_a_member() -> anyhow::Result<()>
 
     cluster.kill_member(0);
     let r = api.apply(&program("/bin/sleep 2000"), false).await?;
-    assert_eq!(r["result"], "configured");
+    assert_eq!(r.result.as_str(), "configured");
     wait_for(&api, Duration::from_secs(60), |s| {
         converged(s) && s.programs[0].generation == 2
     })

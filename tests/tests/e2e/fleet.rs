@@ -97,7 +97,7 @@ async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Res
     let fleet = Fleet::start().await?;
     let api = fleet.api()?;
     let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
-    assert_eq!(r["result"], "created");
+    assert_eq!(r.result.as_str(), "created");
     api.apply(&program("everywhere", |_| {}), false).await?;
     api.apply(
         &program("pinned", |s| {
@@ -124,19 +124,13 @@ async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Res
 
     // The same spec again: unchanged, generation stays.
     let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
-    assert_eq!(
-        (r["result"].as_str(), r["object"]["metadata"]["generation"].as_u64()),
-        (Some("unchanged"), Some(1))
-    );
+    assert_eq!((r.result.as_str(), r.object.metadata().generation), ("unchanged", 1));
 
     // A change to one program restarts only it, on every host it runs on.
     let r = api
         .apply(&program("everywhere", |s| s.command = "/bin/sleep 1001".into()), false)
         .await?;
-    assert_eq!(
-        (r["result"].as_str(), r["object"]["metadata"]["generation"].as_u64()),
-        (Some("configured"), Some(2))
-    );
+    assert_eq!((r.result.as_str(), r.object.metadata().generation), ("configured", 2));
     wait_for(&api, WAIT, |s| {
         converged(s) && s.programs.iter().all(|p| p.generation == 1 || p.updated == p.desired)
     })
@@ -163,7 +157,7 @@ async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Res
     let restarted = fleet.nodes[0].pids().await?["web"].0;
     assert_ne!(restarted, web_pid);
     let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
-    assert_eq!(r["result"], "unchanged");
+    assert_eq!(r.result.as_str(), "unchanged");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(fleet.nodes[0].pids().await?["web"].0, restarted);
 
@@ -208,7 +202,7 @@ async fn the_api_validates_authenticates_and_refuses_stale_writes() -> anyhow::R
 
     // Dry run writes nothing.
     let r = api.apply(&program("dry", |_| {}), true).await?;
-    assert_eq!(r["result"], "created");
+    assert_eq!(r.result.as_str(), "created");
     assert_eq!(api.program("dry").await.expect_err("dry run").status(), Some(404));
 
     // Stale resourceVersion: 409.
