@@ -75,14 +75,14 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-fn token() -> anyhow::Result<String> {
+fn fresh_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Runs until Ctrl-C (or SIGTERM), then stops every process it started.
-pub async fn dev(dir: &Path, apply: Option<&Path>, port: u16) -> anyhow::Result<ExitCode> {
+pub async fn dev(dir: &Path, apply: Option<&Path>, port: u16, token: Option<&str>) -> anyhow::Result<ExitCode> {
     let dir = std::path::absolute(dir)?;
     let logs = dir.join("logs");
     let conf_d = dir.join("conf.d");
@@ -90,7 +90,7 @@ pub async fn dev(dir: &Path, apply: Option<&Path>, port: u16) -> anyhow::Result<
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
     let mut servers: Vec<Server> = Vec::new();
-    let result = start_all(&dir, &logs, &conf_d, apply, port, &mut servers).await;
+    let result = start_all(&dir, &logs, &conf_d, apply, port, token, &mut servers).await;
     let code = match result {
         Ok(()) => {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -128,6 +128,7 @@ async fn start_all(
     conf_d: &Path,
     apply: Option<&Path>,
     port: u16,
+    token: Option<&str>,
     servers: &mut Vec<Server>,
 ) -> anyhow::Result<()> {
     // etcd
@@ -173,7 +174,11 @@ async fn start_all(
     wait_until("supervisord", Duration::from_secs(20), async || socket.exists()).await?;
 
     // controller
-    let token = token()?;
+    // The caller's --token/CORRAL_TOKEN if given, else a fresh one.
+    let token = match token {
+        Some(t) => t.to_string(),
+        None => fresh_token()?,
+    };
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{token}\n"))?;
     let api_port = free_port(port)?;
@@ -206,9 +211,11 @@ async fn start_all(
     } else {
         "local".to_string()
     };
+    let metrics = format!("127.0.0.1:{}", free_port(29100)?);
     let mut agent = Command::new(sibling("corral-agent"));
     agent
         .args(["--etcd-endpoints", &etcd_url, "--host", &host, "--labels", "role=app"])
+        .args(["--metrics-listen", &metrics])
         .args(["--supervisor-url", &format!("unix://{}", socket.display())])
         .arg("--conf-dir")
         .arg(conf_d)
@@ -227,22 +234,29 @@ async fn start_all(
         let docs = read_resources(&[apply.display().to_string()])?;
         anyhow::ensure!(docs.errors.is_empty(), "{}", docs.errors.join("\n"));
         for (_, r) in docs.resources.iter().filter(|(_, r)| !matches!(r, Resource::Host(_))) {
-            let v = api
-                .apply(r, false)
-                .await
-                .with_context(|| format!("apply {}", r.metadata().name))?;
-            outln!(
-                "{}/{} {}",
-                r.kind().as_str().to_lowercase(),
-                r.metadata().name,
-                v.result.as_str()
-            );
+            let what = format!("{}/{}", r.kind().as_str().to_lowercase(), r.metadata().name);
+            // Only what is not there yet: a second run keeps what the user changed since
+            // (a `corral stop` stays stopped); delete the dir to start afresh.
+            let exists = match r {
+                Resource::Program(_) => api.program(&r.metadata().name).await.is_ok(),
+                _ => api.group(&r.metadata().name).await.is_ok(),
+            };
+            if exists {
+                outln!("{what} kept as it is");
+                continue;
+            }
+            let v = api.apply(r, false).await.with_context(|| format!("apply {what}"))?;
+            outln!("{what} {}", v.result.as_str());
         }
     }
     outln!(
-        "\nCorral is running on this host ({host}), everything under {dir}.\n\n  export CORRAL_SERVER={server}\n  export CORRAL_TOKEN={token}\n\nthen try:\n  corral get programs\n  corral status\n  corral describe program gunicorn\n  supervisorctl -c {conf} status     # what supervisord runs\n  corral stop celery-beat && corral get programs\n  corral restart myapp:\n\nready. Ctrl-C stops everything.",
+        "\nCorral is running on this host ({host}), everything under {dir}.\n\n  export PATH={bin}:$PATH\n  export CORRAL_SERVER={server}\n  export CORRAL_TOKEN={token}\n\nthen try:\n  corral get programs\n  corral status\n  corral describe program gunicorn\n  supervisorctl -c {conf} status     # what supervisord runs\n  corral stop celery-beat && corral get programs\n  corral restart myapp:\n  curl -s http://{metrics}/metrics | grep corral_program   # the agent's metrics\n\nready. Ctrl-C stops everything.",
         dir = dir.display(),
-        conf = conf_path.display()
+        conf = conf_path.display(),
+        bin = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|p| p.display().to_string()))
+            .unwrap_or_else(|| ".".into())
     );
     Ok(())
 }

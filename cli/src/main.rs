@@ -136,8 +136,13 @@ async fn main() -> ExitCode {
             Command::Render { files } => offline::render(files),
             Command::Import { paths, selector, hosts } => offline::import(paths, selector.as_deref(), hosts.as_deref()),
             Command::Dev { dir, apply, port } => {
-                let apply = apply.exists().then_some(apply.as_path());
-                dev::dev(dir, apply, *port).await
+                let apply = if apply.exists() {
+                    Some(apply.as_path())
+                } else {
+                    eprintln!("note: {} does not exist: nothing will be applied", apply.display());
+                    None
+                };
+                dev::dev(dir, apply, *port, cli.token.as_deref()).await
             }
             Command::Apply { files, dry_run } => online::apply(&api()?, files, *dry_run).await,
             Command::Diff { files, show_secrets } => online::diff(&api()?, files, *show_secrets).await,

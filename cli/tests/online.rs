@@ -210,17 +210,16 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let port = corral_tests::free_port()?;
+/// Starts `corral dev` in `dir` and waits for "ready."; returns it and what it printed.
+fn start_dev(dir: &Path, port: u16, token: &str) -> (std::process::Child, Vec<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["dev", "--dir"])
-        .arg(dir.path())
+        .args(["--token", token, "dev", "--dir"])
+        .arg(dir)
         .args(["--apply", &repo("deploy/examples"), "--port", &port.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn()?;
+        .spawn()
+        .expect("corral dev starts");
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -236,18 +235,50 @@ async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Res
             Err(_) => assert!(Instant::now() < deadline, "corral dev never got ready: {printed:#?}"),
         }
     }
-    let token = printed
-        .iter()
-        .find_map(|l| l.trim().strip_prefix("export CORRAL_TOKEN="))
-        .expect("token printed")
-        .to_string();
+    (child, printed)
+}
+
+/// Ctrl-C, then waits for `corral dev` to stop; nothing of `dir` may keep running.
+async fn stop_dev(mut child: std::process::Child, dir: &Path) -> anyhow::Result<()> {
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        assert!(Instant::now() < deadline, "corral dev did not stop");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let left = Command::new("pgrep").arg("-f").arg(dir).output()?;
+    assert!(
+        left.stdout.is_empty(),
+        "processes left behind: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let port = corral_tests::free_port()?;
+    let token = "my-dev-token";
+    let (child, printed) = start_dev(dir.path(), port, token);
+    // The caller's token is the one in use.
+    assert!(
+        printed
+            .iter()
+            .any(|l| l.trim() == format!("export CORRAL_TOKEN={token}")),
+        "{printed:#?}"
+    );
     let server = format!("http://127.0.0.1:{port}");
     assert!(printed.iter().any(|l| l.contains(&server)), "{printed:#?}");
+    let dev = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["--server", &server, "--token", token])
+            .args(args)
+            .output()
+    };
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let o = Command::new(env!("CARGO_BIN_EXE_corral"))
-            .args(["--server", &server, "--token", &token, "status"])
-            .output()?;
+        let o = dev(&["status"])?;
         if o.status.success() {
             assert!(String::from_utf8_lossy(&o.stdout).contains("Programs: 3 declared, 0 not as declared"));
             break;
@@ -259,21 +290,37 @@ async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-
-    // Ctrl-C: everything stops.
-    Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait()?.is_none() {
-        assert!(Instant::now() < deadline, "corral dev did not stop");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // The agent's metrics, where dev says they are.
+    let url = printed
+        .iter()
+        .find_map(|l| {
+            l.split_whitespace()
+                .find(|w| w.starts_with("http://") && w.ends_with("/metrics"))
+        })
+        .context("no metrics URL printed")?
+        .to_string();
+    assert!(reqwest::get(&url).await?.text().await?.contains("corral_reconcile"));
+    assert!(dev(&["stop", "celery-beat"])?.status.success());
+    stop_dev(child, dir.path()).await?;
+    // Logs in files are plain text.
+    for log in ["agent.log", "controller.log"] {
+        let text = std::fs::read_to_string(dir.path().join("logs").join(log))?;
+        assert!(!text.is_empty() && !text.contains('\u{1b}'), "{log} has escape codes");
     }
-    let left = Command::new("pgrep").arg("-f").arg(dir.path()).output()?;
+
+    // Again in the same dir: what the user changed stays as it is.
+    let (child, printed) = start_dev(dir.path(), port, token);
     assert!(
-        left.stdout.is_empty(),
-        "processes left behind: {}",
-        String::from_utf8_lossy(&left.stdout)
+        printed.iter().any(|l| l == "program/celery-beat kept as it is"),
+        "{printed:#?}"
     );
-    Ok(())
+    let o = dev(&["get", "program", "celery-beat", "-o", "json"])?;
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("\"state\": \"stopped\""),
+        "{:?}",
+        text(&o)
+    );
+    stop_dev(child, dir.path()).await
 }
 
 /// The CLI's sharp edges, against a live controller (no agent needed): one exit-code table
