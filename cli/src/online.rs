@@ -119,7 +119,46 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
         let (what, result) = apply_one(r).await;
         show(what, result);
     }
+    if !dry_run {
+        warn_applied(api, &valid).await;
+    }
     Ok(worst.code())
+}
+
+/// Says what of the applied resources is probably not what was meant (a program that runs
+/// nowhere, a group naming a program that does not exist); best effort, exit code unchanged.
+async fn warn_applied(api: &ApiClient, applied: &[Resource]) {
+    let programs: Vec<Program> = applied
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Program(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    let groups: Vec<Group> = applied
+        .iter()
+        .filter_map(|r| match r {
+            Resource::Group(g) => Some(g.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut warnings = Vec::new();
+    if !programs.is_empty()
+        && let Ok(hosts) = api.hosts().await
+    {
+        warnings.extend(corral_proto::fleet::runs_nowhere(&programs, &hosts));
+    }
+    let mut known: std::collections::BTreeSet<String> = programs.iter().map(|p| p.metadata.name.clone()).collect();
+    // The stored programs only when a group names one the file does not hold.
+    if groups.iter().flat_map(|g| &g.spec.programs).any(|p| !known.contains(p))
+        && let Ok(stored) = api.programs().await
+    {
+        known.extend(stored.into_iter().map(|p| p.metadata.name));
+    }
+    warnings.extend(corral_proto::fleet::missing_members(&groups, &known));
+    for w in warnings {
+        eprintln!("warning: {w}");
+    }
 }
 
 /// What the controller would refuse in `resources` (validated as it validates them), each
@@ -600,6 +639,12 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
             outln!("Control plane: {} problem(s)", s.control_plane.len());
             for p in &s.control_plane {
                 outln!("  {p}");
+            }
+        }
+        if !s.warnings.is_empty() {
+            outln!("Warnings: {}", s.warnings.len());
+            for w in &s.warnings {
+                outln!("  {w}");
             }
         }
         outln!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);

@@ -342,7 +342,36 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
         "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: web}\nspec: {command: /bin/sleep 1000, selector: {role: nowhere}}\n\
          ---\napiVersion: corral.dev/v1\nkind: Group\nmetadata: {name: tmpg}\nspec: {programs: [web]}\n",
     )?;
-    assert!(corral(s, &["apply", "-f", &shop]).status.success());
+    // Accepted, with a warning each: a program that runs nowhere, a group naming a program
+    // that does not exist; `status` says so too.
+    let o = corral(s, &["apply", "-f", &shop]);
+    assert!(o.status.success(), "{:?}", text(&o));
+    assert!(
+        text(&o)
+            .1
+            .contains("warning: program \"web\" selects no registered host (selector: role=nowhere)"),
+        "{:?}",
+        text(&o)
+    );
+    let lost = path(
+        "lost.yaml",
+        "apiVersion: corral.dev/v1\nkind: Group\nmetadata: {name: lost}\nspec: {programs: [web, ghost]}\n",
+    )?;
+    let o = corral(s, &["apply", "-f", &lost]);
+    assert!(o.status.success());
+    assert!(
+        text(&o)
+            .1
+            .contains("warning: group \"lost\" names programs that do not exist: ghost"),
+        "{:?}",
+        text(&o)
+    );
+    let (status, _) = text(&corral(s, &["status"]));
+    assert!(
+        status.contains("Warnings: 2") && status.contains("ghost") && status.contains("runs nowhere"),
+        "{status}"
+    );
+    assert!(corral(s, &["delete", "group", "lost"]).status.success());
 
     // 2: invalid input, nothing sent. diff of an invalid file shows no diff.
     let invalid = path(

@@ -491,5 +491,11 @@ async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiErro
     let mut health = store.health().await?;
     health.unreadable.extend(store.unreadable());
     status.control_plane = health.problems();
+    let groups: Vec<Group> = store.list().await?;
+    let known = programs.iter().map(|p| p.metadata.name.clone()).collect();
+    status.warnings = corral_proto::fleet::runs_nowhere(&programs, &hosts);
+    status
+        .warnings
+        .extend(corral_proto::fleet::missing_members(&groups, &known));
     Ok((status, names))
 }

@@ -338,6 +338,7 @@ impl Index {
             not_ready_hosts: not_ready_reasons.keys().cloned().collect(),
             not_ready_reasons,
             control_plane: problems,
+            warnings: Vec::new(),
             programs,
         };
         (status, self.hosts.keys().cloned().collect())

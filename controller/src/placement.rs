@@ -12,11 +12,7 @@ pub type Slot = (String, String);
 /// Whether `program` selects `host`: every selector label matches (`{}` selects all), or the
 /// host is named in `hosts`.
 pub fn selects(program: &Program, host: &Host) -> bool {
-    match (&program.spec.selector, &program.spec.hosts) {
-        (_, Some(hosts)) => hosts.contains(&host.metadata.name),
-        (Some(sel), None) => sel.iter().all(|(k, v)| host.metadata.labels.get(k) == Some(v)),
-        (None, None) => false,
-    }
+    program.selects(host)
 }
 
 /// The writes that bring etcd's assignments where they should be. A program's assignment is

@@ -124,6 +124,7 @@ pub fn fleet_status(
         not_ready_hosts,
         not_ready_reasons,
         control_plane: Vec::new(),
+        warnings: Vec::new(),
         programs,
     }
 }

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::resource::{DesiredState, Program};
+use crate::resource::{DesiredState, Group, Host, Program};
 
 /// A native group a program belongs to, as the agent needs it to render `[group:x]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,6 +144,55 @@ pub struct ProgramSummary {
     pub problems: Vec<String>,
 }
 
+/// Programs that select no registered host: accepted (hosts may come later), but they run
+/// nowhere, which is rarely what was meant; said at apply and in `corral status`.
+pub fn runs_nowhere(programs: &[Program], hosts: &[Host]) -> Vec<String> {
+    programs
+        .iter()
+        .filter(|p| !hosts.iter().any(|h| p.selects(h)))
+        .map(|p| {
+            let how = match (&p.spec.selector, &p.spec.hosts) {
+                (_, Some(h)) => format!("hosts: {}", h.join(", ")),
+                (Some(sel), None) => format!(
+                    "selector: {}",
+                    sel.iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+                (None, None) => "no selector".to_string(),
+            };
+            format!(
+                "program {:?} selects no registered host ({how}): it runs nowhere",
+                p.metadata.name
+            )
+        })
+        .collect()
+}
+
+/// Groups that name programs not in `known`; said at apply and in `corral status`.
+pub fn missing_members(groups: &[Group], known: &std::collections::BTreeSet<String>) -> Vec<String> {
+    groups
+        .iter()
+        .filter_map(|g| {
+            let missing: Vec<&str> = g
+                .spec
+                .programs
+                .iter()
+                .filter(|p| !known.contains(*p))
+                .map(String::as_str)
+                .collect();
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "group {:?} names programs that do not exist: {}",
+                    g.metadata.name,
+                    missing.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
 /// `GET /v1/status`: what in the fleet is not as declared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -154,6 +203,9 @@ pub struct FleetStatus {
     /// What the control plane cannot do: unreadable keys, assignments etcd refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub control_plane: Vec<String>,
+    /// Declared, but probably not what was meant ([`runs_nowhere`], [`missing_members`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Why each of them is not ready.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub not_ready_reasons: std::collections::BTreeMap<String, String>,
@@ -198,5 +250,49 @@ impl ControlPlaneHealth {
                 .map(|(slot, why)| format!("etcd refused the assignment {slot}: {why}")),
         );
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::resource::{GroupSpec, HostSpec, Metadata, ProgramSpec};
+
+    fn meta(name: &str) -> Metadata {
+        Metadata {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn programs_that_run_nowhere_and_groups_naming_what_does_not_exist_are_said() {
+        let mut web = Host::new(meta("web1"), HostSpec::default());
+        web.metadata.labels.insert("role".into(), "web".into());
+        let program = |name: &str, role: &str| {
+            Program::new(
+                meta(name),
+                ProgramSpec {
+                    selector: Some([("role".to_string(), role.to_string())].into()),
+                    ..Default::default()
+                },
+            )
+        };
+        let programs = [program("site", "web"), program("batch", "batch")];
+        let w = runs_nowhere(&programs, std::slice::from_ref(&web));
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("\"batch\"") && w[0].contains("role=batch"), "{w:?}");
+        let g = Group::new(
+            meta("g"),
+            GroupSpec {
+                programs: vec!["site".into(), "ghost".into()],
+                ..Default::default()
+            },
+        );
+        let known = programs.iter().map(|p| p.metadata.name.clone()).collect();
+        assert_eq!(
+            missing_members(&[g], &known),
+            vec!["group \"g\" names programs that do not exist: ghost".to_string()]
+        );
     }
 }

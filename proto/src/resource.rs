@@ -485,6 +485,18 @@ resource!(
     Host, Kind::Host, HostSpec, HostStatus
 );
 
+impl Program {
+    /// Whether this program runs on `host`: every selector label matches (`{}` selects all),
+    /// or the host is named in `hosts`.
+    pub fn selects(&self, host: &Host) -> bool {
+        match (&self.spec.selector, &self.spec.hosts) {
+            (_, Some(hosts)) => hosts.contains(&host.metadata.name),
+            (Some(sel), None) => sel.iter().all(|(k, v)| host.metadata.labels.get(k) == Some(v)),
+            (None, None) => false,
+        }
+    }
+}
+
 /// Any resource, as read from a document.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
