@@ -665,9 +665,64 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
     let docs: Vec<Option<OneOrMany>> =
         serde_saphyr::from_multiple_with_options(text, options).map_err(|e| ParseError {
             source_name: source_name.to_string(),
-            message: e.to_string(),
+            message: unknown_field_hint(&e.to_string()),
         })?;
     Ok(docs.into_iter().flatten().flat_map(|d| d.0).collect())
+}
+
+/// Rewrites the parser's "unknown field `x`, expected one of a, b, ..." (every field name,
+/// on the message line and again under the snippet) into one "did you mean `y`?" for a
+/// near miss, or the list once when nothing is close.
+fn unknown_field_hint(message: &str) -> String {
+    const EXPECTED: &str = ", expected one of ";
+    let mut said = false;
+    let lines: Vec<String> = message
+        .lines()
+        .map(|line| {
+            let (Some(start), Some(cut)) = (line.find("unknown field `"), line.find(EXPECTED)) else {
+                return line.to_string();
+            };
+            let field = line[start + "unknown field `".len()..].split('`').next().unwrap_or("");
+            let head = &line[..cut];
+            if said {
+                return head.to_string();
+            }
+            said = true;
+            let fields: Vec<&str> = line[cut + EXPECTED.len()..]
+                .split(", ")
+                .map(|f| f.trim_matches('`'))
+                .collect();
+            match closest(field, &fields) {
+                Some(near) => format!("{head} (did you mean `{near}`?)"),
+                None => format!("{head}; the fields here are: {}", fields.join(", ")),
+            }
+        })
+        .collect();
+    lines.join("\n")
+}
+
+/// The candidate nearest `word` by edit distance, if near enough to be a typo.
+fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let next = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(row[j + 1] + 1);
+                prev = row[j + 1];
+                row[j + 1] = next;
+            }
+        }
+        row[b.len()]
+    };
+    candidates
+        .iter()
+        .map(|c| (distance(word, c), *c))
+        .filter(|(d, _)| *d <= (word.len() / 3).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
 }
 
 /// A document: one resource, or a list of them (what `corral get programs -o json` prints).
@@ -731,6 +786,27 @@ mod tests {
     fn a_file_may_hold_thousands_of_documents() {
         let text = vec![WEB; 2_000].join("---\n");
         assert_eq!(parse_documents("fleet.yaml", &text).expect("parses").len(), 2_000);
+    }
+
+    #[test]
+    fn an_unknown_field_gets_one_suggestion_not_two_lists() {
+        let err = parse_documents(
+            "t.yaml",
+            "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: t}\nspec:\n  command: x\n  autorestrat: true\n",
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(err.contains("unknown field `autorestrat` (did you mean `autorestart`?)"), "{err}");
+        assert!(!err.contains("stderr_syslog"), "the field list is gone: {err}");
+        assert!(err.contains("line 6"), "{err}");
+        // Nothing close: the list, once.
+        let err = parse_documents(
+            "t.yaml",
+            "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: t}\nspec:\n  command: x\n  zzzzzzzz: 1\n",
+        )
+        .expect_err("refused")
+        .to_string();
+        assert_eq!(err.matches("stderr_syslog").count(), 1, "{err}");
     }
 
     #[test]
