@@ -212,6 +212,18 @@ impl ApiClient {
         self.send(self.http.delete(format!("{url}?dry_run={dry_run}"))).await
     }
 
+    /// The controller's version (from `/healthz`).
+    ///
+    /// # Errors
+    /// Transport, or an answer without a version.
+    pub async fn server_version(&self) -> Result<String, ClientError> {
+        let v: Value = self.send(self.http.get(format!("{}/healthz", self.base))).await?;
+        v.get("version")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .ok_or_else(|| ClientError::Decode(format!("no version in {v}")))
+    }
+
     /// Starts, stops, restarts or signals a program: one atomic change on the controller.
     ///
     /// # Errors

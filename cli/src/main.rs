@@ -90,10 +90,14 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
     },
+    /// This client's version and the controller's.
+    Version,
+    /// A completion script for your shell, e.g. `corral completion bash > /etc/bash_completion.d/corral`.
+    Completion { shell: clap_complete::Shell },
     /// Print the supervisord conf file each Program (and native Group) renders to.
     ///
     /// Every document is validated first; if any is invalid, every error is printed on
-    /// stderr, nothing on stdout, and the exit code is 1.
+    /// stderr, nothing on stdout, and the exit code is 2.
     Render {
         /// A YAML/JSON file, a directory of them, or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
@@ -181,6 +185,14 @@ async fn main() -> ExitCode {
                 .await
             }
             Command::Status { output } => online::status(&api()?, *output).await,
+            Command::Version => online::version(&api()?).await,
+            Command::Completion { shell } => {
+                use clap::CommandFactory as _;
+                let mut out = Vec::new();
+                clap_complete::generate(*shell, &mut Cli::command(), "corral", &mut out);
+                out!("{}", String::from_utf8_lossy(&out));
+                Ok(ExitCode::SUCCESS)
+            }
         }
     }
     .await;

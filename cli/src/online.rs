@@ -683,3 +683,18 @@ fn process_problem(p: &corral_proto::fleet::ProcessStatus, now: i64) -> String {
     }
     line
 }
+
+/// `version`: this client's, then the controller's (exit 3 when it cannot be reached).
+pub async fn version(api: &ApiClient) -> anyhow::Result<ExitCode> {
+    outln!("client: {}", env!("CARGO_PKG_VERSION"));
+    match api.server_version().await {
+        Ok(v) => {
+            outln!("server: {v} ({})", api.base());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("server: {e}");
+            Ok(exit::code(exit::of_client(&e)))
+        }
+    }
+}

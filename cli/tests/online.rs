@@ -461,6 +461,7 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
         &["delete", "program", "web"],
         &["stop", "web"],
         &["describe", "program", "web"],
+        &["version"],
     ] {
         let o = corral(&nobody, args);
         assert_eq!(o.status.code(), Some(3), "{args:?}: {:?}", text(&o));
@@ -469,6 +470,21 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
             "{args:?}: {:?}",
             text(&o)
         );
+    }
+
+    // Versions of both sides; completion scripts that the shell reads.
+    let (out, _) = text(&corral(s, &["version"]));
+    let v = env!("CARGO_PKG_VERSION");
+    assert!(
+        out.contains(&format!("client: {v}")) && out.contains(&format!("server: {v}")),
+        "{out}"
+    );
+    let script = dir.path().join("corral.bash");
+    std::fs::write(&script, &corral(s, &["completion", "bash"]).stdout)?;
+    assert!(Command::new("bash").arg("-n").arg(&script).status()?.success());
+    assert!(String::from_utf8_lossy(&corral(s, &["completion", "bash"]).stdout).contains("describe"));
+    for shell in ["zsh", "fish"] {
+        assert!(!corral(s, &["completion", shell]).stdout.is_empty(), "{shell}");
     }
 
     // A server without a scheme is plain HTTP; one that is no URL says so (2).

@@ -256,7 +256,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"ok": true, "leader": state.leader.is_leader()}))
+    Json(json!({"ok": true, "leader": state.leader.is_leader(), "version": env!("CARGO_PKG_VERSION")}))
 }
 
 fn parse_body(body: &str) -> Result<Resource, ApiError> {

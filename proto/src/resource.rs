@@ -796,7 +796,10 @@ mod tests {
         )
         .expect_err("refused")
         .to_string();
-        assert!(err.contains("unknown field `autorestrat` (did you mean `autorestart`?)"), "{err}");
+        assert!(
+            err.contains("unknown field `autorestrat` (did you mean `autorestart`?)"),
+            "{err}"
+        );
         assert!(!err.contains("stderr_syslog"), "the field list is gone: {err}");
         assert!(err.contains("line 6"), "{err}");
         // Nothing close: the list, once.
