@@ -58,6 +58,9 @@ enum Command {
         name: Option<String>,
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
+        /// Show environment values in -o yaml|json (hidden by default: they are often secrets).
+        #[arg(long)]
+        show_secrets: bool,
     },
     /// Show a program's spec, per-host status and errors; a group; a host and why it is not ready.
     Describe {
@@ -150,7 +153,12 @@ async fn main() -> ExitCode {
             }
             Command::Apply { files, dry_run } => online::apply(&api()?, files, *dry_run).await,
             Command::Diff { files, show_secrets } => online::diff(&api()?, files, *show_secrets).await,
-            Command::Get { what, name, output } => online::get(&api()?, *what, name.as_deref(), *output).await,
+            Command::Get {
+                what,
+                name,
+                output,
+                show_secrets,
+            } => online::get(&api()?, *what, name.as_deref(), *output, *show_secrets).await,
             Command::Describe {
                 kind,
                 name,

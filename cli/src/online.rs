@@ -10,6 +10,7 @@ use corral_cli::client::{ApiClient, ClientError};
 use corral_proto::api::{ApplyResult, Outcome, ProgramAction};
 use corral_proto::fleet::{FleetStatus, ProgramStatusView};
 use corral_proto::resource::{DesiredState, Group, Kind, Program, ProgramSpec, Resource};
+use corral_proto::validate::{HIDDEN, HIDDEN_CHANGED};
 use corral_proto::{validate_group, validate_program};
 use futures_util::StreamExt as _;
 use serde::Serialize;
@@ -199,9 +200,9 @@ fn redacted(spec: &ProgramSpec, compare: Option<&ProgramSpec>, show: bool) -> Pr
         for (k, v) in env.iter_mut() {
             let other = compare.and_then(|c| c.environment.as_ref()).and_then(|e| e.get(k));
             *v = match (compare, other) {
-                (Some(_), Some(o)) if o == v => "(hidden)".to_string(),
-                (Some(_), _) => "(hidden, changed)".to_string(),
-                (None, _) => "(hidden)".to_string(),
+                (Some(_), Some(o)) if o == v => HIDDEN.to_string(),
+                (Some(_), _) => HIDDEN_CHANGED.to_string(),
+                (None, _) => HIDDEN.to_string(),
             };
         }
     }
@@ -358,7 +359,13 @@ fn state_str(s: DesiredState) -> &'static str {
 }
 
 /// `get programs|groups|hosts [NAME]`.
-pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Output>) -> anyhow::Result<ExitCode> {
+pub async fn get(
+    api: &ApiClient,
+    what: What,
+    name: Option<&str>,
+    out: Option<Output>,
+    show_secrets: bool,
+) -> anyhow::Result<ExitCode> {
     match what {
         What::Programs => {
             let programs = match name {
@@ -366,6 +373,14 @@ pub async fn get(api: &ApiClient, what: What, name: Option<&str>, out: Option<Ou
                 None => api.programs().await?,
             };
             if let Some(o @ (Output::Yaml | Output::Json)) = out {
+                // One rule everywhere: environment values only with --show-secrets.
+                let programs: Vec<Program> = programs
+                    .into_iter()
+                    .map(|mut p| {
+                        p.spec = redacted(&p.spec, None, show_secrets);
+                        p
+                    })
+                    .collect();
                 print_structured(&programs, name.is_some(), o)?;
                 return Ok(ExitCode::SUCCESS);
             }

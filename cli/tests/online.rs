@@ -511,6 +511,43 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
     assert!(o.status.success(), "{:?}", text(&o));
     assert!(text(&o).0.contains("program/web unchanged"), "{:?}", text(&o));
 
+    // Environment values: hidden by `get -o yaml|json` as by describe and diff, unless
+    // --show-secrets; what get printed with them hidden cannot be applied back by mistake.
+    let sec = path(
+        "sec.yaml",
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: sec}\nspec: {command: /bin/true, selector: {role: nowhere}, environment: {TOKEN: hunter2}}\n",
+    )?;
+    assert!(corral(s, &["apply", "-f", &sec]).status.success());
+    let (hidden, _) = text(&corral(s, &["get", "program", "sec", "-o", "yaml"]));
+    assert!(
+        hidden.contains("TOKEN: (hidden)") && !hidden.contains("hunter2"),
+        "{hidden}"
+    );
+    let (shown, _) = text(&corral(s, &["get", "program", "sec", "-o", "yaml", "--show-secrets"]));
+    assert!(shown.contains("hunter2"), "{shown}");
+    let apply_back = |yaml: &str| -> anyhow::Result<Output> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+            .args(["--server", s, "--token", TOKEN, "apply", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        {
+            use std::io::Write as _;
+            child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
+        }
+        Ok(child.wait_with_output()?)
+    };
+    let o = apply_back(&hidden)?;
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).1.contains("placeholder"), "{:?}", text(&o));
+    let o = apply_back(&shown)?;
+    assert!(
+        o.status.success() && text(&o).0.contains("program/sec unchanged"),
+        "{:?}",
+        text(&o)
+    );
+
     // A reader that closes the pipe ends the CLI quietly, not with a panic.
     for args in [
         &["describe", "program", "web"][..],

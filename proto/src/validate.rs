@@ -293,6 +293,12 @@ fn command_quoting(value: &str) -> Result<(), &'static str> {
     }
 }
 
+/// What the CLI prints in place of an environment value unless asked with `--show-secrets`.
+pub const HIDDEN: &str = "(hidden)";
+/// The same, for a value that differs from the stored one (`diff`).
+pub const HIDDEN_CHANGED: &str = "(hidden, changed)";
+const HIDDEN_PLACEHOLDERS: [&str; 2] = [HIDDEN, HIDDEN_CHANGED];
+
 fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
     for (k, v) in env {
         let path = format!("spec.environment.{k}");
@@ -304,6 +310,13 @@ fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
             continue;
         }
         if !ini_value(errs, &path, v) {
+            continue;
+        }
+        if HIDDEN_PLACEHOLDERS.contains(&v.as_str()) {
+            errs.add(
+                &path,
+                "is the placeholder `get`, `describe` and `diff` print for a hidden value, not the value: put the real one (they print it with --show-secrets)",
+            );
             continue;
         }
         if v.contains('"') {
@@ -740,6 +753,11 @@ mod tests {
             program(|s| s.environment = Some([("A".into(), "x\ny=1".into())].into())),
             "spec.environment.A",
             "line break",
+        );
+        refused(
+            program(|s| s.environment = Some([("A".into(), HIDDEN.into())].into())),
+            "spec.environment.A",
+            "placeholder",
         );
         refused(
             program(|s| s.environment = Some([("A".into(), "x #y".into())].into())),
