@@ -21,7 +21,12 @@ use crate::online::{DescribeKind, KindArg, Output, What};
 
 /// Declarative, continuously reconciled supervisord across a fleet.
 #[derive(Debug, Parser)]
-#[command(name = "corral", version, about)]
+#[command(
+    name = "corral",
+    version,
+    about,
+    after_help = "Exit codes (every command):\n  0  done; diff: nothing would change; status: everything is as declared\n  1  diff: something would change; status: something is not as declared;\n     otherwise: the controller refused something (the rest was done)\n  2  invalid input or usage; nothing was sent\n  3  the controller could not be reached"
+)]
 struct Cli {
     /// The controller's URL.
     #[arg(long, global = true, env = "CORRAL_SERVER", default_value = "http://127.0.0.1:7070")]
@@ -36,16 +41,24 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Create or update Programs and Groups from files.
+    #[command(
+        after_help = "Examples:\n  corral apply -f deploy/examples/\n  corral apply -f web.yaml --dry-run\n  corral get programs -o json --show-secrets | corral apply -f -"
+    )]
     Apply {
-        /// A YAML/JSON file, a directory of them, or - for stdin. Repeatable.
+        /// A YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
         /// Validate and show the result without writing anything.
         #[arg(long)]
         dry_run: bool,
     },
-    /// Show what apply would change. Exit 0: nothing, 1: changes, 2: errors.
+    /// Show what apply would change, and which processes it would start, restart or stop.
+    /// Exit 0: nothing, 1: changes, 2: invalid input.
+    #[command(
+        after_help = "Examples:\n  corral diff -f web.yaml\n  corral diff -f deploy/examples/ && echo nothing to apply"
+    )]
     Diff {
+        /// A YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
         /// Show environment values (hidden by default: they are often secrets).
@@ -53,9 +66,13 @@ enum Command {
         show_secrets: bool,
     },
     /// List programs, groups or hosts.
+    #[command(
+        after_help = "Examples:\n  corral get programs\n  corral get hosts -o wide\n  corral get program web -o yaml"
+    )]
     Get {
         what: What,
         name: Option<String>,
+        /// wide: more columns; yaml or json: whole objects.
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
         /// Show environment values in -o yaml|json (hidden by default: they are often secrets).
@@ -63,6 +80,7 @@ enum Command {
         show_secrets: bool,
     },
     /// Show a program's spec, per-host status and errors; a group; a host and why it is not ready.
+    #[command(after_help = "Examples:\n  corral describe program web\n  corral describe host web1")]
     Describe {
         kind: DescribeKind,
         name: String,
@@ -71,44 +89,61 @@ enum Command {
         show_secrets: bool,
     },
     /// Delete a program or group (or everything in -f FILE).
+    #[command(after_help = "Examples:\n  corral delete program web\n  corral delete -f deploy/examples/ --dry-run")]
     Delete {
         kind: Option<KindArg>,
         name: Option<String>,
+        /// A YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename")]
         files: Vec<String>,
+        /// Say what would be deleted, delete nothing.
         #[arg(long)]
         dry_run: bool,
     },
     /// Set a program's (or a group's programs', with NAME:) desired state to running.
+    #[command(after_help = "Examples:\n  corral start celery-beat\n  corral start myapp:")]
     Start { name: String },
     /// Set a program's (or a group's programs', with NAME:) desired state to stopped.
+    #[command(after_help = "Examples:\n  corral stop celery-beat\n  corral stop myapp:")]
     Stop { name: String },
     /// Restart a program (or a group's programs, with NAME:) on every host.
+    #[command(after_help = "Examples:\n  corral restart web\n  corral restart myapp:")]
     Restart { name: String },
     /// Send a signal (HUP, USR1, ...) once to every running process of a program (or of a
     /// group's programs, with NAME:), on every host.
+    #[command(after_help = "Examples:\n  corral signal HUP gunicorn\n  corral signal USR1 myapp:")]
     Signal { signal: String, name: String },
     /// What in the fleet is not as declared. Exit 0 when everything is.
+    #[command(after_help = "Examples:\n  corral status\n  corral status -o json")]
     Status {
+        /// yaml or json: the whole fleet status.
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
     },
     /// This client's version and the controller's.
+    #[command(after_help = "Example:\n  corral version")]
     Version,
-    /// A completion script for your shell, e.g. `corral completion bash > /etc/bash_completion.d/corral`.
+    /// A completion script for your shell.
+    #[command(
+        after_help = "Examples:\n  corral completion bash > /etc/bash_completion.d/corral\n  corral completion zsh > \"${fpath[1]}/_corral\""
+    )]
     Completion { shell: clap_complete::Shell },
     /// Print the supervisord conf file each Program (and native Group) renders to.
     ///
     /// Every document is validated first; if any is invalid, every error is printed on
     /// stderr, nothing on stdout, and the exit code is 2.
+    #[command(after_help = "Examples:\n  corral render -f web.yaml\n  corral render -f deploy/examples/")]
     Render {
-        /// A YAML/JSON file, a directory of them, or - for stdin. Repeatable.
+        /// A YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), or - for stdin. Repeatable.
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<String>,
     },
     /// Turn existing supervisord conf files into Corral YAML on stdout.
     ///
     /// `[program:x]` becomes a Program with the same options, `[group:x]` a native Group.
+    #[command(
+        after_help = "Examples:\n  corral import /etc/supervisor/conf.d/ --selector role=app > app.yaml\n  corral import worker.conf --hosts web1,web2"
+    )]
     Import {
         /// Conf files, or directories whose *.conf files are read.
         #[arg(required = true)]
@@ -121,6 +156,7 @@ enum Command {
         hosts: Option<String>,
     },
     /// Run a single-host Corral here (etcd, supervisord, controller, agent) until Ctrl-C.
+    #[command(after_help = "Examples:\n  corral dev\n  corral dev --dir /tmp/corral --apply my-specs/ --port 7171")]
     Dev {
         /// Where everything lives (data, logs, sockets).
         #[arg(long, default_value = ".corral-dev")]

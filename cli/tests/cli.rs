@@ -151,3 +151,46 @@ fn import_refuses_what_it_cannot_express_and_names_the_line() {
         "{err}"
     );
 }
+
+#[test]
+fn every_command_has_examples_and_the_exit_codes_are_in_the_help() {
+    let help = |args: &[&str]| {
+        let out = corral().args(args).arg("--help").output().expect("runs");
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let top = help(&[]);
+    assert!(
+        top.contains("Exit codes") && top.contains("3  the controller could not be reached"),
+        "{top}"
+    );
+    for verb in [
+        "apply",
+        "diff",
+        "get",
+        "describe",
+        "delete",
+        "start",
+        "stop",
+        "restart",
+        "signal",
+        "status",
+        "version",
+        "completion",
+        "render",
+        "import",
+        "dev",
+    ] {
+        let text = help(&[verb]);
+        assert!(text.contains("Example"), "{verb} --help has no example:\n{text}");
+        if text.contains("--filename") {
+            assert!(
+                text.contains("a directory of them"),
+                "{verb}: -f is not described:\n{text}"
+            );
+        }
+        if text.contains("--output") {
+            assert!(text.contains("yaml or json"), "{verb}: -o is not described:\n{text}");
+        }
+    }
+}
