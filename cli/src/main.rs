@@ -154,6 +154,10 @@ enum Command {
         /// Explicit hosts for the imported programs, e.g. web1,web2.
         #[arg(long, value_name = "HOST[,HOST]")]
         hosts: Option<String>,
+        /// Import the rest when a file has [eventlistener:x] or [fcgi-program:x] sections
+        /// (refused by default: their processes would not run).
+        #[arg(long)]
+        skip_unsupported: bool,
     },
     /// Run a single-host Corral here (etcd, supervisord, controller, agent) until Ctrl-C.
     #[command(after_help = "Examples:\n  corral dev\n  corral dev --dir /tmp/corral --apply my-specs/ --port 7171")]
@@ -177,7 +181,12 @@ async fn main() -> ExitCode {
     let result = async {
         match &cli.command {
             Command::Render { files } => offline::render(files),
-            Command::Import { paths, selector, hosts } => offline::import(paths, selector.as_deref(), hosts.as_deref()),
+            Command::Import {
+                paths,
+                selector,
+                hosts,
+                skip_unsupported,
+            } => offline::import(paths, selector.as_deref(), hosts.as_deref(), *skip_unsupported),
             Command::Dev { dir, apply, port } => {
                 let apply = if apply.exists() {
                     Some(apply.as_path())

@@ -75,7 +75,12 @@ fn parse_selector(s: &str) -> anyhow::Result<BTreeMap<String, String>> {
 
 /// Imports conf files and prints the resources as YAML; refuses (exit 1) if any section
 /// cannot be expressed or the result does not validate.
-pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> anyhow::Result<ExitCode> {
+pub fn import(
+    paths: &[String],
+    selector: Option<&str>,
+    hosts: Option<&str>,
+    skip_unsupported: bool,
+) -> anyhow::Result<ExitCode> {
     let placement = match (selector, hosts) {
         (_, Some(h)) => Placement::Hosts(h.split(',').filter(|h| !h.is_empty()).map(String::from).collect()),
         (Some(s), None) => Placement::Selector(parse_selector(s)?),
@@ -111,10 +116,30 @@ pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> 
             .parent()
             .map(|d| d.display().to_string())
             .unwrap_or_else(|| "/".into());
-        match import_conf(&text, &here, &placement) {
-            Ok(imported) => {
+        let imported = import_conf(&text, &here, &placement);
+        match imported.errors.is_empty() {
+            false => {
+                for w in &imported.warnings {
+                    eprintln!("warning: {}: {w}", file.display());
+                }
+                errors.extend(imported.errors.into_iter().map(|e| format!("{}: {e}", file.display())));
+            }
+            true => {
                 for s in imported.skipped {
                     eprintln!("note: {}: skipped {s}", file.display());
+                }
+                for w in imported.warnings {
+                    eprintln!("warning: {}: {w}", file.display());
+                }
+                for u in imported.unsupported {
+                    if skip_unsupported {
+                        eprintln!("warning: {}: skipped {u}", file.display());
+                    } else {
+                        errors.push(format!(
+                            "{}: {u} (its processes would not run; --skip-unsupported imports the rest)",
+                            file.display()
+                        ));
+                    }
                 }
                 for r in imported.resources {
                     let checked = match r {
@@ -128,7 +153,6 @@ pub fn import(paths: &[String], selector: Option<&str>, hosts: Option<&str>) -> 
                     }
                 }
             }
-            Err(errs) => errors.extend(errs.into_iter().map(|e| format!("{}: {e}", file.display()))),
         }
     }
     if !errors.is_empty() {

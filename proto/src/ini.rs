@@ -32,6 +32,35 @@ pub struct IniError {
     pub message: String,
 }
 
+/// A value read from continuation lines, as supervisord's shell-like splitting reads it: a
+/// line break outside quotes separates words like a space; one inside quotes is part of the
+/// argument, which a Corral spec (one line per value) cannot hold.
+///
+/// # Errors
+/// A line break inside quotes.
+pub fn fold_lines(value: &str) -> Result<String, String> {
+    let mut quote: Option<char> = None;
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match (c, quote) {
+            ('\n', Some(_)) => {
+                return Err("a quoted argument spans lines: supervisord keeps the line break, which a Corral spec cannot hold (put the command in a script)".into());
+            }
+            ('\n', None) => out.push(' '),
+            ('"' | '\'', None) => {
+                quote = Some(c);
+                out.push(c);
+            }
+            (c, Some(q)) if c == q => {
+                quote = None;
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+    }
+    Ok(out)
+}
+
 /// Cuts an inline comment: a `;` or `#` at the start or preceded by whitespace.
 fn strip_inline_comment(line: &str) -> &str {
     let mut prev_space = true;
@@ -46,7 +75,8 @@ fn strip_inline_comment(line: &str) -> &str {
 
 /// Parses INI text. Sections with the same name are merged, later keys winning, as
 /// supervisord does across files too. Continuation lines (indented deeper than their key) are
-/// joined to the value with a space, which is how every option that allows them reads them.
+/// joined to the value with a line break, as Python's ConfigParser does; [`fold_lines`] says
+/// what supervisord makes of it.
 ///
 /// # Errors
 /// A line that is neither a header, an option, a comment nor a continuation, or an option
@@ -70,8 +100,9 @@ pub fn parse(text: &str) -> Result<Vec<Section>, IniError> {
             && indent > ki
             && let Some(last) = sections[s].entries.last_mut()
         {
+            // As Python's ConfigParser: the line break stays in the value (see `fold_lines`).
             if !last.1.is_empty() {
-                last.1.push(' ');
+                last.1.push('\n');
             }
             last.1.push_str(value);
             continue;
@@ -229,8 +260,16 @@ mod tests {
         assert_eq!(s[0].name, "program:web");
         assert_eq!(s[0].get("command"), Some("/bin/echo a"));
         assert_eq!(s[0].get("command2"), Some("x#y"));
-        assert_eq!(s[0].get("environment"), Some("A=\"1\", B=\"2\""));
+        assert_eq!(s[0].get("environment"), Some("A=\"1\",\nB=\"2\""));
         assert_eq!(s[1].get("programs"), Some("web"));
+    }
+
+    #[test]
+    fn line_breaks_fold_to_spaces_outside_quotes_and_are_refused_inside() {
+        assert_eq!(fold_lines("A=\"1\",\nB=\"2\"").as_deref(), Ok("A=\"1\", B=\"2\""));
+        assert_eq!(fold_lines("/bin/sh -c\n'echo a'").as_deref(), Ok("/bin/sh -c 'echo a'"));
+        assert!(fold_lines("/bin/sh -c 'echo a\necho b'").is_err());
+        assert!(fold_lines("x \"a\nb\"").is_err());
     }
 
     #[test]
