@@ -4,7 +4,7 @@ use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use corral_proto::{Resource, parse_documents};
+use corral_proto::{Resource, parse_every_document};
 
 /// The files a `-f` argument names: the file itself, or a directory's `*.yaml`, `*.yml` and
 /// `*.json` files in name order.
@@ -29,7 +29,7 @@ fn expand(arg: &str) -> anyhow::Result<Vec<PathBuf>> {
 pub struct Documents {
     /// Each resource with the name of the file it came from, in order.
     pub resources: Vec<(String, Resource)>,
-    /// The parse error of every file that does not parse (all of them, not just the first).
+    /// The parse error of every document that does not parse (all of them, not just the first).
     pub errors: Vec<String>,
 }
 
@@ -55,10 +55,9 @@ pub fn read_resources(args: &[String]) -> anyhow::Result<Documents> {
                 .collect::<anyhow::Result<_>>()?
         };
         for (name, text) in sources {
-            match parse_documents(&name, &text) {
-                Ok(docs) => resources.extend(docs.into_iter().map(|d| (name.clone(), d))),
-                Err(e) => errors.push(e.to_string()),
-            }
+            let (docs, bad) = parse_every_document(&name, &text);
+            resources.extend(docs.into_iter().map(|d| (name.clone(), d)));
+            errors.extend(bad.iter().map(ToString::to_string));
         }
     }
     Ok(Documents { resources, errors })

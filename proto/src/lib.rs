@@ -19,6 +19,6 @@ pub use render::{ManagedFile, group_file_name, managed_file_kind, program_file_n
 pub use resource::{
     API_VERSION, AutoRestart, ByteSize, CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Host, HostCount,
     HostSpec, HostStatus, Kind, Metadata, ParseError, Program, ProgramSpec, Resource, RolloutSpec, SignalRequest,
-    parse_documents, parse_json,
+    parse_documents, parse_every_document, parse_json,
 };
 pub use validate::{FieldError, Valid, ValidationErrors, validate_group, validate_host, validate_program};

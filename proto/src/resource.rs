@@ -725,6 +725,48 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
         .map(|(_, c)| c)
 }
 
+/// Like [`parse_documents`], but a stream with bad documents still yields the good ones and
+/// an error for every bad one (each with its line in the whole file), not just the first.
+pub fn parse_every_document(source_name: &str, text: &str) -> (Vec<Resource>, Vec<ParseError>) {
+    match parse_documents(source_name, text) {
+        Ok(docs) => return (docs, Vec::new()),
+        Err(e) if !text.lines().any(is_document_start) => return (Vec::new(), vec![e]),
+        Err(_) => {}
+    }
+    // Each document on its own, preceded by as many empty lines as came before it, so the
+    // parser's line numbers stay those of the file.
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    let mut chunk = String::new();
+    let mut first_line = 0;
+    let mut flush = |chunk: &mut String, first_line: usize| {
+        if chunk.trim().is_empty() {
+            chunk.clear();
+            return;
+        }
+        let padded = format!("{}{chunk}", "\n".repeat(first_line));
+        match parse_documents(source_name, &padded) {
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.push(e),
+        }
+        chunk.clear();
+    };
+    for (i, line) in text.lines().enumerate() {
+        if is_document_start(line) {
+            flush(&mut chunk, first_line);
+            first_line = i;
+        }
+        chunk.push_str(line);
+        chunk.push('\n');
+    }
+    flush(&mut chunk, first_line);
+    (docs, errors)
+}
+
+fn is_document_start(line: &str) -> bool {
+    line == "---" || line.starts_with("--- ")
+}
+
 /// A document: one resource, or a list of them (what `corral get programs -o json` prints).
 struct OneOrMany(Vec<Resource>);
 
@@ -810,6 +852,23 @@ mod tests {
         .expect_err("refused")
         .to_string();
         assert_eq!(err.matches("stderr_syslog").count(), 1, "{err}");
+    }
+
+    #[test]
+    fn every_bad_document_is_reported_with_its_line_in_the_file() {
+        let bad = |field: &str| {
+            format!(
+                "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {{name: t}}\nspec:\n  command: x\n  {field}: true\n"
+            )
+        };
+        let text = format!("{}---\n{WEB}---\n{}", bad("autostrat"), bad("stopasgrup"));
+        let (docs, errors) = parse_every_document("t.yaml", &text);
+        assert_eq!(docs.len(), 1);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(errors[0].to_string().contains("line 6") && errors[0].to_string().contains("autostart"));
+        // The third document starts after 6 + 1 + 13 + 1 lines.
+        let third = errors[1].to_string();
+        assert!(third.contains("line 27") && third.contains("stopasgroup"), "{third}");
     }
 
     #[test]
