@@ -9,6 +9,7 @@ mod deploy;
 mod etcd_kit;
 mod fleet;
 mod metrics;
+mod packages;
 mod reconcile;
 mod render_roundtrip;
 mod supervisor_rpc;
