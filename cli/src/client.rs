@@ -2,11 +2,10 @@
 
 use std::time::Duration;
 
-use corral_proto::api::{ApplyResult, ProgramAction};
+use corral_proto::api::{ApplyResult, Deleted, ErrorBody, Health, ProgramAction};
 use corral_proto::fleet::FleetStatus;
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use serde::de::DeserializeOwned;
-use serde_json::Value;
 
 /// What went wrong talking to the controller.
 #[derive(Debug, thiserror::Error)]
@@ -116,18 +115,15 @@ impl ApiClient {
             break (status, body);
         };
         if !status.is_success() {
-            let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+            // The API's error body; anything else (a proxy's page) is shown as it came.
+            let (message, details) = match serde_json::from_str::<ErrorBody>(&body) {
+                Ok(e) => (e.error, e.details),
+                Err(_) => (format!("HTTP {status}: {body}"), Vec::new()),
+            };
             return Err(ClientError::Api {
                 status: status.as_u16(),
-                message: v
-                    .get("error")
-                    .and_then(Value::as_str)
-                    .map_or_else(|| format!("HTTP {status}: {body}"), String::from),
-                details: v
-                    .get("details")
-                    .and_then(Value::as_array)
-                    .map(|d| d.iter().filter_map(|x| x.as_str().map(String::from)).collect())
-                    .unwrap_or_default(),
+                message,
+                details,
             });
         }
         serde_json::from_str(&body).map_err(|e| ClientError::Decode(format!("{e}: {body}")))
@@ -207,7 +203,7 @@ impl ApiClient {
 
     /// # Errors
     /// 404 when absent.
-    pub async fn delete(&self, kind: Kind, name: &str, dry_run: bool) -> Result<Value, ClientError> {
+    pub async fn delete(&self, kind: Kind, name: &str, dry_run: bool) -> Result<Deleted, ClientError> {
         let url = self.object_url(Self::collection(kind), name)?;
         self.send(self.http.delete(format!("{url}?dry_run={dry_run}"))).await
     }
@@ -217,11 +213,8 @@ impl ApiClient {
     /// # Errors
     /// Transport, or an answer without a version.
     pub async fn server_version(&self) -> Result<String, ClientError> {
-        let v: Value = self.send(self.http.get(format!("{}/healthz", self.base))).await?;
-        v.get("version")
-            .and_then(Value::as_str)
-            .map(String::from)
-            .ok_or_else(|| ClientError::Decode(format!("no version in {v}")))
+        let h: Health = self.send(self.http.get(format!("{}/healthz", self.base))).await?;
+        Ok(h.version)
     }
 
     /// Starts, stops, restarts or signals a program: one atomic change on the controller.

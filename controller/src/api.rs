@@ -11,12 +11,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use corral_proto::api::{ApplyResult, Outcome, ProgramAction};
+use corral_proto::api::{ApplyResult, Deleted, ErrorBody, Health, Outcome, ProgramAction};
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use corral_proto::{ValidationErrors, parse_json, validate_group, validate_program};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
-use serde_json::json;
 
 use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
@@ -142,7 +141,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (
             self.status,
-            Json(json!({"error": self.message, "details": self.details})),
+            Json(ErrorBody {
+                error: self.message,
+                details: self.details,
+            }),
         )
             .into_response()
     }
@@ -255,8 +257,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({"ok": true, "leader": state.leader.is_leader(), "version": env!("CARGO_PKG_VERSION")}))
+async fn health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        ok: true,
+        leader: state.leader.is_leader(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    })
 }
 
 fn parse_body(body: &str) -> Result<Resource, ApiError> {
@@ -426,11 +432,13 @@ async fn delete_program(
     State(state): State<AppState>,
     Name(name): Name,
     Query(q): Query<DryRun>,
-) -> ApiResult<serde_json::Value> {
+) -> ApiResult<Deleted> {
     state.store.delete::<Program>(&name, q.dry_run).await?;
-    Ok(Json(
-        json!({"result": "deleted", "dryRun": q.dry_run, "kind": "Program", "name": name}),
-    ))
+    Ok(Json(Deleted {
+        kind: Kind::Program,
+        name,
+        dry_run: q.dry_run,
+    }))
 }
 
 async fn list_groups(State(state): State<AppState>) -> ApiResult<Vec<Group>> {
@@ -441,15 +449,13 @@ async fn get_group(State(state): State<AppState>, Name(name): Name) -> ApiResult
     Ok(Json(get_one::<Group>(&state.store, &name).await?))
 }
 
-async fn delete_group(
-    State(state): State<AppState>,
-    Name(name): Name,
-    Query(q): Query<DryRun>,
-) -> ApiResult<serde_json::Value> {
+async fn delete_group(State(state): State<AppState>, Name(name): Name, Query(q): Query<DryRun>) -> ApiResult<Deleted> {
     state.store.delete::<Group>(&name, q.dry_run).await?;
-    Ok(Json(
-        json!({"result": "deleted", "dryRun": q.dry_run, "kind": "Group", "name": name}),
-    ))
+    Ok(Json(Deleted {
+        kind: Kind::Group,
+        name,
+        dry_run: q.dry_run,
+    }))
 }
 
 async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {

@@ -2,7 +2,33 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::resource::{DesiredState, ProgramSpec, SignalRequest};
+use crate::resource::{DesiredState, Kind, ProgramSpec, SignalRequest};
+
+/// `GET /healthz` (open, no token): the replica answers, whether it leads, its version.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub leader: bool,
+    pub version: String,
+}
+
+/// Every error answer of the API: what went wrong, and each detail (every field error of a
+/// 422, for one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    #[serde(default)]
+    pub details: Vec<String>,
+}
+
+/// The answer to `DELETE /v1/{programs,groups}/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Deleted {
+    pub kind: Kind,
+    pub name: String,
+    pub dry_run: bool,
+}
 
 /// What an apply (or an action) did, as kubectl words it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
