@@ -730,7 +730,7 @@ fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
 pub fn parse_every_document(source_name: &str, text: &str) -> (Vec<Resource>, Vec<ParseError>) {
     match parse_documents(source_name, text) {
         Ok(docs) => return (docs, Vec::new()),
-        Err(e) if !text.lines().any(is_document_start) => return (Vec::new(), vec![e]),
+        Err(_) if !text.lines().any(is_document_start) => return (Vec::new(), every_error(source_name, text)),
         Err(_) => {}
     }
     // Each document on its own, preceded by as many empty lines as came before it, so the
@@ -747,7 +747,7 @@ pub fn parse_every_document(source_name: &str, text: &str) -> (Vec<Resource>, Ve
         let padded = format!("{}{chunk}", "\n".repeat(first_line));
         match parse_documents(source_name, &padded) {
             Ok(d) => docs.extend(d),
-            Err(e) => errors.push(e),
+            Err(_) => errors.extend(every_error(source_name, &padded)),
         }
         chunk.clear();
     };
@@ -761,6 +761,37 @@ pub fn parse_every_document(source_name: &str, text: &str) -> (Vec<Resource>, Ve
     }
     flush(&mut chunk, first_line);
     (docs, errors)
+}
+
+/// The errors of one document that does not parse, all of them where the parser allows: the
+/// parser stops at the first, so a line holding one `key: value` it refused is blanked and
+/// the document read again (a blanked line cannot hide another's error; anything else, like
+/// a missing field or broken structure, ends the search).
+fn every_error(source_name: &str, document: &str) -> Vec<ParseError> {
+    let mut lines: Vec<String> = document.lines().map(String::from).collect();
+    let mut errors: Vec<ParseError> = Vec::new();
+    for _ in 0..50 {
+        let Err(e) = parse_documents(source_name, &lines.join("\n")) else {
+            break;
+        };
+        let line = e
+            .message
+            .split_once("line ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok());
+        errors.push(e);
+        let Some(text) = line.and_then(|l| lines.get_mut(l.checked_sub(1)?)) else {
+            break;
+        };
+        // Only a one-line `key: value`: blanking anything else would change the structure.
+        let one_line_value = text
+            .split_once(':')
+            .is_some_and(|(k, v)| !k.trim().is_empty() && !k.contains(['{', '[', '"', '\'']) && !v.trim().is_empty());
+        if !one_line_value {
+            break;
+        }
+        text.clear();
+    }
+    errors
 }
 
 fn is_document_start(line: &str) -> bool {
@@ -869,6 +900,18 @@ mod tests {
         // The third document starts after 6 + 1 + 13 + 1 lines.
         let third = errors[1].to_string();
         assert!(third.contains("line 27") && third.contains("stopasgroup"), "{third}");
+    }
+
+    #[test]
+    fn every_bad_field_of_a_document_is_reported_at_once() {
+        let text = "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: t}\nspec:\n  command: x\n  autostrat: true\n  numprocs: lots\n  stopasgrup: true\n";
+        let (docs, errors) = parse_every_document("t.yaml", text);
+        assert!(docs.is_empty());
+        let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+        assert_eq!(all.len(), 3, "{all:#?}");
+        assert!(all[0].contains("line 6") && all[0].contains("autostart"), "{all:#?}");
+        assert!(all[1].contains("line 7"), "{all:#?}");
+        assert!(all[2].contains("line 8") && all[2].contains("stopasgroup"), "{all:#?}");
     }
 
     #[test]
