@@ -336,10 +336,7 @@ fn process_effects(
 }
 
 fn status_view(p: &Program) -> ProgramStatusView {
-    p.status
-        .clone()
-        .and_then(|v| serde_json::from_value(v).ok())
-        .unwrap_or_default()
+    p.status.clone().unwrap_or_default()
 }
 
 fn placement(p: &Program) -> String {

@@ -375,7 +375,7 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
             .map(|h| h.metadata.name.clone())
             .collect();
         let view = program_status(p, &assigned, &reports, &readiness);
-        p.status = serde_json::to_value(view).ok();
+        p.status = Some(view);
     }
     Ok(programs)
 }

@@ -473,8 +473,9 @@ macro_rules! resource {
 }
 
 resource!(
-    /// A program to run under supervisord on the hosts it selects.
-    Program, Kind::Program, ProgramSpec, serde_json::Value
+    /// A program to run under supervisord on the hosts it selects; its status (filled in by
+    /// the API from the agents' reports, never stored) is a `ProgramStatusView`.
+    Program, Kind::Program, ProgramSpec, crate::fleet::ProgramStatusView
 );
 resource!(
     /// A set of programs addressed together (`corral restart myapp:`).
@@ -608,7 +609,9 @@ impl<'de> Visitor<'de> for ResourceVisitor {
                 kind,
                 metadata,
                 spec,
-                status,
+                // Output only (the API fills it in and ignores it on apply): one that does not
+                // read as a status view is left out rather than refused.
+                status: status.and_then(|v| serde_json::from_value(v).ok()),
             }),
             (Kind::Group, Some(AnySpec::Group(spec))) => Resource::Group(Group {
                 api_version,

@@ -119,8 +119,8 @@ async fn specs_are_placed_by_selector_and_enforced_on_each_host() -> anyhow::Res
     // Per-host view of one program.
     let p = api.program("everywhere").await?;
     let view = p.status.expect("status");
-    assert_eq!(view["ready"], 2);
-    assert_eq!(view["hosts"][0]["processes"][0]["state"], "RUNNING");
+    assert_eq!(view.ready, 2);
+    assert_eq!(view.hosts[0].processes[0].state, "RUNNING");
 
     // The same spec again: unchanged, generation stays.
     let r = api.apply(&program("web", |s| s.selector = role("app")), false).await?;
@@ -372,7 +372,7 @@ async fn a_rollout_updates_one_host_at_a_time_and_a_failing_batch_pauses_it() ->
         "h2 was touched by a paused rollout"
     );
     let p = api.program("web").await?;
-    assert_eq!(p.status.expect("status")["updated"], 1);
+    assert_eq!(p.status.expect("status").updated, 1);
 
     // A good version: the rollout goes on, host by host, and finishes.
     api.apply(&program("web", |s| s.command = "/bin/sleep 1003".into()), false)
