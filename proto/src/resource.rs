@@ -668,7 +668,7 @@ pub fn parse_documents(source_name: &str, text: &str) -> Result<Vec<Resource>, P
     let docs: Vec<Option<OneOrMany>> =
         serde_saphyr::from_multiple_with_options(text, options).map_err(|e| ParseError {
             source_name: source_name.to_string(),
-            message: unknown_field_hint(&e.to_string()),
+            message: plain_words(&unknown_field_hint(&e.to_string())),
         })?;
     Ok(docs.into_iter().flatten().flat_map(|d| d.0).collect())
 }
@@ -702,6 +702,15 @@ fn unknown_field_hint(message: &str) -> String {
         })
         .collect();
     lines.join("\n")
+}
+
+/// The parser's words for a wrong scalar, as a user would say them.
+fn plain_words(message: &str) -> String {
+    let mut out = message.to_string();
+    for ty in ["i64", "u64", "i32", "u32", "u16", "u8", "usize"] {
+        out = out.replace(&format!("invalid {ty}"), "not a whole number");
+    }
+    out.replace("invalid boolean", "not true or false")
 }
 
 /// The candidate nearest `word` by edit distance, if near enough to be a typo.
@@ -913,7 +922,10 @@ mod tests {
         let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
         assert_eq!(all.len(), 3, "{all:#?}");
         assert!(all[0].contains("line 6") && all[0].contains("autostart"), "{all:#?}");
-        assert!(all[1].contains("line 7"), "{all:#?}");
+        assert!(
+            all[1].contains("line 7") && all[1].contains("not a whole number"),
+            "{all:#?}"
+        );
         assert!(all[2].contains("line 8") && all[2].contains("stopasgroup"), "{all:#?}");
     }
 
