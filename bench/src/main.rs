@@ -1172,8 +1172,18 @@ async fn idle_writes(hosts: usize, idle: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The simulated hosts share one runtime: their file writes (each agent's, on blocking
+    // threads as on a real host) would otherwise grow tokio's blocking pool to hundreds of
+    // threads on two cores in a fan-out.
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(8)
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
     if args.what == What::All {
