@@ -129,20 +129,14 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
 /// Says what of the applied resources is probably not what was meant (a program that runs
 /// nowhere, a group naming a program that does not exist); best effort, exit code unchanged.
 async fn warn_applied(api: &ApiClient, applied: &[Resource]) {
-    let programs: Vec<Program> = applied
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Program(p) => Some(p.clone()),
-            _ => None,
-        })
-        .collect();
-    let groups: Vec<Group> = applied
-        .iter()
-        .filter_map(|r| match r {
-            Resource::Group(g) => Some(g.clone()),
-            _ => None,
-        })
-        .collect();
+    let (mut programs, mut groups): (Vec<Program>, Vec<Group>) = (Vec::new(), Vec::new());
+    for r in applied {
+        match r {
+            Resource::Program(p) => programs.push(p.clone()),
+            Resource::Group(g) => groups.push(g.clone()),
+            Resource::Host(_) => {}
+        }
+    }
     let mut warnings = Vec::new();
     if !programs.is_empty()
         && let Ok(hosts) = api.hosts().await

@@ -29,6 +29,22 @@ fn load(text: &str) -> BTreeMap<String, Value> {
     }
 }
 
+/// `corral render -f -` of `yaml`: the conf text, which must render.
+fn render_stdin(yaml: &[u8]) -> Vec<u8> {
+    let rendered = corral()
+        .args(["render", "-f", "-"])
+        .write_stdin(yaml.to_vec())
+        .output()
+        .expect("runs");
+    assert!(
+        rendered.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&rendered.stderr),
+        String::from_utf8_lossy(yaml)
+    );
+    rendered.stdout
+}
+
 #[test]
 fn render_prints_every_example_program_and_supervisord_accepts_it() {
     let out = corral()
@@ -118,17 +134,7 @@ fn import_then_render_gives_supervisord_the_same_values() {
     );
     let yaml = String::from_utf8(imported.stdout).expect("utf-8");
     assert!(yaml.contains("kind: Group") && yaml.contains("native: true"), "{yaml}");
-    let rendered = corral()
-        .args(["render", "-f", "-"])
-        .write_stdin(yaml.clone())
-        .output()
-        .expect("runs");
-    assert!(
-        rendered.status.success(),
-        "{}\n{yaml}",
-        String::from_utf8_lossy(&rendered.stderr)
-    );
-    let round_tripped = load(&String::from_utf8(rendered.stdout).expect("utf-8"));
+    let round_tripped = load(&String::from_utf8(render_stdin(yaml.as_bytes())).expect("utf-8"));
     assert_eq!(original.len(), 4);
     assert_eq!(round_tripped, original);
 }
@@ -181,31 +187,17 @@ fn a_corpus_of_real_conf_files_imports_faithfully_or_is_refused_with_the_reason(
             continue;
         }
         assert!(imported.status.success(), "{name} was refused:\n{err}");
-        let original = match loader.load(&file).expect("loader runs") {
+        let mut original = match loader.load(&file).expect("loader runs") {
             Ok(m) => m,
             Err(e) => panic!("supervisord refuses the original {name}: {e}"),
         };
-        let rendered = corral()
-            .args(["render", "-f", "-"])
-            .write_stdin(imported.stdout.clone())
-            .output()
-            .expect("runs");
-        assert!(
-            rendered.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&rendered.stderr)
-        );
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = tmp.path().join("render.conf");
-        std::fs::write(&path, &rendered.stdout).expect("write");
+        std::fs::write(&path, render_stdin(&imported.stdout)).expect("write");
         let mut round_tripped = match loader.load(&path).expect("loader runs") {
             Ok(m) => m,
             Err(e) => panic!("supervisord refuses the render of {name}: {e}"),
         };
-        let mut original = original;
-        // Corral's one decision here (ARCHITECTURE, Decisions): a program of several
-        // processes is one supervisord program per process, so each process is its own
-        // group (`w_00`, not `w:w_00`); everything else must be what it was.
         // Continuation lines are line breaks in supervisord's value and spaces in Corral's;
         // its shell-like split makes the same argv of both (`ini::fold_lines` is unit-tested
         // for what it keeps).
@@ -214,6 +206,9 @@ fn a_corpus_of_real_conf_files_imports_faithfully_or_is_refused_with_the_reason(
                 *c = c.split_whitespace().collect::<Vec<_>>().join(" ");
             }
         }
+        // Corral's one decision here (ARCHITECTURE, Decisions): a program of several
+        // processes is one supervisord program per process, so each process is its own
+        // group (`w_00`, not `w:w_00`); everything else must be what it was.
         for (process, r) in round_tripped.iter_mut() {
             if r["group"] == Value::String(process.clone())
                 && let Some(o) = original.get_mut(process)

@@ -20,6 +20,22 @@ fn corral(server: &str, args: &[&str]) -> Output {
         .expect("corral runs")
 }
 
+/// `corral` with `input` on its stdin.
+fn corral_stdin(server: &str, args: &[&str], input: &[u8]) -> anyhow::Result<Output> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["--server", server, "--token", TOKEN])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write as _;
+        child.stdin.take().context("stdin")?.write_all(input)?;
+    }
+    Ok(child.wait_with_output()?)
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -497,17 +513,7 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
     // What `get -o json` prints applies as it is.
     let listed = corral(s, &["get", "programs", "-o", "json"]);
     assert!(listed.status.success());
-    let mut apply = Command::new(env!("CARGO_BIN_EXE_corral"))
-        .args(["--server", s, "--token", TOKEN, "apply", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::Write as _;
-        apply.stdin.take().context("stdin")?.write_all(&listed.stdout)?;
-    }
-    let o = apply.wait_with_output()?;
+    let o = corral_stdin(s, &["apply", "-f", "-"], &listed.stdout)?;
     assert!(o.status.success(), "{:?}", text(&o));
     assert!(text(&o).0.contains("program/web unchanged"), "{:?}", text(&o));
 
@@ -525,23 +531,10 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
     );
     let (shown, _) = text(&corral(s, &["get", "program", "sec", "-o", "yaml", "--show-secrets"]));
     assert!(shown.contains("hunter2"), "{shown}");
-    let apply_back = |yaml: &str| -> anyhow::Result<Output> {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_corral"))
-            .args(["--server", s, "--token", TOKEN, "apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        {
-            use std::io::Write as _;
-            child.stdin.take().context("stdin")?.write_all(yaml.as_bytes())?;
-        }
-        Ok(child.wait_with_output()?)
-    };
-    let o = apply_back(&hidden)?;
+    let o = corral_stdin(s, &["apply", "-f", "-"], hidden.as_bytes())?;
     assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
     assert!(text(&o).1.contains("placeholder"), "{:?}", text(&o));
-    let o = apply_back(&shown)?;
+    let o = corral_stdin(s, &["apply", "-f", "-"], shown.as_bytes())?;
     assert!(
         o.status.success() && text(&o).0.contains("program/sec unchanged"),
         "{:?}",

@@ -19,7 +19,6 @@ use serde::Deserialize;
 
 use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
-use crate::placement::selects;
 use crate::status::{fleet_status, host_readiness, program_status};
 use crate::store::{Applied, Object, Store, StoreError};
 use corral_proto::fleet::FleetStatus;
@@ -371,7 +370,7 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
     for p in &mut programs {
         let assigned: BTreeSet<String> = hosts
             .iter()
-            .filter(|h| selects(p, h))
+            .filter(|h| p.selects(h))
             .map(|h| h.metadata.name.clone())
             .collect();
         let view = program_status(p, &assigned, &reports, &readiness);
@@ -486,7 +485,7 @@ async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiErro
             p.metadata.name.clone(),
             hosts
                 .iter()
-                .filter(|h| selects(p, h))
+                .filter(|h| p.selects(h))
                 .map(|h| h.metadata.name.clone())
                 .collect(),
         );

@@ -13,8 +13,8 @@ use corral_proto::fleet::{Assignment, FleetStatus, NativeGroup, ProgramHostStatu
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, Program, RolloutSpec};
 
-use crate::placement::{AssignmentWrites, selects};
-use crate::status::host_readiness;
+use crate::placement::AssignmentWrites;
+use crate::status::{fleet_of, host_readiness};
 
 /// What etcd holds for one assignment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,7 +223,7 @@ impl Index {
         let selected: Vec<&String> = self
             .hosts
             .values()
-            .filter(|h| selects(p, h))
+            .filter(|h| p.selects(h))
             .map(|h| &h.metadata.name)
             .collect();
         let held: BTreeMap<&String, &Held> = current.iter().copied().collect();
@@ -317,7 +317,7 @@ impl Index {
                     generation: p.metadata.generation,
                     ..Default::default()
                 };
-                for h in self.hosts.values().filter(|h| selects(p, h)) {
+                for h in self.hosts.values().filter(|h| p.selects(h)) {
                     let seen = self.reports.get(&(name.clone(), h.metadata.name.clone()));
                     let updated = seen.is_some_and(|s| s.generation >= p.metadata.generation);
                     summary.desired += 1;
@@ -328,19 +328,8 @@ impl Index {
                 summary
             })
             .collect();
-        let not_ready_reasons: BTreeMap<String, String> = readiness
-            .iter()
-            .filter_map(|(h, why)| Some((h.clone(), why.clone()?)))
-            .collect();
-        let status = FleetStatus {
-            hosts: readiness.len(),
-            hosts_ready: readiness.len() - not_ready_reasons.len(),
-            not_ready_hosts: not_ready_reasons.keys().cloned().collect(),
-            not_ready_reasons,
-            control_plane: problems,
-            warnings: Vec::new(),
-            programs,
-        };
+        let mut status = fleet_of(&readiness, programs);
+        status.control_plane = problems;
         (status, self.hosts.keys().cloned().collect())
     }
 }

@@ -1,19 +1,12 @@
-//! Placement's vocabulary: which hosts a program selects, and the writes that make etcd's
-//! assignments match (decided per program by `index::Index::plan`). Pure.
+//! Placement's vocabulary: the writes that make etcd's assignments match (decided per
+//! program by `index::Index::plan`; which hosts a program selects is `Program::selects`). Pure.
 
 use std::sync::Arc;
 
 use corral_proto::fleet::Assignment;
-use corral_proto::resource::{Host, Program};
 
 /// `(host, program)`.
 pub type Slot = (String, String);
-
-/// Whether `program` selects `host`: every selector label matches (`{}` selects all), or the
-/// host is named in `hosts`.
-pub fn selects(program: &Program, host: &Host) -> bool {
-    program.selects(host)
-}
 
 /// The writes that bring etcd's assignments where they should be. A program's assignment is
 /// the same for every host: one `Arc` serves them all (50,000 copies would be ~65 MB).
@@ -25,8 +18,7 @@ pub struct AssignmentWrites {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-    use corral_proto::resource::Group;
+    use corral_proto::resource::{Group, Host, Program};
     use corral_proto::resource::{GroupSpec, HostSpec, Metadata, ProgramSpec};
 
     fn host(name: &str, labels: &[(&str, &str)]) -> Host {

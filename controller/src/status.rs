@@ -77,11 +77,6 @@ pub fn fleet_status(
     readiness: &Readiness,
 ) -> FleetStatus {
     let empty = BTreeSet::new();
-    let not_ready_reasons: BTreeMap<String, String> = readiness
-        .iter()
-        .filter_map(|(h, why)| Some((h.clone(), why.clone()?)))
-        .collect();
-    let not_ready_hosts: Vec<String> = not_ready_reasons.keys().cloned().collect();
     let programs = programs
         .iter()
         .map(|p| {
@@ -118,10 +113,20 @@ pub fn fleet_status(
             }
         })
         .collect();
+    fleet_of(readiness, programs)
+}
+
+/// A fleet status with the hosts' part counted from `readiness` and the given programs
+/// (control plane problems and warnings are the caller's to add).
+pub fn fleet_of(readiness: &Readiness, programs: Vec<ProgramSummary>) -> FleetStatus {
+    let not_ready_reasons: BTreeMap<String, String> = readiness
+        .iter()
+        .filter_map(|(h, why)| Some((h.clone(), why.clone()?)))
+        .collect();
     FleetStatus {
         hosts: readiness.len(),
-        hosts_ready: readiness.len() - not_ready_hosts.len(),
-        not_ready_hosts,
+        hosts_ready: readiness.len() - not_ready_reasons.len(),
+        not_ready_hosts: not_ready_reasons.keys().cloned().collect(),
         not_ready_reasons,
         control_plane: Vec::new(),
         warnings: Vec::new(),
