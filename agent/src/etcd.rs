@@ -129,15 +129,17 @@ pub async fn session(
     // List, then watch from the next revision.
     let prefix = keys.assignments(&cfg.host);
     let mut current: BTreeMap<String, Assignment> = BTreeMap::new();
-    let mut pages = corral_etcd::Pages::new(&prefix);
-    while let Some((key, opts)) = pages.next_request() {
-        let page = within("list", client.get(key, Some(opts))).await?;
-        for kv in page.kvs() {
+    let revision = corral_etcd::read_pages(
+        &prefix,
+        |key, opts| {
+            let mut c = client.clone();
+            async move { within("list", c.get(key, Some(opts))).await }
+        },
+        |kv| {
             apply_put(keys, &mut current, kv.key(), kv.value());
-        }
-        pages.advance(&page);
-    }
-    let revision = pages.revision();
+        },
+    )
+    .await?;
     desired.send_replace(Arc::new(current.clone()));
     let mut stream = within(
         "watch",
@@ -153,18 +155,21 @@ pub async fn session(
 
     // Reported statuses: what etcd holds for this host, so only changes are written.
     let mut written: BTreeMap<String, ProgramHostStatus> = BTreeMap::new();
-    let mut pages = corral_etcd::Pages::new(&keys.host_status(&cfg.host));
-    while let Some((key, opts)) = pages.next_request() {
-        let page = within("list status", client.get(key, Some(opts))).await?;
-        for kv in page.kvs() {
+    corral_etcd::read_pages(
+        &keys.host_status(&cfg.host),
+        |key, opts| {
+            let mut c = client.clone();
+            async move { within("list status", c.get(key, Some(opts))).await }
+        },
+        |kv| {
             if let (Ok(key), Ok(s)) = (kv.key_str(), serde_json::from_slice::<ProgramHostStatus>(kv.value()))
                 && let Some((_, program)) = keys.host_and_program(key)
             {
                 written.insert(program.to_string(), s);
             }
-        }
-        pages.advance(&page);
-    }
+        },
+    )
+    .await?;
     statuses.mark_changed();
     // Program -> when its status was first seen on its way (held back a moment).
     let mut on_its_way: BTreeMap<String, i64> = BTreeMap::new();

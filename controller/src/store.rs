@@ -198,16 +198,16 @@ impl Store {
     /// # Errors
     /// etcd errors.
     pub async fn scan(&self, prefix: &str, mut f: impl FnMut(&str, &[u8], i64)) -> Result<i64, StoreError> {
-        let mut c = self.etcd.client().await;
-        let mut pages = corral_etcd::Pages::new(prefix);
-        while let Some((key, opts)) = pages.next_request() {
-            let r = self.within("scan", c.get(key, Some(opts))).await?;
-            for kv in r.kvs() {
-                f(&String::from_utf8_lossy(kv.key()), kv.value(), kv.mod_revision());
-            }
-            pages.advance(&r);
-        }
-        Ok(pages.revision())
+        let c = self.etcd.client().await;
+        corral_etcd::read_pages(
+            prefix,
+            |key, opts| {
+                let mut c = c.clone();
+                async move { self.within("scan", c.get(key, Some(opts))).await }
+            },
+            |kv| f(&String::from_utf8_lossy(kv.key()), kv.value(), kv.mod_revision()),
+        )
+        .await
     }
 
     /// Decodes what `list_raw` read; a value that does not parse is left out and recorded in

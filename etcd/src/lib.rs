@@ -7,7 +7,7 @@
 
 mod pages;
 
-pub use pages::{PAGE, Pages, prefix_end};
+pub use pages::{PAGE, Pages, prefix_end, read_pages};
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -2,7 +2,9 @@
 //! limit however many keys there are, with one page in memory at a time. The caller sends
 //! each request (with its own timeout) and hands the answer back.
 
-use etcd_client::{GetOptions, GetResponse};
+use std::future::Future;
+
+use etcd_client::{GetOptions, GetResponse, KeyValue};
 
 /// Keys per page: 100 keys of at most 32 KiB stay under 4 MiB.
 pub const PAGE: i64 = 100;
@@ -65,6 +67,29 @@ impl Pages {
     pub fn revision(&self) -> i64 {
         self.revision
     }
+}
+
+/// Reads every key under `prefix` in pages at one revision: `get` sends one page's request
+/// (with the caller's own timeout and error type), `each` sees every key-value in order.
+/// Returns the revision every page was read at, from which a watch continues.
+///
+/// # Errors
+/// The first error `get` returns.
+pub async fn read_pages<E, Fut>(
+    prefix: &str,
+    mut get: impl FnMut(Vec<u8>, GetOptions) -> Fut,
+    mut each: impl FnMut(&KeyValue),
+) -> Result<i64, E>
+where
+    Fut: Future<Output = Result<GetResponse, E>>,
+{
+    let mut pages = Pages::new(prefix);
+    while let Some((key, opts)) = pages.next_request() {
+        let page = get(key, opts).await?;
+        page.kvs().iter().for_each(&mut each);
+        pages.advance(&page);
+    }
+    Ok(pages.revision())
 }
 
 #[cfg(test)]
