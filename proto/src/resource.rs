@@ -775,13 +775,19 @@ pub fn parse_every_document(source_name: &str, text: &str) -> (Vec<Resource>, Ve
     (docs, errors)
 }
 
-/// The errors of one document that does not parse, all of them where the parser allows: the
-/// parser stops at the first, so a line holding one `key: value` it refused is blanked and
-/// the document read again (a blanked line cannot hide another's error; anything else, like
-/// a missing field or broken structure, ends the search).
+/// The errors of one document that does not parse, as many as can be told apart from
+/// echoes: the parser stops at the first, so the entry it names is blanked and the document
+/// read again. A one-line `key: value` is blanked alone; anything else (broken structure, a
+/// list where a mapping belongs, an unclosed quote or bracket) takes its whole entry, the
+/// line and the lines indented under it or continuing its flow. An error that a blanked entry
+/// may have caused (earlier in the document, or inside the entry) ends the search; a missing
+/// field is told unless its own line was blanked.
 fn every_error(source_name: &str, document: &str) -> Vec<ParseError> {
     let mut lines: Vec<String> = document.lines().map(String::from).collect();
     let mut errors: Vec<ParseError> = Vec::new();
+    // The last line blanked (1-based), and the keys of blanked lines.
+    let mut blanked_to = 0;
+    let mut blanked_keys: Vec<String> = Vec::new();
     for _ in 0..50 {
         let Err(e) = parse_documents(source_name, &lines.join("\n")) else {
             break;
@@ -789,21 +795,106 @@ fn every_error(source_name: &str, document: &str) -> Vec<ParseError> {
         let line = e
             .message
             .split_once("line ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok());
-        errors.push(e);
-        let Some(text) = line.and_then(|l| lines.get_mut(l.checked_sub(1)?)) else {
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse::<usize>().ok())
+            .filter(|l| (1..=lines.len()).contains(l));
+        let Some(line) = line else {
+            if errors.is_empty() {
+                errors.push(e);
+            }
             break;
         };
-        // Only a one-line `key: value`: blanking anything else would change the structure.
-        let one_line_value = text
-            .split_once(':')
-            .is_some_and(|(k, v)| !k.trim().is_empty() && !k.contains(['{', '[', '"', '\'']) && !v.trim().is_empty());
-        if !one_line_value {
+        let missing = e
+            .message
+            .split("missing field `")
+            .nth(1)
+            .and_then(|r| r.split('`').next());
+        if let Some(field) = missing {
+            // Where the mapping ends; an echo when the field's own line was blanked.
+            if !blanked_keys.iter().any(|k| k == field) {
+                errors.push(e);
+            }
             break;
         }
-        text.clear();
+        if line <= blanked_to || errors.last().is_some_and(|last| last.message == e.message) {
+            break;
+        }
+        errors.push(e);
+        let (first, last) = if one_line_value(&lines[line - 1]) && !open_at_start(&lines)[line - 1] {
+            (line - 1, line - 1)
+        } else {
+            entry_around(&lines, line - 1)
+        };
+        for text in &mut lines[first..=last] {
+            if let Some((key, _)) = text.split_once(':') {
+                blanked_keys.push(key.trim().trim_start_matches("- ").to_string());
+            }
+            text.clear();
+        }
+        blanked_to = blanked_to.max(last + 1);
     }
     errors
+}
+
+/// Whether a line is one `key: value` whose blanking cannot change the structure around it.
+fn one_line_value(text: &str) -> bool {
+    text.split_once(':').is_some_and(|(k, v)| {
+        let v = v.trim();
+        !k.trim().is_empty()
+            && !k.contains(['{', '[', '"', '\''])
+            && !v.is_empty()
+            && !v.starts_with(['{', '[', '"', '\'', '|', '>'])
+    })
+}
+
+/// The lines (0-based, inclusive) of the entry that holds line `at`: back to where a flow or
+/// quote still open at `at` began, then on over the lines indented deeper than that start.
+fn entry_around(lines: &[String], at: usize) -> (usize, usize) {
+    let open = open_at_start(lines);
+    let mut first = at;
+    while first > 0 && (open[first] || lines[first].trim().is_empty()) {
+        first -= 1;
+    }
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let depth = indent(&lines[first]);
+    let mut last = first;
+    while lines
+        .get(last + 1)
+        .is_some_and(|next| !next.trim().is_empty() && indent(next) > depth)
+    {
+        last += 1;
+    }
+    (first, last)
+}
+
+/// For each line, whether a flow (`{`/`[`) or a quoted scalar opened above is still open where
+/// it starts (a rough scan: quotes open only where a scalar may begin; `#` after a space
+/// starts a comment).
+fn open_at_start(lines: &[String]) -> Vec<bool> {
+    let (mut depth, mut quote) = (0usize, None::<char>);
+    let mut out = Vec::with_capacity(lines.len());
+    for line in lines {
+        out.push(depth > 0 || quote.is_some());
+        let mut prev = None::<char>;
+        for c in line.chars() {
+            match quote {
+                Some(q) if c == q => quote = None,
+                Some(_) => {}
+                None => match c {
+                    '#' if prev.is_none_or(char::is_whitespace) => break,
+                    '"' | '\'' if prev.is_none_or(|p| p.is_whitespace() || ":-[{,".contains(p)) => quote = Some(c),
+                    '{' | '[' => depth += 1,
+                    '}' | ']' => depth = depth.saturating_sub(1),
+                    _ => {}
+                },
+            }
+            if !c.is_whitespace() {
+                prev = Some(c);
+            } else if prev.is_some() {
+                prev = Some(' ');
+            }
+        }
+    }
+    out
 }
 
 fn is_document_start(line: &str) -> bool {
@@ -927,6 +1018,62 @@ mod tests {
             "{all:#?}"
         );
         assert!(all[2].contains("line 8") && all[2].contains("stopasgroup"), "{all:#?}");
+    }
+
+    /// Every error of `spec`'s lines (after a program's head), as "line N: message" firsts.
+    fn errors_of(spec: &str) -> Vec<String> {
+        let text = format!("apiVersion: corral.dev/v1\nkind: Program\nmetadata: {{name: t}}\nspec:\n{spec}");
+        let (docs, errors) = parse_every_document("t.yaml", &text);
+        assert!(docs.is_empty(), "{docs:?}");
+        errors
+            .iter()
+            .map(|e| {
+                e.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .replace("t.yaml: error: ", "")
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_broken_structure_does_not_hide_the_errors_after_it() {
+        // An unclosed bracket: the parser notices a line later; the lines after are still read.
+        let all = errors_of("  command: x\n  selector: {role: app\n  numprocs: two\n  autorestrat: true\n");
+        assert_eq!(all.len(), 3, "{all:#?}");
+        assert!(all[0].contains("flow mapping"), "{all:#?}");
+        assert!(
+            all[1].starts_with("line 7") && all[1].contains("not a whole number"),
+            "{all:#?}"
+        );
+        assert!(
+            all[2].starts_with("line 8") && all[2].contains("autorestart"),
+            "{all:#?}"
+        );
+        // An unclosed quote, and no echo of the blanked lines (an empty `spec`).
+        let all = errors_of("  command: \"x\n  numprocs: two\n  autorestrat: true\n");
+        assert_eq!(all.len(), 3, "{all:#?}");
+        assert!(
+            all[0].starts_with("line 5") && all[0].contains("unclosed quote"),
+            "{all:#?}"
+        );
+        // A list where a mapping belongs, and a tab.
+        let all = errors_of("  command: x\n  environment:\n    - A=1\n    B: 2\n  numprocs: two\n");
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].starts_with("line 7") && all[1].starts_with("line 9"), "{all:#?}");
+        let all = errors_of("\tcommand: x\n  numprocs: two\n");
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[0].contains("tabs") && all[1].starts_with("line 6"), "{all:#?}");
+    }
+
+    #[test]
+    fn a_missing_field_is_told_unless_its_line_was_blanked() {
+        let all = errors_of("  numprocs: two\n  autostart: true\n");
+        assert_eq!(all.len(), 2, "{all:#?}");
+        assert!(all[1].contains("missing field `command`"), "{all:#?}");
+        let all = errors_of("  command: \"x\n  autostart: true\n");
+        assert_eq!(all.len(), 1, "{all:#?}");
     }
 
     #[test]
