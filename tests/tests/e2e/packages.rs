@@ -53,7 +53,7 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
         run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(root.path()))?;
         let control = tempfile::tempdir()?;
         run(Command::new("dpkg-deb").arg("-e").arg(deb).arg(control.path()))?;
-        for script in ["postinst", "prerm"] {
+        for script in ["postinst", "prerm", "postrm"] {
             let path = control.path().join(script);
             if path.exists() {
                 run(Command::new("sh").arg("-n").arg(&path))?;
@@ -152,5 +152,96 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
     let _ = controller.kill();
     let _ = agent.wait();
     let _ = controller.wait();
+    Ok(())
+}
+
+/// `dpkg -i` of the three packages, with their maintainer scripts, then `dpkg -r` and
+/// `--purge`, in a throwaway root: an overlay of `/` on a tmpfs in a private mount namespace,
+/// so the `corral` user and every file land in the overlay and the machine is untouched.
+/// Needs root (mounts, chroot); elsewhere it says so and checks nothing.
+#[test]
+fn dpkg_installs_configures_and_purges_the_packages_in_a_throwaway_root() -> anyhow::Result<()> {
+    if run(Command::new("id").arg("-u"))?.trim() != "0" {
+        eprintln!("SKIPPED: installing packages in a throwaway root needs root (mount, chroot)");
+        return Ok(());
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let bin_dir = binary("corral")?.parent().map(Path::to_path_buf).unwrap_or_default();
+    let work = tempfile::tempdir()?;
+    let out = work.path().join("debs");
+    run(Command::new(repo.join("scripts/package"))
+        .arg("--bin-dir")
+        .arg(&bin_dir)
+        .arg("--out")
+        .arg(&out)
+        .arg("--fast"))?;
+    let root = work.path().join("root");
+    std::fs::create_dir(&root)?;
+    // In the chroot: install, show what the scripts made, remove, show, purge, show.
+    let inside = r#"
+        set -eu
+        show() { for p in "$@"; do stat -c '%n %a %U:%G' "$p" 2>/dev/null || echo "$p absent"; done; }
+        dpkg -i /root/debs/*.deb >/dev/null
+        echo "user: $(getent passwd corral | cut -d: -f3,7)"
+        show /usr/bin/corral /usr/bin/corral-controller /usr/bin/corral-agent /etc/corral \
+          /var/lib/corral-agent /etc/default/corral-controller /etc/default/corral-agent
+        dpkg -r corral corral-controller corral-agent >/dev/null
+        echo removed
+        show /usr/bin/corral-agent /etc/default/corral-agent
+        dpkg --purge corral-controller corral-agent >/dev/null
+        echo purged
+        show /etc/default/corral-agent /etc/default/corral-controller /var/lib/corral-agent
+    "#;
+    let outside = r#"
+        set -eu
+        t=$1
+        mount -t tmpfs tmpfs "$t"
+        mkdir -p "$t/upper/root" "$t/work" "$t/merged"
+        cp -r "$2" "$t/upper/root/debs"
+        mount -t overlay overlay -o "lowerdir=/,upperdir=$t/upper,workdir=$t/work" "$t/merged"
+        mount -t proc proc "$t/merged/proc"
+        mount --rbind /dev "$t/merged/dev"
+        chroot "$t/merged" sh -c "$3"
+    "#;
+    let said = run(Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", outside, "sh"])
+        .arg(&root)
+        .arg(&out)
+        .arg(inside))?;
+    let line = |prefix: &str| {
+        said.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no `{prefix}` in:\n{said}"))
+    };
+    let (installed, rest) = said.split_once("removed").unwrap_or((&said, ""));
+    let (removed, purged) = rest.split_once("purged").unwrap_or((rest, ""));
+    // A system user with no login shell.
+    let user = line("user: ");
+    let uid: u32 = user[6..].split(':').next().unwrap_or("").parse()?;
+    assert!(uid < 1000 && user.ends_with("nologin"), "{said}");
+    for expected in [
+        "/usr/bin/corral 755 root:root",
+        "/usr/bin/corral-controller 755 root:root",
+        "/usr/bin/corral-agent 755 root:root",
+        "/etc/corral 750 root:corral",
+        "/var/lib/corral-agent 700 root:root",
+        "/etc/default/corral-controller 640 root:corral",
+        "/etc/default/corral-agent 640 root:root",
+    ] {
+        assert!(installed.contains(expected), "{expected} after install:\n{said}");
+    }
+    // Removed: binaries gone, configuration kept; purged: configuration and state gone.
+    assert!(removed.contains("/usr/bin/corral-agent absent"), "{said}");
+    assert!(removed.contains("/etc/default/corral-agent 640"), "{said}");
+    for gone in [
+        "/etc/default/corral-agent absent",
+        "/etc/default/corral-controller absent",
+        "/var/lib/corral-agent absent",
+    ] {
+        assert!(purged.contains(gone), "{gone} after purge:\n{said}");
+    }
+    // And the machine itself has no corral user.
+    assert!(!run(Command::new("getent").arg("passwd"))?.contains("\ncorral:"));
     Ok(())
 }
