@@ -93,9 +93,12 @@ pub async fn session(
     } = channels;
     // One member at a time; the next session starts with the member after this one, so a
     // dead member is left behind.
-    let (mut client, member) = corral_etcd::connect_from(&cfg.etcd, *next_member).await?;
-    *next_member = member + 1;
+    // Members are checked by reading this host's own assignments: under etcd's
+    // authentication an agent may read nothing else.
     let keys = &cfg.keys;
+    let probing = cfg.etcd.clone().probing(keys.assignments(&cfg.host));
+    let (mut client, member) = corral_etcd::connect_from(&probing, *next_member).await?;
+    *next_member = member + 1;
 
     let host_record = |reason: Health| Host {
         status: Some(HostStatus {

@@ -13,22 +13,173 @@ use tokio_util::sync::CancellationToken;
 
 /// Corral's controller.
 #[derive(Debug, Parser)]
-#[command(name = "corral-controller", version, about)]
+#[command(name = "corral-controller", version, about, subcommand_negates_reqs = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     etcd: corral_etcd::EtcdFlags,
     /// Address the HTTP API listens on.
     #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
     /// File of bearer tokens, one per line; every /v1 call needs one.
-    #[arg(long, env = "CORRAL_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(long, env = "CORRAL_TOKEN_FILE", required = true)]
+    token_file: Option<PathBuf>,
     /// etcd key prefix.
     #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
     prefix: String,
     /// This replica's name in the leader election (default: host name and pid).
     #[arg(long, env = "CORRAL_CONTROLLER_ID")]
     id: Option<String>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// etcd's roles and users for Corral (run with etcd's root credentials): the controller
+    /// writes specs and assignments; each host's agent reads only its own assignments and
+    /// writes only its own keys.
+    #[command(subcommand)]
+    Access(AccessCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum AccessCommand {
+    /// The controller's role and user `corral-controller`: everything under the prefix.
+    ///
+    /// Example: corral-controller access controller --password-file /etc/corral/etcd-password
+    ///   --etcd-endpoints https://etcd-1:2379 --etcd-username root --etcd-password-file root.pw
+    Controller {
+        #[command(flatten)]
+        target: AccessTarget,
+        #[command(flatten)]
+        login: LoginFlags,
+    },
+    /// A host's role and user `corral-agent-HOST`: its own assignments, host, alive and status
+    /// keys, nothing else. Run again to change its password; `remove-host` undoes it.
+    ///
+    /// Example: corral-controller access add-host web-1 --new-password-file web-1.pw
+    ///   --etcd-endpoints https://etcd-1:2379 --etcd-username root --etcd-password-file root.pw
+    AddHost {
+        host: String,
+        #[command(flatten)]
+        target: AccessTarget,
+        #[command(flatten)]
+        login: LoginFlags,
+    },
+    /// Deletes a host's etcd user and role: its agent can no longer read or write anything.
+    RemoveHost {
+        host: String,
+        #[command(flatten)]
+        target: AccessTarget,
+    },
+}
+
+/// Where the roles are made: the cluster (as etcd's root) and Corral's prefix.
+#[derive(Debug, clap::Args)]
+struct AccessTarget {
+    #[command(flatten)]
+    etcd: corral_etcd::EtcdFlags,
+    /// etcd key prefix.
+    #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
+    prefix: String,
+}
+
+/// How the user logs in; with neither flag, by client certificate (CN = the user's name).
+#[derive(Debug, clap::Args)]
+struct LoginFlags {
+    /// The user's password, read from this file.
+    #[arg(long, conflicts_with = "new_password_file")]
+    password_file: Option<PathBuf>,
+    /// Generates a password and writes it to this new file (mode 0600), for the host's
+    /// --etcd-password-file.
+    #[arg(long)]
+    new_password_file: Option<PathBuf>,
+}
+
+impl LoginFlags {
+    fn login(&self) -> anyhow::Result<corral_controller::access::Login> {
+        use corral_controller::access::Login;
+        if let Some(p) = &self.password_file {
+            let pw = std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?;
+            let pw = pw.trim_end_matches('\n').to_string();
+            anyhow::ensure!(!pw.is_empty(), "{} is empty", p.display());
+            return Ok(Login::Password(pw));
+        }
+        if let Some(p) = &self.new_password_file {
+            let mut bytes = [0u8; 24];
+            std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)
+                .context("read /dev/urandom")?;
+            let pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("create {} (it must not exist yet)", p.display()))?;
+            writeln!(f, "{pw}").with_context(|| format!("write {}", p.display()))?;
+            return Ok(Login::Password(pw));
+        }
+        Ok(Login::Certificate)
+    }
+}
+
+async fn access(command: AccessCommand) -> anyhow::Result<()> {
+    use corral_controller::access;
+    let connect = |target: &AccessTarget| -> anyhow::Result<corral_etcd::EtcdOptions> {
+        Ok(target
+            .etcd
+            .options()
+            .context("etcd flags")?
+            .probing(format!("{}/", Keys::new(&target.prefix).prefix())))
+    };
+    let (target, identity, login) = match command {
+        AccessCommand::RemoveHost { host, target } => {
+            corral_proto::validate::check_host_name(&host).map_err(anyhow::Error::msg)?;
+            let (mut client, _) = corral_etcd::connect_from(&connect(&target)?, 0)
+                .await
+                .context("connect to etcd")?;
+            let name = access::host_user(&host);
+            access::remove(&mut client, &name).await?;
+            println!("removed etcd user and role {name}");
+            return Ok(());
+        }
+        AccessCommand::Controller { target, login } => {
+            let identity = access::controller_grants(&Keys::new(&target.prefix));
+            (target, identity, login)
+        }
+        AccessCommand::AddHost { host, target, login } => {
+            let identity = access::host_grants(&Keys::new(&target.prefix), &host).map_err(anyhow::Error::msg)?;
+            (target, identity, login)
+        }
+    };
+    let options = connect(&target)?;
+    let (mut client, _) = corral_etcd::connect_from(&options, 0)
+        .await
+        .context("connect to etcd")?;
+    let how = login.login()?;
+    access::setup(&mut client, &identity, &how).await?;
+    println!("etcd user and role {}:", identity.name);
+    for g in &identity.grants {
+        println!("  {g}");
+    }
+    match how {
+        access::Login::Password(_) => println!(
+            "log in with --etcd-username {} --etcd-password-file {}",
+            identity.name,
+            login
+                .password_file
+                .or(login.new_password_file)
+                .unwrap_or_default()
+                .display()
+        ),
+        access::Login::Certificate => println!(
+            "log in with a client certificate whose CN is {} (no password login)",
+            identity.name
+        ),
+    }
+    Ok(())
 }
 
 #[tokio::main]
@@ -39,18 +190,28 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
-    let tokens: Vec<String> = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("read {}", args.token_file.display()))?
+    if let Some(Command::Access(command)) = args.command {
+        return access(command).await;
+    }
+    let token_file = args.token_file.context("--token-file is required")?;
+    let tokens: Vec<String> = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("read {}", token_file.display()))?
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(String::from)
         .collect();
-    anyhow::ensure!(!tokens.is_empty(), "{} holds no token", args.token_file.display());
-    let etcd = corral_etcd::Etcd::connect(&args.etcd.options().context("etcd flags")?)
+    anyhow::ensure!(!tokens.is_empty(), "{} holds no token", token_file.display());
+    let keys = Keys::new(&args.prefix);
+    let etcd_options = args
+        .etcd
+        .options()
+        .context("etcd flags")?
+        .probing(format!("{}/", keys.prefix()));
+    let etcd = corral_etcd::Etcd::connect(&etcd_options)
         .await
         .context("connect to etcd")?;
-    let store = Store::new(etcd, Keys::new(&args.prefix));
+    let store = Store::new(etcd, keys);
     let id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -30,6 +30,10 @@ pub struct EtcdOptions {
     pub key_file: Option<PathBuf>,
     /// etcd user name and password (etcd's own authentication).
     pub user: Option<(String, String)>,
+    /// The key read to check that a member serves linearizable reads: one this identity may
+    /// read under etcd's authentication (an agent reads only its own assignments). Default
+    /// `/corral/`.
+    pub probe_key: Option<String>,
 }
 
 impl EtcdOptions {
@@ -39,6 +43,12 @@ impl EtcdOptions {
             endpoints: endpoints.to_vec(),
             ..Default::default()
         }
+    }
+
+    /// These options, checking members by reading `key`.
+    pub fn probing(mut self, key: impl Into<String>) -> EtcdOptions {
+        self.probe_key = Some(key.into());
+        self
     }
 
     fn connect_options(&self) -> Result<ConnectOptions, String> {
@@ -84,13 +94,14 @@ pub struct ConnectError {
 pub async fn connect_from(opts: &EtcdOptions, start: usize) -> Result<(Client, usize), ConnectError> {
     let endpoints = &opts.endpoints;
     let options = opts.connect_options().map_err(|e| ConnectError { tried: vec![e] })?;
+    let probe = opts.probe_key.as_deref().unwrap_or("/corral/");
     let mut tried = Vec::new();
     for k in 0..endpoints.len() {
         let i = (start + k) % endpoints.len();
         let ep = &endpoints[i];
         let attempt = async {
             let mut c = Client::connect([ep.as_str()], Some(options.clone())).await?;
-            c.get("/", Some(GetOptions::new().with_count_only())).await?;
+            c.get(probe, Some(GetOptions::new().with_count_only())).await?;
             Ok::<_, etcd_client::Error>(c)
         };
         match tokio::time::timeout(Duration::from_secs(4), attempt).await {
@@ -213,6 +224,7 @@ impl EtcdFlags {
             cert_file: self.etcd_cert_file.clone(),
             key_file: self.etcd_key_file.clone(),
             user,
+            probe_key: None,
         })
     }
 }

@@ -45,6 +45,7 @@ async fn corral_runs_on_etcd_with_tls_client_certificates_and_authentication() -
         cert_file: Some(etcd.client_cert.clone()),
         key_file: Some(etcd.client_key.clone()),
         user: Some(("root".into(), etcd.password.clone())),
+        probe_key: None,
     };
     // Without the client certificate, or with a wrong password, nothing connects.
     let no_cert = corral_etcd::EtcdOptions {

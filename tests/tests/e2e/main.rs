@@ -8,6 +8,7 @@ mod control_plane;
 mod deploy;
 mod etcd_kit;
 mod fleet;
+mod isolation;
 mod metrics;
 mod packages;
 mod reconcile;

@@ -1,0 +1,223 @@
+//! etcd's authentication for Corral: what each identity may read and write.
+//!
+//! The controller alone writes programs, groups and assignments; each agent reads only its
+//! own assignments and writes only its own host record, liveness key and statuses, so a host
+//! whose credentials leak cannot run anything on another host. [`controller_grants`] and
+//! [`host_grants`] say which keys (pure, unit-tested); [`setup`] and [`remove`] make the etcd
+//! roles and users (run by `corral-controller access` with etcd's root credentials).
+
+use corral_proto::keys::Keys;
+use etcd_client::{Client, Permission, UserAddOptions};
+
+/// What a grant allows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// One permission of a role: a key, or every key under a prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub key: String,
+    pub prefix: bool,
+    pub access: Access,
+}
+
+impl std::fmt::Display for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let access = match self.access {
+            Access::Read => "read",
+            Access::ReadWrite => "readwrite",
+        };
+        write!(f, "{access} {}{}", self.key, if self.prefix { "*" } else { "" })
+    }
+}
+
+/// An etcd role and the user holding it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// The user and its role share this name; with client certificates it is the CN.
+    pub name: String,
+    pub grants: Vec<Grant>,
+}
+
+/// The controller: everything under the prefix (specs, assignments, election, health).
+pub fn controller_grants(keys: &Keys) -> Identity {
+    Identity {
+        name: "corral-controller".into(),
+        grants: vec![Grant {
+            key: format!("{}/", keys.prefix()),
+            prefix: true,
+            access: Access::ReadWrite,
+        }],
+    }
+}
+
+/// One host's agent: reads its own assignments; writes its own host record, liveness key
+/// and statuses. Nothing of any other host, and no spec.
+///
+/// # Errors
+/// A host name that is not valid (it becomes part of keys and of an etcd user name).
+pub fn host_grants(keys: &Keys, host: &str) -> Result<Identity, String> {
+    corral_proto::validate::check_host_name(host)?;
+    let grant = |key: String, prefix: bool, access: Access| Grant { key, prefix, access };
+    Ok(Identity {
+        name: host_user(host),
+        grants: vec![
+            grant(keys.assignments(host), true, Access::Read),
+            grant(keys.host(host), false, Access::ReadWrite),
+            grant(keys.alive(host), false, Access::ReadWrite),
+            grant(keys.host_status(host), true, Access::ReadWrite),
+        ],
+    })
+}
+
+/// The etcd user (and role) of a host's agent.
+pub fn host_user(host: &str) -> String {
+    format!("corral-agent-{host}")
+}
+
+/// How the user logs in.
+#[derive(Clone, Debug)]
+pub enum Login {
+    /// With this password (`--etcd-username`/`--etcd-password-file`).
+    Password(String),
+    /// With a client certificate whose CN is the user's name (no password login).
+    Certificate,
+}
+
+/// Makes (or brings up to date) the role and the user of `identity`: the role gets exactly
+/// its grants, the user its login and the role. Running it again is harmless; with a new
+/// password it changes the password.
+///
+/// # Errors
+/// etcd's refusal, with the step that failed.
+pub async fn setup(client: &mut Client, identity: &Identity, login: &Login) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let name = identity.name.as_str();
+    if let Err(e) = client.role_add(name).await
+        && !already_exists(&e)
+    {
+        return Err(e).with_context(|| format!("add role {name}"));
+    }
+    // Exactly these grants: whatever else the role held is revoked.
+    let held = client
+        .role_get(name)
+        .await
+        .with_context(|| format!("read role {name}"))?;
+    for p in held.permissions() {
+        let key = String::from_utf8_lossy(p.key()).into_owned();
+        if !identity.grants.iter().any(|g| g.key == key) {
+            let mut opts = etcd_client::RoleRevokePermissionOptions::new();
+            if !p.range_end().is_empty() {
+                opts = opts.with_range_end(p.range_end().to_vec());
+            }
+            client
+                .role_revoke_permission(name, key.clone(), Some(opts))
+                .await
+                .with_context(|| format!("revoke {key} from role {name}"))?;
+        }
+    }
+    for g in &identity.grants {
+        let mut p = match g.access {
+            Access::Read => Permission::read(g.key.as_bytes()),
+            Access::ReadWrite => Permission::read_write(g.key.as_bytes()),
+        };
+        if g.prefix {
+            p = p.with_prefix();
+        }
+        client
+            .role_grant_permission(name, p)
+            .await
+            .with_context(|| format!("grant {g} to role {name}"))?;
+    }
+    let (password, opts) = match login {
+        Login::Password(p) => (p.clone(), None),
+        Login::Certificate => (String::new(), Some(UserAddOptions::new().with_no_pwd())),
+    };
+    match client.user_add(name, password.clone(), opts).await {
+        Ok(_) => {}
+        Err(e) if already_exists(&e) => {
+            if let Login::Password(_) = login {
+                client
+                    .user_change_password(name, password)
+                    .await
+                    .with_context(|| format!("set the password of user {name}"))?;
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("add user {name}")),
+    }
+    client
+        .user_grant_role(name, name)
+        .await
+        .with_context(|| format!("grant role {name} to user {name}"))?;
+    Ok(())
+}
+
+/// Deletes the user and the role named `name`; either already gone is fine.
+///
+/// # Errors
+/// etcd's refusal, with the step that failed.
+pub async fn remove(client: &mut Client, name: &str) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    if let Err(e) = client.user_delete(name).await
+        && !not_found(&e)
+    {
+        return Err(e).with_context(|| format!("delete user {name}"));
+    }
+    if let Err(e) = client.role_delete(name).await
+        && !not_found(&e)
+    {
+        return Err(e).with_context(|| format!("delete role {name}"));
+    }
+    Ok(())
+}
+
+fn already_exists(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("already exists")
+}
+
+fn not_found(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("not found")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_reads_its_assignments_and_writes_only_its_own_keys() {
+        let keys = Keys::new("/corral");
+        let id = host_grants(&keys, "web-1").expect("valid");
+        assert_eq!(id.name, "corral-agent-web-1");
+        let shown: Vec<String> = id.grants.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "read /corral/assignments/web-1/*",
+                "readwrite /corral/hosts/web-1",
+                "readwrite /corral/alive/web-1",
+                "readwrite /corral/status/web-1/*",
+            ]
+        );
+        // A prefix ends in '/', so host "web-1" cannot reach "web-10".
+        for g in id.grants.iter().filter(|g| g.prefix) {
+            assert!(g.key.ends_with("web-1/"), "{g}");
+        }
+        // Nothing outside what an agent writes, and never a spec or another host's key.
+        for g in &id.grants {
+            assert!(g.key.contains("web-1"), "{g}");
+            assert!(!g.key.contains("/programs") && !g.key.contains("/groups"), "{g}");
+        }
+        assert!(host_grants(&keys, "../x").is_err());
+        assert!(host_grants(&keys, "a/b").is_err());
+    }
+
+    #[test]
+    fn the_controller_owns_its_prefix_only() {
+        let id = controller_grants(&Keys::new("/corral-b/"));
+        assert_eq!(id.grants.len(), 1);
+        assert_eq!(id.grants[0].to_string(), "readwrite /corral-b/*");
+    }
+}

@@ -1,0 +1,208 @@
+//! Hosts isolated from each other in etcd: with etcd's authentication on and the roles
+//! `corral-controller access` makes, Corral works under least privilege, and one host's
+//! credentials can neither read nor write another host's keys, nor any spec.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use corral_tests::corral::{Agent, Controller, binary, converged, wait_for};
+use corral_tests::etcd::Etcd;
+use corral_tests::supervisord::{Options, Supervisord};
+use etcd_client::{Client, ConnectOptions, GetOptions};
+
+const ROOT_PASSWORD: &str = "root-secret";
+
+/// `corral-controller access ARGS` as etcd's root.
+fn access(etcd: &Etcd, dir: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let root_pw = dir.join("root.pw");
+    std::fs::write(&root_pw, ROOT_PASSWORD)?;
+    let out = Command::new(binary("corral-controller")?)
+        .arg("access")
+        .args(args)
+        .args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--etcd-username",
+            "root",
+            "--etcd-password-file",
+        ])
+        .arg(&root_pw)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "access {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn login(etcd: &Etcd, user: &str, password_file: &Path) -> anyhow::Result<corral_etcd::EtcdOptions> {
+    let password = std::fs::read_to_string(password_file)?.trim().to_string();
+    Ok(corral_etcd::EtcdOptions {
+        user: Some((user.to_string(), password)),
+        ..corral_etcd::EtcdOptions::plain(std::slice::from_ref(&etcd.endpoint))
+    })
+}
+
+async fn client_as(etcd: &Etcd, user: &str, password_file: &Path) -> anyhow::Result<Client> {
+    let password = std::fs::read_to_string(password_file)?.trim().to_string();
+    Ok(Client::connect(
+        [etcd.endpoint.as_str()],
+        Some(ConnectOptions::new().with_user(user, password)),
+    )
+    .await?)
+}
+
+fn denied<T: std::fmt::Debug>(what: &str, r: Result<T, etcd_client::Error>) {
+    match r {
+        Err(e) => assert!(e.to_string().contains("permission denied"), "{what}: {e}"),
+        Ok(v) => panic!("{what} was allowed: {v:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_host_can_touch_only_its_own_keys_and_corral_works_under_least_privilege() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let dir = tempfile::tempdir()?;
+    {
+        let mut root = Client::connect([etcd.endpoint.as_str()], None).await?;
+        root.user_add("root", ROOT_PASSWORD, None).await?;
+        root.user_grant_role("root", "root").await?;
+        root.auth_enable().await?;
+    }
+    let pw = |name: &str| dir.path().join(format!("{name}.pw"));
+    let said = access(
+        &etcd,
+        dir.path(),
+        &[
+            "controller",
+            "--new-password-file",
+            pw("controller").to_str().unwrap_or_default(),
+        ],
+    )?;
+    assert!(said.contains("readwrite /corral/*"), "{said}");
+    for host in ["h1", "h2"] {
+        let said = access(
+            &etcd,
+            dir.path(),
+            &[
+                "add-host",
+                host,
+                "--new-password-file",
+                pw(host).to_str().unwrap_or_default(),
+            ],
+        )?;
+        assert!(said.contains(&format!("read /corral/assignments/{host}/*")), "{said}");
+    }
+    // The generated passwords are the owner's only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pw("h1"))?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    // A host name that is no host name is refused before etcd is touched.
+    assert!(access(&etcd, dir.path(), &["add-host", "../h1"]).is_err());
+
+    // Everything works with these identities: placement, two agents, a change of the spec.
+    let controller = Controller::start_with(&login(&etcd, "corral-controller", &pw("controller"))?, "c1").await?;
+    let (sd1, sd2) = (
+        Supervisord::start(Options::default()).await?,
+        Supervisord::start(Options::default()).await?,
+    );
+    let (s1, s2) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let _a1 = Agent::start_with(
+        "h1",
+        &[],
+        &login(&etcd, "corral-agent-h1", &pw("h1"))?,
+        &sd1,
+        s1.path(),
+        None,
+    );
+    let _a2 = Agent::start_with(
+        "h2",
+        &[],
+        &login(&etcd, "corral-agent-h2", &pw("h2"))?,
+        &sd2,
+        s2.path(),
+        None,
+    );
+    let api = controller.api()?;
+    api.apply(&corral_tests::specs::program("web", |_| {}), false).await?;
+    wait_for(&api, Duration::from_secs(30), |s| {
+        converged(s) && s.programs.len() == 1 && s.programs[0].ready == 2
+    })
+    .await?;
+    api.apply(
+        &corral_tests::specs::program("web", |s| s.command = "/bin/sleep 2000".into()),
+        false,
+    )
+    .await?;
+    wait_for(&api, Duration::from_secs(30), |s| {
+        converged(s) && s.programs[0].generation == 2 && s.programs[0].ready == 2
+    })
+    .await?;
+    assert!(sd2.client().await?.get_process_info("web").await?.pid > 0);
+
+    // h1's credentials, as a thief would use them.
+    let mut h1 = client_as(&etcd, "corral-agent-h1", &pw("h1")).await?;
+    let forged = br#"{"program":"evil"}"#.to_vec();
+    denied(
+        "write another host's assignment",
+        h1.put("/corral/assignments/h2/evil", forged.clone(), None).await,
+    );
+    denied(
+        "write its own assignment",
+        h1.put("/corral/assignments/h1/evil", forged.clone(), None).await,
+    );
+    denied(
+        "write a program",
+        h1.put("/corral/programs/evil", forged.clone(), None).await,
+    );
+    denied(
+        "write a group",
+        h1.put("/corral/groups/evil", forged.clone(), None).await,
+    );
+    denied(
+        "write another host's status",
+        h1.put("/corral/status/h2/web", forged.clone(), None).await,
+    );
+    denied(
+        "write another host's record",
+        h1.put("/corral/hosts/h2", forged.clone(), None).await,
+    );
+    denied(
+        "write another host's liveness",
+        h1.put("/corral/alive/h2", "", None).await,
+    );
+    denied(
+        "delete another host's keys",
+        h1.delete(
+            "/corral/status/h2/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await,
+    );
+    denied(
+        "read another host's assignments",
+        h1.get("/corral/assignments/h2/", Some(GetOptions::new().with_prefix()))
+            .await,
+    );
+    denied(
+        "read the specs",
+        h1.get("/corral/programs/", Some(GetOptions::new().with_prefix())).await,
+    );
+    denied("write outside the prefix", h1.put("/other", "x", None).await);
+    // What it may do: read its own assignments, write its own status.
+    let own = h1
+        .get("/corral/assignments/h1/", Some(GetOptions::new().with_prefix()))
+        .await?;
+    assert_eq!(own.kvs().len(), 1);
+    h1.put("/corral/status/h1/probe", "{}", None).await?;
+    h1.delete("/corral/status/h1/probe", None).await?;
+
+    // Removing a host's access ends its logins.
+    access(&etcd, dir.path(), &["remove-host", "h2"])?;
+    assert!(client_as(&etcd, "corral-agent-h2", &pw("h2")).await.is_err());
+    // Removing again is harmless.
+    access(&etcd, dir.path(), &["remove-host", "h2"])?;
+    Ok(())
+}
