@@ -18,8 +18,16 @@ use crate::plan;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Desired state as the agent knows it: program -> assignment.
-pub type Assignments = Arc<BTreeMap<String, Assignment>>;
+/// This host's assignments as read from etcd: program -> assignment, and the programs whose
+/// assignment does not even parse, with why (refused and reported, never run).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Received {
+    pub assignments: BTreeMap<String, Assignment>,
+    pub unreadable: BTreeMap<String, String>,
+}
+
+/// Desired state as the agent knows it.
+pub type Assignments = Arc<Received>;
 
 /// Statuses the reconcile loop wants reported: program -> status.
 pub type Statuses = Arc<BTreeMap<String, ProgramHostStatus>>;
@@ -131,7 +139,7 @@ pub async fn session(
 
     // List, then watch from the next revision.
     let prefix = keys.assignments(&cfg.host);
-    let mut current: BTreeMap<String, Assignment> = BTreeMap::new();
+    let mut current = Received::default();
     let revision = corral_etcd::read_pages(
         &prefix,
         |key, opts| {
@@ -154,7 +162,7 @@ pub async fn session(
     )
     .await?;
     connected.send_replace(true);
-    tracing::info!(host = %cfg.host, programs = current.len(), revision, "etcd session started");
+    tracing::info!(host = %cfg.host, programs = current.assignments.len(), unreadable = current.unreadable.len(), revision, "etcd session started");
 
     // Reported statuses: what etcd holds for this host, so only changes are written.
     let mut written: BTreeMap<String, ProgramHostStatus> = BTreeMap::new();
@@ -209,7 +217,8 @@ pub async fn session(
                         EventType::Put => changed |= apply_put(keys, &mut current, kv.key(), kv.value()),
                         EventType::Delete => {
                             if let Some((_, program)) = kv.key_str().ok().and_then(|k| keys.host_and_program(k)) {
-                                changed |= current.remove(program).is_some();
+                                changed |= current.assignments.remove(program).is_some();
+                                changed |= current.unreadable.remove(program).is_some();
                             }
                         }
                     }
@@ -285,17 +294,23 @@ async fn report(
     Ok(due.next.map(|d| tokio::time::Instant::now() + d))
 }
 
-/// Applies one assignment value; an unreadable one is logged and skipped (the controller
-/// validated it; a newer agent field would land here).
-fn apply_put(keys: &Keys, current: &mut BTreeMap<String, Assignment>, key: &[u8], value: &[u8]) -> bool {
+/// Applies one assignment value. One that does not parse replaces what was there as
+/// unreadable: refused, reported, never run (the controller writes only what it validated, so
+/// it is damage, a forgery, or a newer controller's field).
+fn apply_put(keys: &Keys, current: &mut Received, key: &[u8], value: &[u8]) -> bool {
     let Some((_, program)) = std::str::from_utf8(key).ok().and_then(|k| keys.host_and_program(k)) else {
         return false;
     };
     match serde_json::from_slice::<Assignment>(value) {
-        Ok(a) => current.insert(program.to_string(), a.clone()).as_ref() != Some(&a),
+        Ok(a) => {
+            let was_unreadable = current.unreadable.remove(program).is_some();
+            current.assignments.insert(program.to_string(), a.clone()).as_ref() != Some(&a) || was_unreadable
+        }
         Err(e) => {
-            tracing::warn!(program, error = %e, "ignoring an assignment that does not parse");
-            false
+            tracing::warn!(program, error = %e, "refusing an assignment that does not parse");
+            current.assignments.remove(program);
+            let why = format!("assignment refused: it does not parse ({e})");
+            current.unreadable.insert(program.to_string(), why.clone()) != Some(why)
         }
     }
 }

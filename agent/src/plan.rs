@@ -71,15 +71,46 @@ pub struct Desired {
 /// Renders this host's assignments. Each program is validated again here: the agent never
 /// writes a file from a spec it has not checked itself.
 pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desired {
+    desired_with(assignments, &BTreeMap::new(), host)
+}
+
+/// [`desired`], with the programs whose assignment did not parse (`unreadable`: program ->
+/// why) refused and reported like any invalid one. An assignment is trusted only as far as
+/// the controller could have written it: its program validates, it is stored under that
+/// program's own name, and its native group's name is a valid name.
+pub fn desired_with(
+    assignments: &BTreeMap<String, Assignment>,
+    unreadable: &BTreeMap<String, String>,
+    host: &str,
+) -> Desired {
     let mut out = Desired::default();
+    out.invalid
+        .extend(unreadable.iter().map(|(k, v)| (k.clone(), v.clone())));
     for (name, a) in assignments {
         let program = match validate_program(a.program.clone()) {
+            Ok(p) if p.metadata.name != *name => {
+                out.invalid.insert(
+                    name.clone(),
+                    format!(
+                        "assignment refused: stored as {name:?} but holds program {:?}",
+                        p.metadata.name
+                    ),
+                );
+                continue;
+            }
             Ok(p) => p,
             Err(e) => {
-                out.invalid.insert(name.clone(), e.to_string());
+                out.invalid.insert(name.clone(), format!("assignment refused: {e}"));
                 continue;
             }
         };
+        if let Some(g) = &a.native_group
+            && let Err(e) = corral_proto::validate::check_name(&g.name)
+        {
+            out.invalid
+                .insert(name.clone(), format!("assignment refused: native group: {e}"));
+            continue;
+        }
         let native = a.native_group.as_ref().map(|g| g.name.as_str());
         let rendered = render::namespecs(&program, host, native)
             .and_then(|ns| Ok((ns, render::render_program_in(&program, native)?)));

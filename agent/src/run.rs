@@ -53,14 +53,18 @@ pub enum StartError {
 
 const CACHE_FILE: &str = "assignments.json";
 
-fn load_cache(state_dir: &Path) -> BTreeMap<String, corral_proto::fleet::Assignment> {
+fn load_cache(state_dir: &Path) -> etcd::Received {
     let path = state_dir.join(CACHE_FILE);
-    match std::fs::read(&path) {
+    let assignments = match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
             tracing::warn!(path = %path.display(), error = %e, "ignoring an unreadable assignment cache");
             BTreeMap::new()
         }),
         Err(_) => BTreeMap::new(),
+    };
+    etcd::Received {
+        assignments,
+        unreadable: BTreeMap::new(),
     }
 }
 
@@ -185,14 +189,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             Some((_, desired)) if !new_assignments => desired,
             _ => {
                 &cached
-                    .insert((assignments.clone(), plan::desired(&assignments, &cfg.etcd.host)))
+                    .insert((
+                        assignments.clone(),
+                        plan::desired_with(&assignments.assignments, &assignments.unreadable, &cfg.etcd.host),
+                    ))
                     .1
             }
         };
         // Cached before acting on it, so an agent restarted while etcd is away never acts on
         // older intent than it last acted on (a `corral stop` it carried out stays carried out).
         if new_assignments {
-            let bytes = serde_json::to_vec(&*assignments).unwrap_or_default();
+            let bytes = serde_json::to_vec(&assignments.assignments).unwrap_or_default();
             if let Err(e) = confdir::write_private_off_runtime(cfg.state_dir.join(CACHE_FILE), bytes).await {
                 tracing::warn!(error = %e, "cannot cache assignments");
             }

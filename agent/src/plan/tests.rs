@@ -742,3 +742,59 @@ fn failures_errors_and_removals_are_reported_at_once() {
     let r = reports_due(&written, &wanted, &mut since, 10);
     assert_eq!(r, Reports::default());
 }
+
+#[test]
+fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it() {
+    let mut list = assignments(vec![
+        assignment("good", |_| {}),
+        assignment("inject", |s| {
+            s.command = "/bin/true\n[program:evil]\ncommand=/bin/sh".into()
+        }),
+        in_shop(assignment("grouped", |_| {})),
+    ]);
+    // Stored under another program's name.
+    list.insert("web".into(), assignment("other", |_| {}));
+    // A native group whose name would open a section of its own.
+    if let Some(a) = list.get_mut("grouped")
+        && let Some(g) = a.native_group.as_mut()
+    {
+        g.name = "shop]\n[program:evil".into();
+    }
+    let unreadable = BTreeMap::from([(
+        "garbage".to_string(),
+        "assignment refused: it does not parse".to_string(),
+    )]);
+    let d = desired_with(&list, &unreadable, "h1");
+    assert_eq!(d.programs.keys().collect::<Vec<_>>(), ["good"]);
+    assert!(d.native.is_empty());
+    for (name, why) in [
+        ("garbage", "does not parse"),
+        ("inject", "line break"),
+        ("web", "stored as \"web\" but holds program \"other\""),
+        ("grouped", "native group"),
+    ] {
+        assert!(
+            d.invalid[name].starts_with("assignment refused") && d.invalid[name].contains(why),
+            "{name}: {:?}",
+            d.invalid
+        );
+    }
+    // Every refusal is reported, never ready.
+    let observed = Observed::default();
+    let memory = Memory::default();
+    let tails = HashMap::new();
+    let generations = BTreeMap::new();
+    let errors = d.invalid.clone();
+    let s = statuses(&StatusInput {
+        host: "h1",
+        desired: &d,
+        observed: &observed,
+        memory: &memory,
+        errors: &errors,
+        generations: &generations,
+        stderr_tails: &tails,
+    });
+    for name in ["garbage", "inject", "web", "grouped"] {
+        assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
+    }
+}

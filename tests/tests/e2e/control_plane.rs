@@ -76,7 +76,7 @@ async fn reads_larger_than_a_grpc_message_are_paged() -> anyhow::Result<()> {
             corral_agent::etcd::session(&cfg, &mut member, None, &mut channels, &stop).await
         })
     };
-    tokio::time::timeout(WAIT, seen.wait_for(|a| a.len() == 300)).await??;
+    tokio::time::timeout(WAIT, seen.wait_for(|a| a.assignments.len() == 300)).await??;
     stop.cancel();
     session.await??;
     Ok(())

@@ -206,3 +206,94 @@ async fn a_host_can_touch_only_its_own_keys_and_corral_works_under_least_privile
     access(&etcd, dir.path(), &["remove-host", "h2"])?;
     Ok(())
 }
+
+/// An agent trusts only what the controller could have written: assignments written straight
+/// into etcd that do not parse, do not validate, sit under another program's name or name an
+/// injecting native group are refused and reported, never written or run; a good one beside
+/// them runs, and a refused one mended runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_refuses_and_reports_assignments_the_controller_could_not_have_written() -> anyhow::Result<()> {
+    use corral_proto::fleet::{Assignment, NativeGroup, ProgramHostStatus};
+    let etcd = Etcd::start().await?;
+    let mut c = Client::connect([etcd.endpoint.as_str()], None).await?;
+    let assignment = |name: &str, f: &dyn Fn(&mut corral_proto::resource::ProgramSpec)| Assignment {
+        program: corral_tests::specs::program_object(name, |s| f(s)),
+        native_group: None,
+    };
+    let json = |a: &Assignment| serde_json::to_vec(a).unwrap_or_default();
+    let put = |name: &str| format!("/corral/assignments/h1/{name}");
+    c.put(put("good"), json(&assignment("good", &|_| {})), None).await?;
+    c.put(put("garbage"), "{not json", None).await?;
+    c.put(
+        put("inject"),
+        json(&assignment("inject", &|s| {
+            s.command = "/bin/sleep 1\n[program:evil]\ncommand=/bin/touch /tmp/corral-pwned".into()
+        })),
+        None,
+    )
+    .await?;
+    c.put(put("web"), json(&assignment("other", &|_| {})), None).await?;
+    let mut grouped = assignment("grouped", &|_| {});
+    grouped.native_group = Some(NativeGroup {
+        name: "g]\n[program:evil2".into(),
+        priority: None,
+    });
+    c.put(put("grouped"), json(&grouped), None).await?;
+
+    let sd = Supervisord::start(Options::default()).await?;
+    let state = tempfile::tempdir()?;
+    let _agent = Agent::start("h1", &[], &etcd.endpoints(), &sd, state.path());
+    let status = |c: &mut Client| {
+        let mut c = c.clone();
+        async move {
+            let r = c.get("/corral/status/h1/", Some(GetOptions::new().with_prefix())).await?;
+            let mut out = std::collections::BTreeMap::new();
+            for kv in r.kvs() {
+                let s: ProgramHostStatus = serde_json::from_slice(kv.value())?;
+                out.insert(s.program.clone(), s);
+            }
+            anyhow::Ok(out)
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let seen = loop {
+        let s = status(&mut c).await?;
+        if s.len() == 5 && s.get("good").is_some_and(|g| g.ready) {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "never reported: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    for (name, why) in [
+        ("garbage", "does not parse"),
+        ("inject", "line break"),
+        ("web", "holds program \"other\""),
+        ("grouped", "native group"),
+    ] {
+        let error = seen[name].error.clone().unwrap_or_default();
+        assert!(error.starts_with("assignment refused") && error.contains(why), "{name}: {error}");
+        assert!(!seen[name].ready);
+    }
+    // Nothing of them on disk or in supervisord.
+    let mut files: Vec<String> = std::fs::read_dir(&sd.conf_dir)?
+        .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+        .collect();
+    files.sort();
+    assert_eq!(files, ["corral-program-good.conf"], "conf dir holds only the good program");
+    let names: Vec<String> = sd.client().await?.get_all_process_info().await?.into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["good"]);
+    assert!(!Path::new("/tmp/corral-pwned").exists());
+
+    // Mended, it runs.
+    c.put(put("garbage"), json(&assignment("garbage", &|_| {})), None).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&mut c).await?;
+        if s.get("garbage").is_some_and(|g| g.ready && g.error.is_none()) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the mended one never ran: {s:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
