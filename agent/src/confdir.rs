@@ -36,6 +36,8 @@ struct Stamp {
     modified: Option<std::time::SystemTime>,
     len: u64,
     ino: u64,
+    /// A chmod is a change too: a managed file opened to others is closed again.
+    mode: u32,
 }
 
 impl Stamp {
@@ -45,6 +47,7 @@ impl Stamp {
             modified: m.modified().ok(),
             len: m.len(),
             ino: m.ino(),
+            mode: m.mode(),
         }
     }
 }
@@ -186,8 +189,11 @@ impl ConfDir {
                 Ok(t) if t.is_symlink() => std::fs::metadata(&path),
                 _ => entry.metadata(),
             };
-            let stamp = match meta {
-                Ok(m) => Stamp::of(&m),
+            let (stamp, open_to_others) = match meta {
+                Ok(m) => (
+                    Stamp::of(&m),
+                    m.is_file() && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o077 != 0,
+                ),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(err("stat", &path)(e)),
             };
@@ -200,6 +206,15 @@ impl ConfDir {
             }
             match std::fs::read_to_string(&path) {
                 Ok(text) => {
+                    // One of ours readable by others (written by an older version): it holds
+                    // environment values, so it becomes the owner's only. Not through a link.
+                    let link = entry.file_type().is_ok_and(|t| t.is_symlink());
+                    if open_to_others && !link && text.starts_with(HEADER) {
+                        let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+                        if let Err(e) = std::fs::set_permissions(&path, private) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot make a managed file private");
+                        }
+                    }
                     contents.insert(name.clone(), text);
                     stamps.insert(name, stamp);
                 }
@@ -268,7 +283,7 @@ impl ConfDir {
         debug_assert!(content.starts_with(HEADER));
         let path = self.dir.join(name);
         let bytes = content.as_bytes().to_vec();
-        off_runtime(&path.clone(), move || write_atomic(&path, &bytes)).await
+        off_runtime(&path.clone(), move || write_private(&path, &bytes)).await
     }
 
     /// The next [`ConfDir::read_managed`] looks at the directory again.
@@ -321,17 +336,9 @@ fn is_other_conf(name: &str) -> bool {
 }
 
 /// Writes `content` to `path` atomically: to `.<name>.tmp` beside it (a hidden name no
-/// `*.conf` include matches), synced, then renamed over `path`. For managed files and the
-/// agent's own state files alike.
-///
-/// # Errors
-/// If the temporary file cannot be written, synced or renamed.
-pub fn write_atomic(path: &Path, content: &[u8]) -> Result<(), Error> {
-    write_with_mode(path, content, 0o644)
-}
-
-/// Like [`write_atomic`], readable and writable by the owner only (0600): for the agent's
-/// state files, which hold rendered configs and so environment values.
+/// `*.conf` include matches), synced, then renamed over `path`; readable and writable by the
+/// owner only (0600). For managed files and the agent's own state files alike: both hold
+/// rendered programs, and so environment values (supervisord, running as root, reads them).
 ///
 /// # Errors
 /// If the temporary file cannot be written, synced or renamed.

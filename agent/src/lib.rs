@@ -1,6 +1,7 @@
 //! Corral's per-host agent. Today: the supervisord XML-RPC driver that reconciliation uses.
 
 pub mod confdir;
+pub mod envfiles;
 pub mod etcd;
 pub mod metrics;
 pub mod plan;

@@ -25,7 +25,7 @@ use std::time::Duration;
 use corral_proto::fleet::{Assignment, ProcessStatus, ProgramHostStatus};
 use corral_proto::render;
 use corral_proto::resource::{CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Metadata};
-use corral_proto::{validate_group, validate_program};
+use corral_proto::{Valid, validate_group, validate_program};
 
 /// One program as this host must run it, already rendered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,21 +66,67 @@ pub struct Desired {
     pub native: BTreeMap<String, NativeGroup>,
     /// Programs that cannot run here, and why (the controller should not have sent them).
     pub invalid: BTreeMap<String, String>,
+    /// Programs that run but are not as they should be, and why (an environment file that
+    /// cannot be read now: its last good contents are used).
+    pub problems: BTreeMap<String, String>,
+}
+
+/// An environment file (`spec.environment_file`) as the agent last read it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvFile {
+    /// Its contents: as just read, or its last good reading when it cannot be read now.
+    pub contents: Option<String>,
+    /// Why it could not be read just now.
+    pub problem: Option<String>,
+}
+
+/// Path -> what it held.
+pub type EnvFiles = BTreeMap<String, EnvFile>;
+
+/// The environment files this host's assignments name.
+pub fn environment_files(assignments: &BTreeMap<String, Assignment>) -> BTreeSet<String> {
+    assignments
+        .values()
+        .filter_map(|a| a.program.spec.environment_file.clone())
+        .collect()
+}
+
+/// `program` with its environment file's variables added to (and overriding) its
+/// environment, validated again; and a problem to report if the file could not be read now.
+fn with_environment_file(
+    program: Valid<corral_proto::Program>,
+    path: &str,
+    file: Option<&EnvFile>,
+) -> Result<(Valid<corral_proto::Program>, Option<String>), String> {
+    let mut program = program.into_inner();
+    let why = |e: &dyn std::fmt::Display| format!("environment_file {path}: {e}");
+    let Some(contents) = file.and_then(|f| f.contents.as_deref()) else {
+        return Err(why(&file.and_then(|f| f.problem.as_deref()).unwrap_or("not read yet")));
+    };
+    let vars = corral_proto::envfile::parse(contents).map_err(|e| why(&e))?;
+    program.spec.environment.get_or_insert_default().extend(vars);
+    let program = validate_program(program).map_err(|e| why(&e))?;
+    let problem = file
+        .and_then(|f| f.problem.as_deref())
+        .map(|p| why(&format!("{p}; its last good contents are used")));
+    Ok((program, problem))
 }
 
 /// Renders this host's assignments. Each program is validated again here: the agent never
 /// writes a file from a spec it has not checked itself.
 pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desired {
-    desired_with(assignments, &BTreeMap::new(), host)
+    desired_with(assignments, &BTreeMap::new(), &EnvFiles::new(), host)
 }
 
 /// [`desired`], with the programs whose assignment did not parse (`unreadable`: program ->
-/// why) refused and reported like any invalid one. An assignment is trusted only as far as
+/// why) refused and reported like any invalid one, and the environment files the programs
+/// name as read (`env_files`; a program whose file was never read is not run). An assignment is trusted only as far as
 /// the controller could have written it: its program validates, it is stored under that
 /// program's own name, and its native group's name is a valid name.
 pub fn desired_with(
     assignments: &BTreeMap<String, Assignment>,
     unreadable: &BTreeMap<String, String>,
+    env_files: &EnvFiles,
     host: &str,
 ) -> Desired {
     let mut out = Desired::default();
@@ -111,6 +157,21 @@ pub fn desired_with(
                 .insert(name.clone(), format!("assignment refused: native group: {e}"));
             continue;
         }
+        let program = match program.spec.environment_file.clone() {
+            None => program,
+            Some(path) => match with_environment_file(program, &path, env_files.get(&path)) {
+                Ok((p, problem)) => {
+                    if let Some(problem) = problem {
+                        out.problems.insert(name.clone(), problem);
+                    }
+                    p
+                }
+                Err(e) => {
+                    out.invalid.insert(name.clone(), e);
+                    continue;
+                }
+            },
+        };
         let native = a.native_group.as_ref().map(|g| g.name.as_str());
         let rendered = render::namespecs(&program, host, native)
             .and_then(|ns| Ok((ns, render::render_program_in(&program, native)?)));

@@ -182,6 +182,7 @@ impl Reconciler {
         let now = now_ms();
         let mut report = PassReport::default();
         let mut errors: BTreeMap<String, String> = desired.invalid.clone();
+        errors.extend(desired.problems.iter().map(|(k, v)| (k.clone(), v.clone())));
 
         // 1. Files.
         self.conf.read_managed()?;

@@ -82,6 +82,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         source,
     };
     std::fs::create_dir_all(&cfg.state_dir).map_err(state_err)?;
+    // Its files hold rendered programs and their environment values: the owner's only, also
+    // when an older version made it 0755.
+    std::fs::set_permissions(&cfg.state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(state_err)?;
     let client = Client::new(cfg.supervisor.clone())?;
     let trigger = Arc::new(Notify::new());
     let mut conf = ConfDir::new(&cfg.conf_dir);
@@ -168,8 +171,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut tick = tokio::time::interval(cfg.resync);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reload = Instant::now();
-    // The assignments last seen, and what they render to: rendered again only when they change.
-    let mut cached: Option<(Assignments, plan::Desired)> = None;
+    // The assignments and environment files last seen, and what they render to: rendered
+    // again only when either changes.
+    let mut cached: Option<(Assignments, plan::EnvFiles, plan::Desired)> = None;
+    let mut env_reader = crate::envfiles::EnvFileReader::default();
     let mut history = ProcessHistory::default();
     let mut recheck: Option<Duration> = None;
     loop {
@@ -184,16 +189,20 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
         }
         let assignments = desired_rx.borrow_and_update().clone();
-        let new_assignments = !matches!(&cached, Some((seen, _)) if Arc::ptr_eq(seen, &assignments));
+        let new_assignments = !matches!(&cached, Some((seen, _, _)) if Arc::ptr_eq(seen, &assignments));
+        // Read every pass (a few small files, if any): a rotated secret is applied within a
+        // resync.
+        let env_files = env_reader.read(&plan::environment_files(&assignments.assignments));
         let desired = match &cached {
-            Some((_, desired)) if !new_assignments => desired,
+            Some((_, files, desired)) if !new_assignments && *files == env_files => desired,
             _ => {
-                &cached
-                    .insert((
-                        assignments.clone(),
-                        plan::desired_with(&assignments.assignments, &assignments.unreadable, &cfg.etcd.host),
-                    ))
-                    .1
+                let desired = plan::desired_with(
+                    &assignments.assignments,
+                    &assignments.unreadable,
+                    &env_files,
+                    &cfg.etcd.host,
+                );
+                &cached.insert((assignments.clone(), env_files, desired)).2
             }
         };
         // Cached before acting on it, so an agent restarted while etcd is away never acts on

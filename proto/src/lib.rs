@@ -5,6 +5,7 @@
 //! arguments, so the agent, the controller and the CLI agree on what a spec means.
 
 pub mod api;
+pub mod envfile;
 pub mod fleet;
 pub mod import;
 pub mod ini;

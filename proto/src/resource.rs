@@ -364,6 +364,11 @@ macro_rules! program_spec {
             /// of the program (`corral signal`), without changing its rendered config.
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub signal_request: Option<SignalRequest>,
+            /// A file on the host whose `KEY=VALUE` lines are added to `environment`
+            /// (overriding it), read by the agent: secrets need not be stored in etcd. See
+            /// [`crate::envfile`]. It must be owned by root and writable by no one else.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub environment_file: Option<String>,
             /// supervisord `command` (required).
             pub command: String,
             $( $(#[$doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*

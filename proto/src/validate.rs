@@ -299,6 +299,23 @@ pub const HIDDEN: &str = "(hidden)";
 pub const HIDDEN_CHANGED: &str = "(hidden, changed)";
 const HIDDEN_PLACEHOLDERS: [&str; 2] = [HIDDEN, HIDDEN_CHANGED];
 
+/// An absolute, normalized path of printable characters.
+fn environment_file(errs: &mut Errors, path: &str) {
+    let field = "spec.environment_file";
+    if !path.starts_with('/') {
+        errs.add(field, format!("{path:?} is not an absolute path"));
+    } else if path.split('/').any(|part| part == ".." || part == ".") || path.contains("//") || path.ends_with('/') {
+        errs.add(
+            field,
+            format!("{path:?} is not a normalized path of a file (no '.', '..', '//' or trailing '/')"),
+        );
+    } else if path.chars().any(char::is_control) {
+        errs.add(field, "contains a control character");
+    } else if path.len() > 4096 {
+        errs.add(field, "is longer than 4096 bytes");
+    }
+}
+
 fn environment(errs: &mut Errors, env: &BTreeMap<String, String>) {
     for (k, v) in env {
         let path = format!("spec.environment.{k}");
@@ -516,6 +533,9 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     }
     if let Some(env) = &s.environment {
         environment(&mut e, env);
+    }
+    if let Some(path) = &s.environment_file {
+        environment_file(&mut e, path);
     }
     if let Some(dir) = &s.directory {
         path_value(&mut e, "spec.directory", dir, Scope::Process);
@@ -803,6 +823,20 @@ mod tests {
         refused(env("MSG", "'quoted'"), "spec.environment.MSG", "single quote");
         refused(env("1BAD", "x"), "spec.environment.1BAD", "not a valid variable name");
         refused(env("A-B", "x"), "spec.environment.A-B", "not a valid variable name");
+    }
+
+    #[test]
+    fn an_environment_file_is_an_absolute_normalized_path() {
+        let file = |p: &str| program(|s| s.environment_file = Some(p.to_string()));
+        refused(file("app.env"), "spec.environment_file", "not an absolute path");
+        refused(file("/etc/corral/../shadow"), "spec.environment_file", "normalized");
+        refused(file("/etc//x"), "spec.environment_file", "normalized");
+        refused(
+            file("/etc/x\n[program:y]"),
+            "spec.environment_file",
+            "control character",
+        );
+        assert!(validate_program(file("/etc/corral/env/web.env")).is_ok());
     }
 
     #[test]

@@ -764,7 +764,7 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
         "garbage".to_string(),
         "assignment refused: it does not parse".to_string(),
     )]);
-    let d = desired_with(&list, &unreadable, "h1");
+    let d = desired_with(&list, &unreadable, &EnvFiles::new(), "h1");
     assert_eq!(d.programs.keys().collect::<Vec<_>>(), ["good"]);
     assert!(d.native.is_empty());
     for (name, why) in [
@@ -796,5 +796,59 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
     });
     for name in ["garbage", "inject", "web", "grouped"] {
         assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
+    }
+}
+
+#[test]
+fn an_environment_file_adds_to_the_environment_and_a_bad_one_is_refused() {
+    let list = assignments(vec![assignment("web", |s| {
+        s.environment = Some([("A".into(), "inline".into()), ("B".into(), "b".into())].into());
+        s.environment_file = Some("/etc/corral/web.env".into());
+    })]);
+    let file = |contents: Option<&str>, problem: Option<&str>| {
+        EnvFiles::from([(
+            "/etc/corral/web.env".to_string(),
+            EnvFile {
+                contents: contents.map(String::from),
+                problem: problem.map(String::from),
+            },
+        )])
+    };
+    let none = BTreeMap::new();
+    // The file's values override the spec's.
+    let d = desired_with(&list, &none, &file(Some("A=from-file\nTOKEN=s3cret\n"), None), "h1");
+    let content = &d.programs["web"].content;
+    assert!(content.contains("A=\"from-file\""), "{content}");
+    assert!(
+        content.contains("B=\"b\"") && content.contains("TOKEN=\"s3cret\""),
+        "{content}"
+    );
+    assert!(d.problems.is_empty());
+    // A new value renders a new file (so the program is restarted with it).
+    let rotated = desired_with(&list, &none, &file(Some("A=from-file\nTOKEN=n3w\n"), None), "h1");
+    assert_ne!(rotated.programs["web"].content, *content);
+    // Unreadable now, read before: runs with what was read, and says why.
+    let kept = desired_with(
+        &list,
+        &none,
+        &file(Some("A=from-file\nTOKEN=s3cret\n"), Some("cannot read it: gone")),
+        "h1",
+    );
+    assert_eq!(kept.programs["web"].content, *content);
+    assert!(kept.problems["web"].contains("cannot read it: gone; its last good contents are used"));
+    // Never read, not KEY=VALUE, or a value supervisord cannot quote: not run, and why.
+    for (files, why) in [
+        (EnvFiles::new(), "not read yet"),
+        (file(None, Some("cannot read it: No such file")), "No such file"),
+        (file(Some("just words\n"), None), "line 1: not KEY=VALUE"),
+        (file(Some("A=x\"y\n"), None), "spec.environment.A"),
+    ] {
+        let d = desired_with(&list, &none, &files, "h1");
+        assert!(d.programs.is_empty(), "{why}");
+        let error = &d.invalid["web"];
+        assert!(
+            error.starts_with("environment_file /etc/corral/web.env: ") && error.contains(why),
+            "{error}"
+        );
     }
 }

@@ -246,7 +246,9 @@ async fn an_agent_refuses_and_reports_assignments_the_controller_could_not_have_
     let status = |c: &mut Client| {
         let mut c = c.clone();
         async move {
-            let r = c.get("/corral/status/h1/", Some(GetOptions::new().with_prefix())).await?;
+            let r = c
+                .get("/corral/status/h1/", Some(GetOptions::new().with_prefix()))
+                .await?;
             let mut out = std::collections::BTreeMap::new();
             for kv in r.kvs() {
                 let s: ProgramHostStatus = serde_json::from_slice(kv.value())?;
@@ -271,7 +273,10 @@ async fn an_agent_refuses_and_reports_assignments_the_controller_could_not_have_
         ("grouped", "native group"),
     ] {
         let error = seen[name].error.clone().unwrap_or_default();
-        assert!(error.starts_with("assignment refused") && error.contains(why), "{name}: {error}");
+        assert!(
+            error.starts_with("assignment refused") && error.contains(why),
+            "{name}: {error}"
+        );
         assert!(!seen[name].ready);
     }
     // Nothing of them on disk or in supervisord.
@@ -279,13 +284,25 @@ async fn an_agent_refuses_and_reports_assignments_the_controller_could_not_have_
         .filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
         .collect();
     files.sort();
-    assert_eq!(files, ["corral-program-good.conf"], "conf dir holds only the good program");
-    let names: Vec<String> = sd.client().await?.get_all_process_info().await?.into_iter().map(|p| p.name).collect();
+    assert_eq!(
+        files,
+        ["corral-program-good.conf"],
+        "conf dir holds only the good program"
+    );
+    let names: Vec<String> = sd
+        .client()
+        .await?
+        .get_all_process_info()
+        .await?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     assert_eq!(names, ["good"]);
     assert!(!Path::new("/tmp/corral-pwned").exists());
 
     // Mended, it runs.
-    c.put(put("garbage"), json(&assignment("garbage", &|_| {})), None).await?;
+    c.put(put("garbage"), json(&assignment("garbage", &|_| {})), None)
+        .await?;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let s = status(&mut c).await?;

@@ -13,4 +13,5 @@ mod metrics;
 mod packages;
 mod reconcile;
 mod render_roundtrip;
+mod secrets;
 mod supervisor_rpc;
