@@ -75,6 +75,22 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
+/// Writes a file only its owner may read (the controller refuses a token file others may).
+fn write_private(path: &Path, content: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(content.as_bytes())
+        .with_context(|| format!("write {}", path.display()))
+}
+
 fn fresh_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
@@ -180,7 +196,7 @@ async fn start_all(
         None => fresh_token()?,
     };
     let token_file = dir.join("token");
-    std::fs::write(&token_file, format!("{token}\n"))?;
+    write_private(&token_file, &format!("{token}\n"))?;
     let api_port = free_port(port)?;
     let server = format!("http://127.0.0.1:{api_port}");
     let mut controller = Command::new(sibling("corral-controller"));

@@ -5,7 +5,7 @@
 //! | 0 | done; `diff`: nothing would change; `status`: everything is as declared |
 //! | 1 | `diff`: something would change; `status`: something is not as declared; any other command: the controller refused something (not found, invalid, conflict), the rest was done |
 //! | 2 | invalid input or usage: unreadable or invalid files, bad arguments, invalid names; nothing was sent |
-//! | 3 | the controller could not be reached, or its answer could not be read |
+//! | 3 | the controller could not be reached, it could not reach etcd (503), or its answer could not be read |
 
 use std::process::ExitCode;
 
@@ -19,6 +19,7 @@ pub const UNREACHABLE: u8 = 3;
 /// The code for a failed call to the controller.
 pub fn of_client(e: &ClientError) -> u8 {
     match e {
+        ClientError::Api { status: 503, .. } => UNREACHABLE,
         ClientError::Api { .. } => REFUSED,
         ClientError::Invalid(_) => INVALID,
         ClientError::Transport { .. } | ClientError::Decode(_) => UNREACHABLE,

@@ -25,7 +25,7 @@ use crate::online::{DescribeKind, KindArg, Output, What};
     name = "corral",
     version,
     about,
-    after_help = "Exit codes (every command):\n  0  done; diff: nothing would change; status: everything is as declared\n  1  diff: something would change; status: something is not as declared;\n     otherwise: the controller refused something (the rest was done)\n  2  invalid input or usage; nothing was sent\n  3  the controller could not be reached"
+    after_help = "Exit codes (every command):\n  0  done; diff: nothing would change; status: everything is as declared\n  1  diff: something would change; status: something is not as declared;\n     otherwise: the controller refused something (the rest was done)\n  2  invalid input or usage; nothing was sent\n  3  the controller could not be reached, or it could not reach etcd"
 )]
 struct Cli {
     /// The controller's URL.

@@ -122,7 +122,16 @@ impl From<StoreError> for ApiError {
             StoreError::Etcd(_) | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::Corrupt { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        ApiError::new(status, e.to_string())
+        // etcd away: one line a user can act on, not the transport's chain.
+        let message = match &e {
+            StoreError::Etcd(etcd) if corral_etcd::Etcd::is_unavailable(etcd) => format!(
+                "etcd is unreachable ({}); the controller keeps retrying",
+                corral_etcd::Etcd::short_reason(etcd)
+            ),
+            StoreError::Timeout(what) => format!("etcd did not answer in time ({what}); the controller keeps retrying"),
+            _ => e.to_string(),
+        };
+        ApiError::new(status, message)
     }
 }
 

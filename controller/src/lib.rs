@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod placement;
 pub mod status;
 pub mod store;
+pub mod tokens;

@@ -182,6 +182,17 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves on Ctrl-C or SIGTERM.
+async fn terminated() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -194,23 +205,18 @@ async fn main() -> anyhow::Result<()> {
         return access(command).await;
     }
     let token_file = args.token_file.context("--token-file is required")?;
-    let tokens: Vec<String> = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("read {}", token_file.display()))?
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(String::from)
-        .collect();
-    anyhow::ensure!(!tokens.is_empty(), "{} holds no token", token_file.display());
+    let tokens = corral_controller::tokens::read_token_file(&token_file)?;
     let keys = Keys::new(&args.prefix);
     let etcd_options = args
         .etcd
         .options()
         .context("etcd flags")?
         .probing(format!("{}/", keys.prefix()));
-    let etcd = corral_etcd::Etcd::connect(&etcd_options)
-        .await
-        .context("connect to etcd")?;
+    // Started while etcd is away, the replica waits for it (a SIGTERM still ends it).
+    let etcd = tokio::select! {
+        etcd = corral_etcd::Etcd::connect_patiently(&etcd_options) => etcd.context("connect to etcd")?,
+        () = terminated() => return Ok(()),
+    };
     let store = Store::new(etcd, keys);
     let id = args.id.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
@@ -228,14 +234,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = shutdown.clone();
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            terminated().await;
             stop.cancel();
         })
         .await?;

@@ -106,6 +106,7 @@ pub async fn connect_from(opts: &EtcdOptions, start: usize) -> Result<(Client, u
         };
         match tokio::time::timeout(Duration::from_secs(4), attempt).await {
             Ok(Ok(c)) => return Ok((c, i)),
+            Ok(Err(e)) if Etcd::is_unavailable(&e) => tried.push(format!("{ep}: {}", Etcd::short_reason(&e))),
             Ok(Err(e)) => tried.push(format!("{ep}: {e}")),
             Err(_) => tried.push(format!("{ep}: timed out")),
         }
@@ -135,6 +136,27 @@ impl Etcd {
         })
     }
 
+    /// Connects, waiting for the cluster as long as it takes: every attempt that finds no
+    /// member is logged and retried after a pause (1 s, doubling to 30 s). A replica started
+    /// while etcd is away (a cluster restart, a network cut) comes up when etcd does.
+    ///
+    /// # Errors
+    /// Only options that can never work (an unreadable certificate file): those are not retried.
+    pub async fn connect_patiently(opts: &EtcdOptions) -> Result<Etcd, ConnectError> {
+        opts.connect_options().map_err(|e| ConnectError { tried: vec![e] })?;
+        let mut pause = Duration::from_secs(1);
+        loop {
+            match Etcd::connect(opts).await {
+                Ok(etcd) => return Ok(etcd),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "waiting for etcd");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    }
+
     /// The current client (cheap to clone; clones share the connection).
     pub async fn client(&self) -> Client {
         self.current.read().await.0.clone()
@@ -153,6 +175,16 @@ impl Etcd {
                 matches!(s.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
             }
             _ => false,
+        }
+    }
+
+    /// A one-line reason for an error that means etcd is away (`is_unavailable`): the gRPC
+    /// message, not the transport's whole chain.
+    pub fn short_reason(e: &etcd_client::Error) -> String {
+        match e {
+            etcd_client::Error::GRpcStatus(s) if !s.message().is_empty() => s.message().to_string(),
+            etcd_client::Error::GRpcStatus(s) => format!("{:?}", s.code()),
+            other => other.to_string(),
         }
     }
 

@@ -159,3 +159,84 @@ async fn an_unreadable_key_or_a_refused_assignment_stops_nothing_else() -> anyho
     assert!(err.to_string().contains("32768-byte limit"), "{err}");
     Ok(())
 }
+
+/// Degraded modes, as an operator meets them: a replica started while etcd is away waits for
+/// it; `corral status` during an outage says so in one line and exits 3; a token file others
+/// may read is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_waits_for_etcd_and_an_outage_is_said_in_one_line() -> anyhow::Result<()> {
+    use corral_tests::corral::binary;
+    use corral_tests::process::ChildGuard;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut etcd = Etcd::start().await?;
+    etcd.kill();
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, "t0ken\n")?;
+    let port = corral_tests::free_port()?;
+    let controller = |tokens: &std::path::Path| -> anyhow::Result<std::process::Command> {
+        let mut c = std::process::Command::new(binary("corral-controller")?);
+        c.args([
+            "--etcd-endpoints",
+            &etcd.endpoint,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--token-file",
+        ])
+        .arg(tokens);
+        Ok(c)
+    };
+    // Others may read the token file: refused, saying why.
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644))?;
+    let out = controller(&tokens)?.output()?;
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("open to others (mode 0644)"), "{said}");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600))?;
+
+    let status = || -> anyhow::Result<(i32, String, String)> {
+        let o = std::process::Command::new(binary("corral")?)
+            .args(["--server", &format!("127.0.0.1:{port}"), "--token", "t0ken", "status"])
+            .output()?;
+        Ok((
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        ))
+    };
+    let until_status = |want: i32| async move {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let s = status()?;
+            if s.0 == want {
+                return anyhow::Ok(s);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "status never exited {want}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    // Started with etcd away: it waits (alive, not serving) and comes up with etcd.
+    let mut replica = ChildGuard::spawn("controller", controller(&tokens)?)?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    replica.check_alive()?;
+    assert_eq!(status()?.0, 3, "nothing serves yet");
+    etcd.restart().await?;
+    until_status(0).await?;
+
+    // etcd gone under a running replica: one line, exit 3, and it recovers with etcd.
+    etcd.kill();
+    let (_, stdout, stderr) = until_status(3).await?;
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("etcd is unreachable") && stderr.contains("keeps retrying"),
+        "{stderr}"
+    );
+    replica.check_alive()?;
+    etcd.restart().await?;
+    until_status(0).await?;
+    Ok(())
+}
