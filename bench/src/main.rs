@@ -973,6 +973,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
 }
 
 async fn etcd_counters(endpoint: &str) -> anyhow::Result<BTreeMap<String, f64>> {
+    corral_cli::client::ensure_tls_provider();
     let text = reqwest::get(format!("{endpoint}/metrics")).await?.text().await?;
     let mut out = BTreeMap::new();
     for name in [

@@ -48,12 +48,37 @@ pub struct ApiClient {
     token: Option<String>,
 }
 
+/// Makes rustls's ring provider the process default, once. reqwest (built with rustls for
+/// https) needs one before any client is built, even one that only speaks plain HTTP; Corral
+/// uses ring everywhere (etcd-client's TLS, the controller's HTTPS).
+pub fn ensure_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// How to trust the controller over https, and how to prove who we are.
+#[derive(Clone, Debug, Default)]
+pub struct TlsOptions {
+    /// Trust only this CA (PEM) for the controller's certificate; without it, the system's.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// A client certificate (PEM) and its key, for a controller that asks for one.
+    pub cert_file: Option<std::path::PathBuf>,
+    pub key_file: Option<std::path::PathBuf>,
+}
+
 impl ApiClient {
     /// `server` is the controller's base URL (`http://127.0.0.1:7070`).
     ///
     /// # Errors
     /// If the HTTP client cannot be built.
     pub fn new(server: &str, token: Option<String>) -> Result<ApiClient, ClientError> {
+        ApiClient::with_tls(server, token, &TlsOptions::default())
+    }
+
+    /// Like [`ApiClient::new`], with a CA and client certificate for https.
+    ///
+    /// # Errors
+    /// An invalid URL, unreadable or invalid PEM files, or an HTTP client that cannot be built.
+    pub fn with_tls(server: &str, token: Option<String>, tls: &TlsOptions) -> Result<ApiClient, ClientError> {
         // `127.0.0.1:7070` means plain HTTP, as the controller's own --listen does.
         let server = if server.contains("://") {
             server.to_string()
@@ -69,13 +94,43 @@ impl ApiClient {
             }
         }
         let server = server.as_str();
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|source| ClientError::Transport {
-                url: server.to_string(),
-                source,
-            })?;
+        ensure_tls_provider();
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| ClientError::Invalid(format!("cannot read {}: {e}", p.display())))
+        };
+        let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(ca) = &tls.ca_file {
+            let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+                .map_err(|e| ClientError::Invalid(format!("{}: not PEM certificates: {e}", ca.display())))?;
+            if certs.is_empty() {
+                return Err(ClientError::Invalid(format!("{} holds no certificate", ca.display())));
+            }
+            builder = builder.tls_certs_only(certs);
+        }
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                let mut pem = read(cert)?;
+                pem.extend(read(key)?);
+                let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                    ClientError::Invalid(format!(
+                        "{} and {}: not a PEM certificate and key: {e}",
+                        cert.display(),
+                        key.display()
+                    ))
+                })?;
+                builder = builder.identity(identity);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::Invalid(
+                    "a client certificate needs both --cert-file and --key-file".into(),
+                ));
+            }
+        }
+        let http = builder.build().map_err(|source| ClientError::Transport {
+            url: server.to_string(),
+            source,
+        })?;
         Ok(ApiClient {
             http,
             base: server.trim_end_matches('/').to_string(),

@@ -164,6 +164,7 @@ async fn start_all(
         .args(["--initial-cluster", &format!("dev={peer_url}")]);
     servers.push(Server::spawn("etcd", etcd, logs)?);
     wait_until("etcd", Duration::from_secs(20), async || {
+        corral_cli::client::ensure_tls_provider();
         reqwest::get(format!("{etcd_url}/health"))
             .await
             .is_ok_and(|r| r.status().is_success())
@@ -211,6 +212,7 @@ async fn start_all(
         .arg(&token_file);
     servers.push(Server::spawn("controller", controller, logs)?);
     wait_until("the controller", Duration::from_secs(20), async || {
+        corral_cli::client::ensure_tls_provider();
         reqwest::get(format!("{server}/healthz"))
             .await
             .is_ok_and(|r| r.status().is_success())

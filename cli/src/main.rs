@@ -34,6 +34,16 @@ struct Cli {
     /// Bearer token for the controller.
     #[arg(long, global = true, env = "CORRAL_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// CA certificate (PEM) that signed an https controller's certificate (default: the
+    /// system's CAs).
+    #[arg(long, global = true, env = "CORRAL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for a controller that asks for one.
+    #[arg(long, global = true, env = "CORRAL_CERT_FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, env = "CORRAL_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -177,7 +187,12 @@ enum Command {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let api = || ApiClient::new(&cli.server, cli.token.clone());
+    let tls = corral_cli::client::TlsOptions {
+        ca_file: cli.ca_file.clone(),
+        cert_file: cli.cert_file.clone(),
+        key_file: cli.key_file.clone(),
+    };
+    let api = || ApiClient::with_tls(&cli.server, cli.token.clone(), &tls);
     let result = async {
         match &cli.command {
             Command::Render { files } => offline::render(files),

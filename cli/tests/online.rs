@@ -315,6 +315,7 @@ async fn corral_dev_runs_the_examples_and_leaves_nothing_behind() -> anyhow::Res
         })
         .context("no metrics URL printed")?
         .to_string();
+    corral_cli::client::ensure_tls_provider();
     assert!(reqwest::get(&url).await?.text().await?.contains("corral_reconcile"));
     assert!(dev(&["stop", "celery-beat"])?.status.success());
     stop_dev(child, dir.path()).await?;
@@ -414,6 +415,7 @@ async fn exit_codes_names_pipes_and_limits() -> anyhow::Result<()> {
     let o = corral(s, &["get", "groups"]);
     assert!(text(&o).0.contains("tmpg"), "the group survived: {:?}", text(&o));
     // The API refuses them too, whatever a client sends.
+    corral_cli::client::ensure_tls_provider();
     let http = reqwest::Client::new();
     for raw in [
         "/v1/programs/..%2Fgroups%2Ftmpg",

@@ -9,4 +9,5 @@ pub mod metrics;
 pub mod placement;
 pub mod status;
 pub mod store;
+pub mod tls;
 pub mod tokens;

@@ -19,9 +19,23 @@ struct Args {
     command: Option<Command>,
     #[command(flatten)]
     etcd: corral_etcd::EtcdFlags,
-    /// Address the HTTP API listens on.
+    /// Address the API listens on. Beyond loopback it needs TLS (--tls-cert-file), or
+    /// --plain-http-beyond-loopback when a proxy on this host terminates TLS.
     #[arg(long, env = "CORRAL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Serve HTTPS with this certificate chain (PEM).
+    #[arg(long, env = "CORRAL_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM; refused if others may read it).
+    #[arg(long, env = "CORRAL_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM), besides the bearer token.
+    #[arg(long, env = "CORRAL_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    tls_client_ca_file: Option<PathBuf>,
+    /// Serve plain HTTP on an address beyond loopback (tokens then cross the network in
+    /// clear: only behind a TLS-terminating proxy).
+    #[arg(long, env = "CORRAL_PLAIN_HTTP_BEYOND_LOOPBACK")]
+    plain_http_beyond_loopback: bool,
     /// File of bearer tokens, one per line; every /v1 call needs one.
     #[arg(long, env = "CORRAL_TOKEN_FILE", required = true)]
     token_file: Option<PathBuf>,
@@ -205,6 +219,22 @@ async fn main() -> anyhow::Result<()> {
         return access(command).await;
     }
     let token_file = args.token_file.context("--token-file is required")?;
+    let tls = match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => Some(corral_controller::tls::server_config(
+            &corral_controller::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: args.tls_client_ca_file.clone(),
+            },
+        )?),
+        _ => None,
+    };
+    anyhow::ensure!(
+        tls.is_some() || args.listen.ip().is_loopback() || args.plain_http_beyond_loopback,
+        "--listen {} is beyond loopback without TLS: tokens would cross the network in clear; \
+         give --tls-cert-file and --tls-key-file (or --plain-http-beyond-loopback behind a TLS proxy)",
+        args.listen
+    );
     let tokens = corral_controller::tokens::read_token_file(&token_file)?;
     let keys = Keys::new(&args.prefix);
     let etcd_options = args
@@ -227,17 +257,37 @@ async fn main() -> anyhow::Result<()> {
     let (leader_side, api_side) = leader::link();
     let leading = tokio::spawn(leader::run(store.clone(), id, leader_side, shutdown.clone()));
     let app = router(AppState::new(store, tokens, api_side));
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listen on {}", args.listen))?;
-    tracing::info!(listen = %args.listen, "serving the API");
     let stop = shutdown.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            terminated().await;
-            stop.cancel();
-        })
-        .await?;
+    match tls {
+        Some(config) => {
+            let handle = axum_server::Handle::new();
+            let graceful = handle.clone();
+            tokio::spawn(async move {
+                terminated().await;
+                stop.cancel();
+                graceful.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            });
+            let config = axum_server::tls_rustls::RustlsConfig::from_config(std::sync::Arc::new(config));
+            tracing::info!(listen = %args.listen, "serving the API over HTTPS");
+            axum_server::bind_rustls(args.listen, config)
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .with_context(|| format!("serve on {}", args.listen))?;
+        }
+        None => {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("listen on {}", args.listen))?;
+            tracing::info!(listen = %args.listen, "serving the API over plain HTTP");
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    terminated().await;
+                    stop.cancel();
+                })
+                .await?;
+        }
+    }
     shutdown.cancel();
     let _ = leading.await;
     Ok(())

@@ -267,6 +267,7 @@ pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
 /// # Errors
 /// If the request fails or answers other than 2xx.
 pub async fn scrape(url: &str) -> anyhow::Result<String> {
+    corral_cli::client::ensure_tls_provider();
     let resp = reqwest::get(url).await?;
     anyhow::ensure!(resp.status().is_success(), "GET {url}: {}", resp.status());
     Ok(resp.text().await?)

@@ -217,20 +217,6 @@ pub struct SecureEtcd {
     pub dir: tempfile::TempDir,
 }
 
-fn openssl(dir: &std::path::Path, args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .context("run openssl")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 impl SecureEtcd {
     /// Makes a CA, a server and a client certificate, starts etcd with them, and enables
     /// authentication with a `root` user.
@@ -240,61 +226,9 @@ impl SecureEtcd {
     pub async fn start() -> anyhow::Result<SecureEtcd> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
-        let key = ["-newkey", "rsa:2048", "-nodes"];
-        openssl(
-            d,
-            &[
-                &["req", "-x509"],
-                &key[..],
-                &[
-                    "-keyout",
-                    "ca.key",
-                    "-out",
-                    "ca.pem",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=corral-test-ca",
-                ],
-            ]
-            .concat(),
-        )?;
-        // X.509 v3 with the right extensions: rustls refuses v1 certificates.
-        std::fs::write(
-            d.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-        )?;
-        std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
-        for (name, cn) in [("server", "/CN=etcd"), ("client", "/CN=root")] {
-            let (k, csr, pem, ext) = (
-                format!("{name}.key"),
-                format!("{name}.csr"),
-                format!("{name}.pem"),
-                format!("{name}.ext"),
-            );
-            openssl(
-                d,
-                &[&["req"], &key[..], &["-keyout", &k, "-out", &csr, "-subj", cn]].concat(),
-            )?;
-            let sign = [
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ];
-            openssl(d, &sign)?;
-        }
+        crate::pki::make_ca(d)?;
+        crate::pki::issue(d, "server", "etcd", crate::pki::Usage::Server)?;
+        crate::pki::issue(d, "client", "root", crate::pki::Usage::Client)?;
         let endpoint = format!("https://127.0.0.1:{}", crate::free_port()?);
         let peer = format!("http://127.0.0.1:{}", crate::free_port()?);
         let mut cmd = Command::new("etcd");

@@ -6,6 +6,7 @@
 pub mod corral;
 pub mod etcd;
 pub mod loader;
+pub mod pki;
 pub mod process;
 pub mod specs;
 pub mod supervisord;

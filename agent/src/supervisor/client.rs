@@ -97,6 +97,9 @@ impl Client {
     /// # Errors
     /// [`Error::Transport`] if the HTTP client cannot be built.
     pub fn new(config: ClientConfig) -> Result<Client, Error> {
+        // reqwest is built with rustls for the CLI's https and needs a provider even for a
+        // client that never speaks TLS: ring, as everywhere in Corral (installed once).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(Duration::from_secs(5))

@@ -90,6 +90,7 @@ async fn a_fatal_program_raises_the_not_running_alert_in_prometheus() -> anyhow:
     let deadline = Instant::now() + Duration::from_secs(90);
     let alerts = loop {
         prometheus.check_alive()?;
+        corral_cli::client::ensure_tls_provider();
         if let Ok(resp) = reqwest::get(&alerts_url).await
             && let Ok(v) = resp.json::<Value>().await
         {

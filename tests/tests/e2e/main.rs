@@ -15,3 +15,4 @@ mod reconcile;
 mod render_roundtrip;
 mod secrets;
 mod supervisor_rpc;
+mod tls;

@@ -111,11 +111,21 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
             .stderr(std::process::Stdio::null())
             .spawn()?)
     };
+    // Its /etc/default file serves HTTPS: here with certificates made for the test.
+    let ca = corral_tests::pki::make_ca(state.path())?;
+    let (cert, key) = corral_tests::pki::issue(
+        state.path(),
+        "controller",
+        "corral-controller",
+        corral_tests::pki::Usage::Server,
+    )?;
     let mut controller = start(
         "corral-controller",
         &[
             ("CORRAL_LISTEN", format!("127.0.0.1:{port}")),
             ("CORRAL_TOKEN_FILE", token.display().to_string()),
+            ("CORRAL_TLS_CERT_FILE", cert.display().to_string()),
+            ("CORRAL_TLS_KEY_FILE", key.display().to_string()),
         ],
     )?;
     let mut agent = start(
@@ -133,7 +143,14 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
     )?;
     let cli = |args: &[&str]| {
         Command::new(r("/usr/bin/corral"))
-            .args(["--server", &format!("127.0.0.1:{port}"), "--token", "pkg-token"])
+            .args([
+                "--server",
+                &format!("https://127.0.0.1:{port}"),
+                "--token",
+                "pkg-token",
+                "--ca-file",
+            ])
+            .arg(&ca)
             .args(args)
             .output()
     };
