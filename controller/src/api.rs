@@ -77,6 +77,8 @@ pub struct AppState {
     pub tokens: Arc<Vec<String>>,
     pub leader: ApiSide,
     pub metrics: ControllerMetrics,
+    /// What specs may ask of hosts (`--policy-file`); the default allows anything.
+    pub policy: Arc<crate::policy::Policy>,
     registry: Arc<Registry>,
 }
 
@@ -90,8 +92,15 @@ impl AppState {
             tokens: Arc::new(tokens),
             leader,
             metrics,
+            policy: Arc::new(crate::policy::Policy::default()),
             registry: Arc::new(registry),
         }
+    }
+
+    /// This state, enforcing `policy` at apply.
+    pub fn with_policy(mut self, policy: crate::policy::Policy) -> AppState {
+        self.policy = Arc::new(policy);
+        self
     }
 }
 
@@ -306,6 +315,14 @@ async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<
     let value = match r {
         Resource::Program(p) => {
             let p = validate_program(p)?.into_inner();
+            let refused = state.policy.check(&p.spec);
+            if !refused.is_empty() {
+                return Err(ValidationErrors {
+                    resource: format!("Program {:?}", p.metadata.name),
+                    errors: refused,
+                }
+                .into());
+            }
             serde_json::to_value(apply_result(state.store.apply(p, dry_run).await?, dry_run))
         }
         Resource::Group(g) => {
@@ -479,11 +496,11 @@ async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
 }
 
 async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
-    Ok(Json(fleet(&state.store).await?.0))
+    Ok(Json(fleet(&state.store, &state.policy).await?.0))
 }
 
 /// The fleet summary, and the registered host names.
-async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiError> {
+async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetStatus, BTreeSet<String>), ApiError> {
     let programs: Vec<Program> = store.list().await?;
     let hosts = store.hosts().await?;
     let readiness = host_readiness(&hosts, &store.alive().await?);
@@ -511,5 +528,13 @@ async fn fleet(store: &Store) -> Result<(FleetStatus, BTreeSet<String>), ApiErro
     status
         .warnings
         .extend(corral_proto::fleet::missing_members(&groups, &known));
+    // Stored before the policy (or a stricter one) came in: still placed, but said.
+    for p in &programs {
+        for e in policy.check(&p.spec) {
+            status
+                .warnings
+                .push(format!("program {} breaks the policy: {e}", p.metadata.name));
+        }
+    }
     Ok((status, names))
 }

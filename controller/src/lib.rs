@@ -7,6 +7,7 @@ pub mod index;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod policy;
 pub mod status;
 pub mod store;
 pub mod tls;

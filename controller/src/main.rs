@@ -42,6 +42,10 @@ struct Args {
     /// etcd key prefix.
     #[arg(long, env = "CORRAL_PREFIX", default_value = "/corral")]
     prefix: String,
+    /// What specs may ask of hosts (users, directories, executables, environment files),
+    /// enforced at apply; see deploy/policy.yaml. Without it, anything a spec can say.
+    #[arg(long, env = "CORRAL_POLICY_FILE")]
+    policy_file: Option<PathBuf>,
     /// This replica's name in the leader election (default: host name and pid).
     #[arg(long, env = "CORRAL_CONTROLLER_ID")]
     id: Option<String>,
@@ -236,6 +240,18 @@ async fn main() -> anyhow::Result<()> {
         args.listen
     );
     let tokens = corral_controller::tokens::read_token_file(&token_file)?;
+    let policy = match &args.policy_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+            corral_controller::policy::Policy::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        }
+        None => {
+            tracing::warn!(
+                "no --policy-file: a token that may write specs may run anything as any user on the hosts they select"
+            );
+            corral_controller::policy::Policy::default()
+        }
+    };
     let keys = Keys::new(&args.prefix);
     let etcd_options = args
         .etcd
@@ -256,7 +272,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let (leader_side, api_side) = leader::link();
     let leading = tokio::spawn(leader::run(store.clone(), id, leader_side, shutdown.clone()));
-    let app = router(AppState::new(store, tokens, api_side));
+    let app = router(AppState::new(store, tokens, api_side).with_policy(policy));
     let stop = shutdown.clone();
     match tls {
         Some(config) => {

@@ -44,6 +44,18 @@ impl Controller {
     /// # Errors
     /// If etcd cannot be reached or the port cannot be bound.
     pub async fn start_with(etcd_options: &corral_etcd::EtcdOptions, id: &str) -> anyhow::Result<Controller> {
+        Controller::start_with_policy(etcd_options, id, corral_controller::policy::Policy::default()).await
+    }
+
+    /// Like [`Controller::start_with`], enforcing `policy` at apply.
+    ///
+    /// # Errors
+    /// If etcd cannot be reached or the port cannot be bound.
+    pub async fn start_with_policy(
+        etcd_options: &corral_etcd::EtcdOptions,
+        id: &str,
+        policy: corral_controller::policy::Policy,
+    ) -> anyhow::Result<Controller> {
         let etcd = corral_etcd::Etcd::connect(etcd_options)
             .await
             .context("controller: connect to etcd")?;
@@ -58,7 +70,7 @@ impl Controller {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = router(AppState::new(store, vec![TOKEN.to_string()], api_side));
+        let app = router(AppState::new(store, vec![TOKEN.to_string()], api_side).with_policy(policy));
         let stop = shutdown.clone();
         let serving = tokio::spawn(async move {
             let _ = axum::serve(listener, app)

@@ -476,3 +476,48 @@ async fn a_rollout_survives_the_leaders_death_with_no_host_updated_twice_or_skip
     }
     Ok(())
 }
+
+/// The controller's policy at apply: a spec that breaks it is refused with every field that
+/// does (dry run too), nothing stored; a program stored before the policy came in is still
+/// run, and `status` says it breaks the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_policy_refuses_at_apply_and_status_names_programs_stored_before_it() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let opts = corral_etcd::EtcdOptions::plain(&etcd.endpoints());
+    let before = Controller::start(&etcd.endpoints(), "c1").await?;
+    before.api()?.apply(&program("legacy", |_| {}), false).await?;
+    before.stop().await;
+
+    let policy =
+        corral_controller::policy::Policy::parse("users: [app]\ncommands: [/srv/]\n").map_err(anyhow::Error::msg)?;
+    let controller = Controller::start_with_policy(&opts, "c2", policy).await?;
+    let api = controller.api()?;
+    for dry_run in [true, false] {
+        let err = api
+            .apply(&program("rooted", |s| s.command = "/bin/sh -c id".into()), dry_run)
+            .await
+            .expect_err("refused by the policy");
+        assert_eq!(err.status(), Some(422), "{err}");
+        let said = err.to_string();
+        assert!(
+            said.contains("spec.user") && said.contains("spec.command") && said.contains("policy"),
+            "{said}"
+        );
+    }
+    assert!(api.programs().await?.iter().all(|p| p.metadata.name != "rooted"));
+    let fine = program("fine", |s| {
+        s.user = Some("app".into());
+        s.command = "/srv/fine/run".into();
+    });
+    api.apply(&fine, true).await?;
+    let status = api.status().await?;
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|w| w.contains("legacy breaks the policy") && w.contains("spec.user")),
+        "{:?}",
+        status.warnings
+    );
+    Ok(())
+}

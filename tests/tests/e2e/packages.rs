@@ -126,6 +126,7 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
             ("CORRAL_TOKEN_FILE", token.display().to_string()),
             ("CORRAL_TLS_CERT_FILE", cert.display().to_string()),
             ("CORRAL_TLS_KEY_FILE", key.display().to_string()),
+            ("CORRAL_POLICY_FILE", r("/etc/corral/policy.yaml").display().to_string()),
         ],
     )?;
     let mut agent = start(
@@ -164,6 +165,27 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
         assert!(Instant::now() < deadline, "the packaged daemons never came up: {text}");
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    // The packaged policy refuses what a careful operator would: a program run as root, a
+    // log written into /etc, a shell; at apply, naming each field, nothing stored.
+    let spec = state.path().join("evil.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: evil}\nspec:\n  selector: {}\n  command: /bin/sh -c id\n  stdout_logfile: /etc/cron.d/evil\n",
+    )?;
+    let o = cli(&["apply", "-f", &spec.display().to_string()])?;
+    let said = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{said}");
+    for field in ["spec.user", "spec.command", "spec.stdout_logfile"] {
+        assert!(said.contains(field) && said.contains("policy"), "{field}: {said}");
+    }
+    let listed = String::from_utf8_lossy(&cli(&["get", "programs"])?.stdout).into_owned();
+    assert!(!listed.contains("evil"), "{listed}");
+    std::fs::write(
+        &spec,
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: fine}\nspec:\n  selector: {}\n  user: nobody\n  command: /usr/local/bin/fine\n  stdout_logfile: /var/log/app/fine.log\n",
+    )?;
+    let o = cli(&["apply", "-f", &spec.display().to_string(), "--dry-run"])?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let version = String::from_utf8_lossy(&cli(&["version"])?.stdout).into_owned();
     assert!(version.contains("server: "), "{version}");
     let _ = agent.kill();
@@ -202,7 +224,8 @@ fn dpkg_installs_configures_and_purges_the_packages_in_a_throwaway_root() -> any
         dpkg -i /root/debs/*.deb >/dev/null
         echo "user: $(getent passwd corral | cut -d: -f3,7)"
         show /usr/bin/corral /usr/bin/corral-controller /usr/bin/corral-agent /etc/corral \
-          /var/lib/corral-agent /etc/default/corral-controller /etc/default/corral-agent
+          /var/lib/corral-agent /etc/default/corral-controller /etc/default/corral-agent \
+          /etc/corral/policy.yaml
         dpkg -r corral corral-controller corral-agent >/dev/null
         echo removed
         show /usr/bin/corral-agent /etc/default/corral-agent
@@ -246,6 +269,7 @@ fn dpkg_installs_configures_and_purges_the_packages_in_a_throwaway_root() -> any
         "/var/lib/corral-agent 700 root:root",
         "/etc/default/corral-controller 640 root:corral",
         "/etc/default/corral-agent 640 root:root",
+        "/etc/corral/policy.yaml 640 root:corral",
     ] {
         assert!(installed.contains(expected), "{expected} after install:\n{said}");
     }
