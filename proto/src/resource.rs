@@ -136,12 +136,12 @@ impl ByteSize {
     /// Parses supervisord's `byte_size`: digits with an optional, case-insensitive KB/MB/GB.
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let lower = s.to_ascii_lowercase();
-        let (digits, mult) = match lower.len().checked_sub(2).map(|i| lower.split_at(i)) {
-            Some((d, "kb")) => (d, 1u64 << 10),
-            Some((d, "mb")) => (d, 1 << 20),
-            Some((d, "gb")) => (d, 1 << 30),
-            _ => (lower.as_str(), 1),
-        };
+        // By suffix, not by byte offset: a multi-byte character at the end is no suffix (and
+        // no char boundary to split at).
+        let (digits, mult) = [("kb", 1u64 << 10), ("mb", 1 << 20), ("gb", 1 << 30)]
+            .into_iter()
+            .find_map(|(suffix, mult)| Some((lower.strip_suffix(suffix)?, mult)))
+            .unwrap_or((lower.as_str(), 1));
         if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!(
                 "{s:?} is not a byte size (a number, optionally with KB, MB or GB)"
@@ -1157,6 +1157,7 @@ mod tests {
 
     #[test]
     fn byte_sizes_follow_supervisord() {
+        assert!(ByteSize::parse("10mb日").is_err() && ByteSize::parse("1日b").is_err());
         assert_eq!(ByteSize::parse("50MB"), Ok(ByteSize(50 << 20)));
         assert_eq!(ByteSize::parse("1kb"), Ok(ByteSize(1024)));
         assert_eq!(ByteSize::parse("0"), Ok(ByteSize(0)));

@@ -532,6 +532,63 @@ mod tests {
         proptest::string::string_regex("[\\t\\n\\x20-\\u{D7FF}\\u{E000}-\\u{FFFD}]{0,24}").expect("a valid regex")
     }
 
+    /// Cases per property: `CORRAL_FUZZ_CASES` (`scripts/fuzz`), or `default` in the suite.
+    fn cases(default: u32) -> u32 {
+        std::env::var("CORRAL_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// Pieces of XML and XML-RPC to splice into an answer.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            proptest::string::string_regex("[<>/&;'\"=a-z0-9 \t\n\r#x\u{0}\u{FFFF}日]{0,6}").expect("a valid regex"),
+            Just("<value>".to_string()),
+            Just("</value>".to_string()),
+            Just("<int>-1</int>".to_string()),
+            Just("<i4>99999999999999999999</i4>".to_string()),
+            Just("<string>".to_string()),
+            Just("</struct>".to_string()),
+            Just("<member><name>pid</name><value><int>1</int></value></member>".to_string()),
+            Just("&amp;".to_string()),
+            Just("&#xD800;".to_string()),
+            Just("<![CDATA[x]]>".to_string()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: cases(2_000), ..ProptestConfig::default() })]
+
+        /// supervisord's answer with pieces cut out and spliced in: the fast decoder never
+        /// panics, and what it accepts dxr decodes to the same processes.
+        #[test]
+        fn a_mangled_answer_never_panics_and_what_is_accepted_is_what_dxr_reads(
+            edits in proptest::collection::vec((0.0..1.0f64, 0usize..12, piece()), 1..5),
+        ) {
+            // The body only: the scanner skips the XML declaration without reading it (it
+            // comes from the local supervisord), where dxr checks it.
+            let prolog = SUPERVISORD_ANSWER.find("?>").map_or(0, |i| i + 2);
+            let mut xml = SUPERVISORD_ANSWER.to_string();
+            for (at, cut, with) in edits {
+                let body = xml.len() - prolog;
+                let mut i = (prolog + (at * body as f64) as usize).min(xml.len());
+                while !xml.is_char_boundary(i) {
+                    i -= 1;
+                }
+                let mut end = (i + cut).min(xml.len());
+                while !xml.is_char_boundary(end) {
+                    end += 1;
+                }
+                xml.replace_range(i..end, &with);
+            }
+            if let Ok(fast) = decode_all_process_info(&xml) {
+                let dxr = MethodResponse::from_xml(&xml).map_err(|e| e.to_string()).and_then(|r| decode_process_infos(&r.value).map_err(|e| e.to_string()));
+                prop_assert_eq!(Ok(fast), dxr, "{}", xml);
+            }
+        }
+    }
+
     proptest! {
         /// Whatever the strings, the fast decoder reads what dxr reads.
         #[test]

@@ -360,8 +360,16 @@ prop_compose! {
     }
 }
 
+/// Cases: `CORRAL_FUZZ_CASES` (`scripts/fuzz` asks for more), or 200 in the suite.
+fn cases() -> u32 {
+    std::env::var("CORRAL_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn generated_specs_round_trip_through_supervisord(spec in spec(), name in "[a-z][a-z0-9_-]{0,10}[a-z0-9]") {
