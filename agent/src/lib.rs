@@ -5,6 +5,7 @@ pub mod envfiles;
 pub mod etcd;
 pub mod metrics;
 pub mod plan;
+pub mod procfs;
 pub mod reconcile;
 pub mod run;
 pub mod supervisor;

@@ -47,6 +47,8 @@ pub struct DesiredProgram {
     pub namespecs: Vec<String>,
     /// supervisord's startsecs: how long a process stays STARTING before RUNNING.
     pub startsecs: u64,
+    /// How long supervisord waits after SIGTERM before SIGKILL (also for orphans).
+    pub stopwaitsecs: u64,
     /// What happens once supervisord gives up on a process.
     pub crash: CrashLoop,
 }
@@ -218,6 +220,7 @@ pub fn desired_with(
                     .map(|r| (r.signal.clone(), r.id.clone())),
                 namespecs,
                 startsecs: program.spec.startsecs.unwrap_or(1).max(0) as u64,
+                stopwaitsecs: program.spec.stopwaitsecs.unwrap_or(10).max(0) as u64,
                 crash: CrashLoopSpec::resolve(program.spec.crash_loop.as_ref()),
             },
         );
@@ -636,6 +639,8 @@ pub enum Correction {
     ProcessRestarted,
     ProcessSignalled,
     CrashLoopRestart,
+    /// A process left running by a supervisord that died, stopped.
+    OrphanStopped,
 }
 
 impl Correction {
@@ -648,6 +653,7 @@ impl Correction {
             Correction::ProcessRestarted => "process_restarted",
             Correction::ProcessSignalled => "process_signalled",
             Correction::CrashLoopRestart => "crash_loop_restart",
+            Correction::OrphanStopped => "orphan_stopped",
         }
     }
 }
@@ -1073,3 +1079,97 @@ pub fn reports_due(
 
 #[cfg(test)]
 mod tests;
+
+/// A process supervisord reported for one of Corral's programs, as last seen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeenProcess {
+    pub namespec: String,
+    /// supervisord's start time (Unix seconds).
+    pub start: i64,
+    pub stopwaitsecs: u64,
+}
+
+/// An orphan being stopped: SIGTERM sent at `term_at_ms`; SIGKILL once `stopwaitsecs` pass.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Reaping {
+    pub seen: SeenProcess,
+    pub term_at_ms: i64,
+    pub killed: bool,
+}
+
+/// A signal to an orphan's process group.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reap {
+    Term(i64),
+    Kill(i64),
+}
+
+/// How far a process's start time as the kernel has it may be from supervisord's (which
+/// takes the time just before it forks).
+const SAME_START_SECS: i64 = 2;
+
+/// The processes of Corral's programs that supervisord reports running now: pid -> what it is.
+pub fn seen_processes(observed: &Observed, desired: &Desired) -> BTreeMap<i64, SeenProcess> {
+    desired
+        .programs
+        .values()
+        .flat_map(|p| p.namespecs.iter().map(move |ns| (ns, p.stopwaitsecs)))
+        .filter_map(|(ns, stopwaitsecs)| {
+            let proc = observed.get(ns).filter(|proc| proc.pid > 0)?;
+            Some((
+                proc.pid,
+                SeenProcess {
+                    namespec: ns.clone(),
+                    start: proc.start,
+                    stopwaitsecs,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// Orphans: processes supervisord reported for Corral's programs that are still alive (the
+/// same process: its start time matches, so a reused PID is never taken for it) but that
+/// supervisord no longer reports. supervisord never lets go of a process it stopped; one it
+/// no longer knows outlived a supervisord killed with -9 or crashed, and runs beside the
+/// copy the new supervisord started (holding its port, its files, its queue). Each orphan's
+/// process group (supervisord makes every child a group leader) gets SIGTERM, then SIGKILL
+/// after its program's `stopwaitsecs`, as supervisord itself would have stopped it.
+///
+/// `seen`: what was reported at the last look; `reported`: every PID supervisord reports
+/// now; `alive`: start time (Unix seconds) of each PID of `seen` and `reaping` still alive.
+pub fn plan_reaping(
+    seen: &BTreeMap<i64, SeenProcess>,
+    reaping: &mut BTreeMap<i64, Reaping>,
+    reported: &BTreeSet<i64>,
+    alive: &BTreeMap<i64, i64>,
+    now_ms: i64,
+) -> Vec<Reap> {
+    let same = |pid: &i64, s: &SeenProcess| {
+        alive
+            .get(pid)
+            .is_some_and(|start| (start - s.start).abs() <= SAME_START_SECS)
+    };
+    let mut out = Vec::new();
+    reaping.retain(|pid, r| same(pid, &r.seen) && !reported.contains(pid));
+    for (pid, r) in reaping.iter_mut() {
+        if !r.killed && now_ms >= r.term_at_ms + (r.seen.stopwaitsecs as i64) * 1000 {
+            r.killed = true;
+            out.push(Reap::Kill(*pid));
+        }
+    }
+    for (pid, s) in seen {
+        if !reported.contains(pid) && same(pid, s) && !reaping.contains_key(pid) {
+            reaping.insert(
+                *pid,
+                Reaping {
+                    seen: s.clone(),
+                    term_at_ms: now_ms,
+                    killed: false,
+                },
+            );
+            out.push(Reap::Term(*pid));
+        }
+    }
+    out
+}

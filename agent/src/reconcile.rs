@@ -41,6 +41,11 @@ pub struct AgentState {
     /// fall back to if supervisord refuses the one on disk. Holds rendered environment
     /// values: the state file is written readable by its owner only.
     pub accepted: BTreeMap<String, String>,
+    /// PID -> the process of Corral's programs supervisord last reported under it, so that
+    /// processes a dead supervisord left behind are known after it (and the agent) restart.
+    pub seen_pids: BTreeMap<i64, plan::SeenProcess>,
+    /// Orphans being stopped, by PID.
+    pub reaping: BTreeMap<i64, plan::Reaping>,
 }
 
 /// Why a pass could not run at all (per-program problems are reported in statuses instead).
@@ -168,6 +173,47 @@ impl Reconciler {
         &self.state
     }
 
+    /// Stops what a supervisord that died left running (`plan::plan_reaping`), then records
+    /// what supervisord reports now.
+    fn stop_orphans(
+        &mut self,
+        infos: &[ProcessInfo],
+        observed: &Observed,
+        desired: &Desired,
+        now: i64,
+        report: &mut PassReport,
+    ) {
+        let reported: BTreeSet<i64> = infos.iter().filter(|i| i.pid > 0).map(|i| i.pid).collect();
+        let pids: BTreeSet<i64> = self
+            .state
+            .seen_pids
+            .keys()
+            .chain(self.state.reaping.keys())
+            .copied()
+            .collect();
+        let alive = crate::procfs::start_times(&pids);
+        let steps = plan::plan_reaping(&self.state.seen_pids, &mut self.state.reaping, &reported, &alive, now);
+        for step in steps {
+            let (pid, signal, name) = match step {
+                plan::Reap::Term(pid) => (pid, rustix::process::Signal::TERM, "SIGTERM"),
+                plan::Reap::Kill(pid) => (pid, rustix::process::Signal::KILL, "SIGKILL"),
+            };
+            let namespec = self
+                .state
+                .reaping
+                .get(&pid)
+                .map(|r| r.seen.namespec.clone())
+                .unwrap_or_default();
+            tracing::warn!(host = %self.host, pid, process = %namespec, signal = name, "stopping a process left running by a supervisord that died");
+            if let Err(e) = crate::procfs::signal_group(pid, signal) {
+                tracing::warn!(pid, error = %e, "cannot signal the orphan");
+            } else if name == "SIGTERM" {
+                report.corrections.push(Correction::OrphanStopped);
+            }
+        }
+        self.state.seen_pids = plan::seen_processes(observed, desired);
+    }
+
     async fn save_state(&self) -> Result<(), confdir::Error> {
         let bytes = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         confdir::write_private_off_runtime(self.state_path.clone(), bytes).await
@@ -255,6 +301,7 @@ impl Reconciler {
         // 3. Groups and processes.
         let infos = self.client.get_all_process_info().await?;
         let observed = observe(&infos);
+        self.stop_orphans(&infos, &observed, desired, now, &mut report);
         let loaded: BTreeSet<String> = desired
             .programs
             .values()
@@ -388,12 +435,6 @@ impl Reconciler {
         if self.state.crash != self.memory.crash {
             self.state.crash = self.memory.crash.clone();
         }
-        if self.state != self.saved {
-            self.save_state().await?;
-            self.saved = self.state.clone();
-        }
-
-        // 4. Status.
         let (infos, observed) = match after {
             Some(infos) => {
                 let observed = observe(&infos);
@@ -401,6 +442,15 @@ impl Reconciler {
             }
             None => (infos, observed),
         };
+        // What runs after the actions: a process this pass started is known (and saved) even
+        // if supervisord dies before the next look.
+        self.state.seen_pids = plan::seen_processes(&observed, desired);
+        if self.state != self.saved {
+            self.save_state().await?;
+            self.saved = self.state.clone();
+        }
+
+        // 4. Status.
         self.read_stderr_tails(desired, &observed).await;
         let tails: HashMap<String, String> = self
             .tails

@@ -61,6 +61,15 @@ impl ChildGuard {
         }
     }
 
+    /// Kills the process alone (SIGKILL), as `kill -9 PID` does: what it started keeps
+    /// running, orphaned (a supervisord killed so leaves its programs behind).
+    pub fn kill_alone(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Asks the process to stop (SIGTERM), so that supervisord stops its own children, and
     /// kills it if it has not exited within `grace`.
     pub fn terminate(&mut self, grace: Duration) {

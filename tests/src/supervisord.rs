@@ -31,6 +31,21 @@ pub struct Supervisord {
     _tmp: tempfile::TempDir,
 }
 
+fn command(dir: &Path) -> anyhow::Result<Command> {
+    let mut cmd = Command::new("supervisord");
+    cmd.arg("-n")
+        .arg("-c")
+        .arg(dir.join("supervisord.conf"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("stderr.log"))?,
+        ));
+    Ok(cmd)
+}
+
 impl Supervisord {
     /// Starts supervisord and waits until it answers `getState`.
     ///
@@ -64,13 +79,7 @@ impl Supervisord {
         );
         let conf_path = dir.join("supervisord.conf");
         std::fs::write(&conf_path, conf)?;
-        let mut cmd = Command::new("supervisord");
-        cmd.arg("-n")
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(std::fs::File::create(dir.join("stderr.log"))?));
-        let process = ChildGuard::spawn("supervisord", cmd)?;
+        let process = ChildGuard::spawn("supervisord", command(&dir)?)?;
         let mut sd = Supervisord {
             dir,
             conf_dir,
@@ -82,6 +91,18 @@ impl Supervisord {
         };
         sd.wait_ready().await?;
         Ok(sd)
+    }
+
+    /// `kill -9` of supervisord itself, then a new one on the same config (as systemd would
+    /// restart it): the killed one's programs are left running, orphaned, and the new one
+    /// starts its own.
+    ///
+    /// # Errors
+    /// If the new supervisord does not answer within 20 s.
+    pub async fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill_alone();
+        self.process = ChildGuard::spawn("supervisord", command(&self.dir)?)?;
+        self.wait_ready().await
     }
 
     async fn wait_ready(&mut self) -> anyhow::Result<()> {

@@ -852,3 +852,73 @@ fn an_environment_file_adds_to_the_environment_and_a_bad_one_is_refused() {
         );
     }
 }
+
+fn seen(ns: &str, start: i64) -> SeenProcess {
+    SeenProcess {
+        namespec: ns.into(),
+        start,
+        stopwaitsecs: 5,
+    }
+}
+
+#[test]
+fn an_orphan_of_a_killed_supervisord_is_stopped_as_supervisord_would() {
+    let before = BTreeMap::from([(100, seen("web:web", 1_000)), (200, seen("api:api", 1_000))]);
+    let mut reaping = BTreeMap::new();
+    // supervisord was killed and restarted: it reports new PIDs; 100 still runs (started
+    // when supervisord said), 200 is gone.
+    let reported = BTreeSet::from([300, 400]);
+    let alive = BTreeMap::from([(100, 1_001)]);
+    let steps = plan_reaping(&before, &mut reaping, &reported, &alive, 50_000);
+    assert_eq!(steps, [Reap::Term(100)]);
+    // Next looks: nothing again until stopwaitsecs pass, then SIGKILL once.
+    assert!(plan_reaping(&BTreeMap::new(), &mut reaping, &reported, &alive, 54_000).is_empty());
+    assert_eq!(
+        plan_reaping(&BTreeMap::new(), &mut reaping, &reported, &alive, 55_000),
+        [Reap::Kill(100)]
+    );
+    assert!(plan_reaping(&BTreeMap::new(), &mut reaping, &reported, &alive, 60_000).is_empty());
+    // Gone: forgotten.
+    assert!(plan_reaping(&BTreeMap::new(), &mut reaping, &reported, &BTreeMap::new(), 61_000).is_empty());
+    assert!(reaping.is_empty());
+}
+
+#[test]
+fn a_reused_pid_or_a_process_supervisord_still_reports_is_never_signalled() {
+    let before = BTreeMap::from([(100, seen("web:web", 1_000)), (200, seen("api:api", 1_000))]);
+    let mut reaping = BTreeMap::new();
+    // 100 is now another process (started much later); 200 is still supervisord's.
+    let alive = BTreeMap::from([(100, 5_000), (200, 1_000)]);
+    let reported = BTreeSet::from([200]);
+    assert!(plan_reaping(&before, &mut reaping, &reported, &alive, 0).is_empty());
+    assert!(reaping.is_empty());
+}
+
+#[test]
+fn only_corral_programs_processes_are_seen() {
+    let d = desired(
+        &assignments(vec![assignment("web", |s| s.stopwaitsecs = Some(3))]),
+        "h1",
+    );
+    let proc = |pid: i64| Proc {
+        group: "g".into(),
+        state: ProcState::Running,
+        pid,
+        start: 10,
+        exit_status: 0,
+        spawn_error: String::new(),
+        description: String::new(),
+        statename: "RUNNING".into(),
+    };
+    let observed: Observed = [("web".to_string(), proc(7)), ("other".to_string(), proc(8))].into();
+    let seen = seen_processes(&observed, &d);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[&7],
+        SeenProcess {
+            namespec: "web".into(),
+            start: 10,
+            stopwaitsecs: 3
+        }
+    );
+}

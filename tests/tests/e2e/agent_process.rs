@@ -180,3 +180,68 @@ async fn an_agent_killed_right_after_a_stop_keeps_it_stopped_when_it_restarts_wi
     assert_eq!(client.get_process_info("web").await?.state, ProcessState::Stopped);
     Ok(())
 }
+
+/// supervisord killed with -9 leaves its programs running, and the new supervisord starts
+/// its own copies beside them. The agent stops the orphans as supervisord would have
+/// (SIGTERM, then SIGKILL after stopwaitsecs), also when the agent itself was restarted in
+/// between, and touches no other process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn processes_a_killed_supervisord_left_running_are_stopped() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "c1").await?;
+    let api = controller.api()?;
+    let mut sd = Supervisord::start(Options::default()).await?;
+    let state = tempfile::tempdir()?;
+    let agent = corral_tests::corral::Agent::start("h1", &[], &etcd.endpoints(), &sd, state.path());
+    // One that dies on SIGTERM, one that ignores it (SIGKILL after stopwaitsecs).
+    api.apply(&program("web", |s| s.command = "/bin/sleep 4242".into()), false)
+        .await?;
+    api.apply(
+        &program("stubborn", |s| {
+            s.command = "/bin/sh -c \"trap '' TERM; while true; do sleep 1; done\"".into();
+            s.stopwaitsecs = Some(2);
+        }),
+        false,
+    )
+    .await?;
+    wait_for(&api, WAIT, |s| {
+        corral_tests::corral::converged(s) && s.programs.len() == 2 && s.programs.iter().all(|p| p.ready == 1)
+    })
+    .await?;
+    let client = sd.client().await?;
+    let old_web = client.get_process_info("web").await?.pid;
+    let old_stubborn = client.get_process_info("stubborn").await?.pid;
+    // A process that is no program's: never touched.
+    let mut bystander = Command::new("/bin/sleep").arg("4243").spawn()?;
+    // The agent restarts too (its memory of PIDs is in its state file).
+    agent.stop().await;
+    let _agent = corral_tests::corral::Agent::start("h1", &[], &etcd.endpoints(), &sd, state.path());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    sd.kill9_and_restart().await?;
+    let alive = |pid: i64| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = Instant::now() + WAIT;
+    while alive(old_web) || alive(old_stubborn) {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "orphans still running: web {} stubborn {}",
+            alive(old_web),
+            alive(old_stubborn)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The new supervisord's copies run; the bystander too.
+    wait_for(&api, WAIT, |s| {
+        corral_tests::corral::converged(s) && s.programs.iter().all(|p| p.ready == 1)
+    })
+    .await?;
+    let client = sd.client().await?;
+    assert_eq!(client.get_process_info("web").await?.statename, "RUNNING");
+    assert!(
+        bystander.try_wait()?.is_none(),
+        "a process that is no program's was signalled"
+    );
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+    Ok(())
+}
