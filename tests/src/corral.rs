@@ -260,12 +260,17 @@ pub fn converged(s: &FleetStatus) -> bool {
 /// If the binary is not there.
 pub fn binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
     let exe = std::env::current_exe().context("own path")?;
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary outside target/<profile>/deps")?;
-    let path = dir.join(name);
+    // target/<profile>/deps/<test> -> target/<profile>/<name>; a binary of this crate sits in
+    // target/<profile> itself.
+    let dir = exe.parent().context("own directory")?;
+    let beside = dir.join(name);
+    let path = if beside.exists() {
+        beside
+    } else {
+        dir.parent()
+            .context("test binary outside target/<profile>/deps")?
+            .join(name)
+    };
     anyhow::ensure!(
         path.exists(),
         "{} not built (run cargo build --workspace --bins first)",

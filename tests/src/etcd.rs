@@ -120,11 +120,24 @@ impl Etcd {
     }
 }
 
+fn member_command(args: &[String], dir: &std::path::Path) -> anyhow::Result<Command> {
+    let mut cmd = Command::new("etcd");
+    cmd.args(args).stdout(Stdio::null()).stderr(Stdio::from(
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("etcd.log"))?,
+    ));
+    Ok(cmd)
+}
+
 /// A 3-member (or n-member) etcd cluster on loopback, like production runs it.
 #[derive(Debug)]
 pub struct EtcdCluster {
     pub endpoints: Vec<String>,
     members: Vec<ChildGuard>,
+    /// Each member's command line, to start it again.
+    args: Vec<Vec<String>>,
     _dir: tempfile::TempDir,
 }
 
@@ -144,35 +157,33 @@ impl EtcdCluster {
         let initial: Vec<String> = peers.iter().enumerate().map(|(i, p)| format!("m{i}={p}")).collect();
         let initial = initial.join(",");
         let mut members = Vec::new();
+        let mut args = Vec::new();
         for i in 0..n {
             let mdir = dir.path().join(format!("m{i}"));
             std::fs::create_dir_all(&mdir)?;
-            let mut cmd = Command::new("etcd");
-            cmd.args(["--name", &format!("m{i}"), "--data-dir"])
-                .arg(mdir.join("data"))
-                .args([
-                    "--listen-client-urls",
-                    &clients[i],
-                    "--advertise-client-urls",
-                    &clients[i],
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peers[i],
-                    "--initial-advertise-peer-urls",
-                    &peers[i],
-                ])
-                .args([
-                    "--initial-cluster",
-                    &initial,
-                    "--initial-cluster-state",
-                    "new",
-                    "--log-level",
-                    "error",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::from(std::fs::File::create(mdir.join("etcd.log"))?));
-            members.push(ChildGuard::spawn("etcd member", cmd)?);
+            let a: Vec<String> = [
+                "--name".to_string(),
+                format!("m{i}"),
+                "--data-dir".to_string(),
+                mdir.join("data").display().to_string(),
+                "--listen-client-urls".to_string(),
+                clients[i].clone(),
+                "--advertise-client-urls".to_string(),
+                clients[i].clone(),
+                "--listen-peer-urls".to_string(),
+                peers[i].clone(),
+                "--initial-advertise-peer-urls".to_string(),
+                peers[i].clone(),
+                "--initial-cluster".to_string(),
+                initial.clone(),
+                "--initial-cluster-state".to_string(),
+                "new".to_string(),
+                "--log-level".to_string(),
+                "error".to_string(),
+            ]
+            .into();
+            members.push(ChildGuard::spawn("etcd member", member_command(&a, &mdir)?)?);
+            args.push(a);
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         for endpoint in &clients {
@@ -192,6 +203,7 @@ impl EtcdCluster {
         Ok(EtcdCluster {
             endpoints: clients,
             members,
+            args,
             _dir: dir,
         })
     }
@@ -201,6 +213,20 @@ impl EtcdCluster {
         if let Some(m) = self.members.get_mut(i) {
             m.kill();
         }
+    }
+
+    /// Starts member `i` again on its data (after [`EtcdCluster::kill_member`]).
+    ///
+    /// # Errors
+    /// If it cannot be started.
+    pub fn restart_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let (Some(a), Some(m)) = (self.args.get(i), self.members.get_mut(i)) else {
+            anyhow::bail!("no member {i}");
+        };
+        m.kill();
+        let dir = self._dir.path().join(format!("m{i}"));
+        *m = ChildGuard::spawn("etcd member", member_command(a, &dir)?)?;
+        Ok(())
     }
 }
 

@@ -3,11 +3,13 @@
 //!
 //! Every server is a real Debian-packaged binary (`etcd`, `supervisord`); nothing is mocked.
 
+pub mod chaos;
 pub mod corral;
 pub mod etcd;
 pub mod loader;
 pub mod pki;
 pub mod process;
+pub mod proxy;
 pub mod specs;
 pub mod supervisord;
 

@@ -2,6 +2,7 @@
 
 mod agent_process;
 mod alerting;
+mod chaos;
 mod cluster;
 mod conformance;
 mod control_plane;
