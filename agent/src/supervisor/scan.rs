@@ -164,8 +164,9 @@ impl<'a> Cursor<'a> {
                 if open == "<string>" {
                     Scalar::Str(text)
                 } else {
-                    let int = text.trim().parse().map_err(|e| format!("{open}{text}{close}: {e}"))?;
-                    Scalar::Int(int)
+                    // XML-RPC's int is 32 bits (Python's marshaller refuses more), as dxr reads it.
+                    let int: i32 = text.trim().parse().map_err(|e| format!("{open}{text}{close}: {e}"))?;
+                    Scalar::Int(i64::from(int))
                 }
             }
             None => {
