@@ -4,7 +4,10 @@
 //!
 //! Faults: `kill -9` of an agent, of the leading controller, of an etcd member and of a
 //! supervisord (its programs are left running, orphaned), and a network partition of one
-//! host from etcd (through [`crate::proxy::Proxy`]). Each fault comes with a spec change made
+//! host from etcd. Where the machine allows network namespaces (root, `ip`), each host's
+//! agent runs in its own namespace, reaching etcd over a veth link, and a partition takes
+//! that link down ([`crate::netns`]); elsewhere the agent reaches etcd through proxies that
+//! cut its connections ([`crate::proxy`]). The report says which. Each fault comes with a spec change made
 //! while it lasts. After each step the run waits for convergence: the API says everything
 //! is as declared, and each host's supervisord runs exactly what the model says, with the
 //! model's command lines. It then compares every process's PID with the step before: a PID
@@ -26,6 +29,7 @@ use corral_proto::resource::{DesiredState, Metadata, Program, ProgramSpec, Resou
 
 use crate::corral::binary;
 use crate::etcd::EtcdCluster;
+use crate::netns::Netns;
 use crate::process::ChildGuard;
 use crate::proxy::Proxy;
 use crate::supervisord::{Options as SupervisordOptions, Supervisord};
@@ -76,6 +80,8 @@ pub struct Report {
     /// Time to converge after each step.
     pub converge: Vec<Duration>,
     pub elapsed: Duration,
+    /// How a host was cut off: a network namespace's link taken down, or proxies (and why).
+    pub partition_by: String,
 }
 
 impl Report {
@@ -100,6 +106,7 @@ impl std::fmt::Display for Report {
         };
         let faults: usize = self.faults.values().sum();
         writeln!(f, "seed {}: {} steps in {:.0?}", self.seed, self.steps, self.elapsed)?;
+        writeln!(f, "partition by: {}", self.partition_by)?;
         writeln!(
             f,
             "faults injected: {faults} ({})",
@@ -161,7 +168,10 @@ struct Host {
     sd: Supervisord,
     agent: Option<ChildGuard>,
     state: PathBuf,
+    /// The agent's way to etcd members: through its namespace's link, or cuttable.
     proxies: Vec<Proxy>,
+    /// Its own network namespace, where the machine allows.
+    netns: Option<Netns>,
 }
 
 struct World {
@@ -176,6 +186,7 @@ struct World {
     base: u64,
     next_arg: u64,
     verbose: bool,
+    partition_by: String,
 }
 
 fn log_file(path: &Path) -> anyhow::Result<Stdio> {
@@ -202,18 +213,33 @@ impl World {
             next_arg: 0,
             dir,
             verbose,
+            partition_by: "network namespaces (veth link down)".to_string(),
         };
         for i in 0..2 {
             world.start_controller(i)?;
         }
-        for (name, role) in HOSTS {
+        let mut use_netns = true;
+        for (index, (name, role)) in HOSTS.into_iter().enumerate() {
             let sd = Supervisord::start(SupervisordOptions::default()).await?;
             let state = world.dir.path().join(name);
             std::fs::create_dir_all(&state)?;
+            let netns = if use_netns {
+                match Netns::create(index as u8) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        use_netns = false;
+                        world.partition_by = format!("proxies (no network namespace: {e:#})");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let bind = netns.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.host_addr);
             let mut proxies = Vec::new();
             for ep in &world.etcd.endpoints {
                 let addr = ep.trim_start_matches("http://").parse()?;
-                proxies.push(Proxy::start(addr).await?);
+                proxies.push(Proxy::start_on(bind.into(), addr).await?);
             }
             world.hosts.push(Host {
                 name: name.to_string(),
@@ -222,6 +248,7 @@ impl World {
                 agent: None,
                 state,
                 proxies,
+                netns,
             });
         }
         for h in 0..world.hosts.len() {
@@ -284,7 +311,11 @@ impl World {
         let host = &self.hosts[h];
         let labels: Vec<String> = host.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let endpoints: Vec<String> = host.proxies.iter().map(Proxy::url).collect();
-        let mut cmd = Command::new(binary("corral-agent")?);
+        let agent = binary("corral-agent")?;
+        let mut cmd = match &host.netns {
+            Some(n) => n.command(&agent),
+            None => Command::new(agent),
+        };
         cmd.args(["--etcd-endpoints", &endpoints.join(",")])
             .args(["--host", &host.name, "--labels", &labels.join(",")])
             .args(["--supervisor-url", &host.sd.unix_url()])
@@ -298,6 +329,20 @@ impl World {
             .stderr(log_file(&host.state.join("agent.log"))?);
         let child = ChildGuard::spawn("agent", cmd)?;
         self.hosts[h].agent = Some(child);
+        Ok(())
+    }
+
+    /// Cuts host `h` off from etcd (`true`) or joins it again.
+    fn cut(&self, h: usize, cut: bool) -> anyhow::Result<()> {
+        let host = &self.hosts[h];
+        match &host.netns {
+            Some(n) => n.set_link(!cut)?,
+            None => {
+                for p in &host.proxies {
+                    p.set_cut(cut);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -556,6 +601,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let mut world = World::start(opts.seed, opts.verbose).await?;
     let mut report = Report {
         seed: opts.seed,
+        partition_by: world.partition_by.clone(),
         ..Report::default()
     };
     let result = steps(&mut world, &mut rng, opts, &mut report, started).await;
@@ -623,9 +669,7 @@ async fn steps(
             }
             _ => {
                 world.say(&format!("partition {}", world.hosts[h].name));
-                for p in &world.hosts[h].proxies {
-                    p.set_cut(true);
-                }
+                world.cut(h, true)?;
             }
         }
         if fault != "none" {
@@ -645,9 +689,7 @@ async fn steps(
             if world.hosts[host].agent.is_none() {
                 world.start_agent(host)?;
             }
-            for p in &world.hosts[host].proxies {
-                p.set_cut(false);
-            }
+            world.cut(host, false)?;
         }
         for i in 0..world.controllers.len() {
             if world.controllers[i].is_none() {
@@ -661,6 +703,7 @@ async fn steps(
         }
         let (took, now) = world.converge(opts.converge_timeout).await;
         report.converge.push(took);
+        world.say(&format!("step {} ({fault}) converged in {took:.1?}", report.steps));
         let now = match now {
             Ok(now) => now,
             Err(wrong) => {

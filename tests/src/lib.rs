@@ -7,6 +7,7 @@ pub mod chaos;
 pub mod corral;
 pub mod etcd;
 pub mod loader;
+pub mod netns;
 pub mod pki;
 pub mod process;
 pub mod proxy;

@@ -1,7 +1,8 @@
 //! A TCP proxy that can cut its traffic: a network partition of one client (one host's agent
-//! from etcd) without touching the machine's network. While cut, open connections are
-//! dropped and new ones are closed at once, as a peer behind a broken link looks to a client
-//! whose keep-alive notices.
+//! from etcd) without touching the machine's network, for machines that allow no network
+//! namespaces ([`crate::netns`]). While cut, open connections are dropped and new ones are
+//! closed at once, as a peer behind a broken link looks to a client whose keep-alive
+//! notices. It also forwards from a namespace's link to a server on loopback.
 
 use std::net::SocketAddr;
 
@@ -9,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// One proxy in front of `upstream`, on a free loopback port.
+/// One proxy in front of `upstream`, on a free port.
 #[derive(Debug)]
 pub struct Proxy {
     pub addr: SocketAddr,
@@ -23,7 +24,15 @@ impl Proxy {
     /// # Errors
     /// If no port can be bound.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Proxy::start_on(std::net::Ipv4Addr::LOCALHOST.into(), upstream).await
+    }
+
+    /// Starts forwarding to `upstream` from a free port of `bind`.
+    ///
+    /// # Errors
+    /// If no port can be bound.
+    pub async fn start_on(bind: std::net::IpAddr, upstream: SocketAddr) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind((bind, 0)).await?;
         let addr = listener.local_addr()?;
         let (cut, cut_rx) = watch::channel(false);
         let task = tokio::spawn(async move {

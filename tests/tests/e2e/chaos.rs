@@ -29,3 +29,35 @@ async fn nothing_is_lost_or_restarted_needlessly_under_faults() -> anyhow::Resul
     assert!(report.ok(), "{report}");
     Ok(())
 }
+
+/// The partition the scenario uses where the machine allows: a process in the namespace
+/// reaches the machine over the link while it is up, and nothing gets through once it is down.
+#[tokio::test]
+async fn a_namespace_whose_link_is_down_is_cut_off() -> anyhow::Result<()> {
+    let ns = match corral_tests::netns::Netns::create(63) {
+        Ok(ns) => ns,
+        Err(e) => {
+            eprintln!("SKIPPED: this machine allows no network namespace: {e:#}");
+            return Ok(());
+        }
+    };
+    let listener = tokio::net::TcpListener::bind((ns.host_addr, 0)).await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            drop(socket);
+        }
+    });
+    let connects = || {
+        let mut cmd = ns.command(std::path::Path::new("/usr/bin/timeout"));
+        cmd.args(["2", "bash", "-c", &format!("</dev/tcp/{}/{port}", ns.host_addr)])
+            .stderr(std::process::Stdio::null());
+        cmd.status().map(|s| s.success())
+    };
+    assert!(connects()?, "the namespace cannot reach the machine over its link");
+    ns.set_link(false)?;
+    assert!(!connects()?, "the namespace reaches the machine with its link down");
+    ns.set_link(true)?;
+    assert!(connects()?, "the link did not come back");
+    Ok(())
+}
