@@ -189,8 +189,10 @@ impl Reconciler {
             .seen_pids
             .keys()
             .chain(self.state.reaping.keys())
+            .filter(|pid| !reported.contains(pid))
             .copied()
             .collect();
+        // Only PIDs supervisord no longer reports are looked up: a quiet pass reads nothing.
         let alive = crate::procfs::start_times(&pids);
         let steps = plan::plan_reaping(&self.state.seen_pids, &mut self.state.reaping, &reported, &alive, now);
         for step in steps {

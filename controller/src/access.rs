@@ -4,7 +4,8 @@
 //! own assignments and writes only its own host record, liveness key and statuses, so a host
 //! whose credentials leak cannot run anything on another host. [`controller_grants`] and
 //! [`host_grants`] say which keys (pure, unit-tested); [`setup`] and [`remove`] make the etcd
-//! roles and users (run by `corral-controller access` with etcd's root credentials).
+//! roles and users (run by `corral-controller access` with etcd's root credentials), and
+//! [`issue_client_cert`] a host's client certificate when etcd authenticates by certificate.
 
 use corral_proto::keys::Keys;
 use etcd_client::{Client, Permission, UserAddOptions};
@@ -174,6 +175,51 @@ pub async fn remove(client: &mut Client, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client certificate and its new key, in PEM.
+#[derive(Debug)]
+pub struct IssuedCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Issues `name` a client certificate signed by etcd's CA: its common name is the user's name
+/// (etcd takes the user from it), it serves client authentication only, and it is valid from
+/// now for `days` days. The key is a new ECDSA P-256 key.
+///
+/// # Errors
+/// A CA certificate or key that cannot be read, a key that is not the CA certificate's own
+/// (what it signed would never verify), or `days` out of range.
+pub fn issue_client_cert(ca_cert_pem: &str, ca_key_pem: &str, name: &str, days: u32) -> anyhow::Result<IssuedCert> {
+    use anyhow::Context as _;
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose};
+    anyhow::ensure!((1..=3650).contains(&days), "--cert-days {days}: from 1 to 3650");
+    let ca_key = KeyPair::from_pem(ca_key_pem).context("the CA key (a PEM private key)")?;
+    let (_, ca_der) = x509_parser::pem::parse_x509_pem(ca_cert_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the CA certificate is not PEM: {e}"))?;
+    let ca_cert = ca_der
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("the CA certificate cannot be read: {e}"))?;
+    anyhow::ensure!(
+        *ca_cert.public_key().subject_public_key.data == *rcgen::PublicKeyData::der_bytes(&ca_key),
+        "the CA key is not the CA certificate's key: what it signed would never verify"
+    );
+    let issuer = Issuer::from_ca_cert_pem(ca_cert_pem, ca_key).context("the CA certificate")?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).context("certificate parameters")?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let now = time::OffsetDateTime::now_utc();
+    // A little slack for clocks a minute apart.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    let key = KeyPair::generate().context("generate a key")?;
+    let cert = params.signed_by(&key, &issuer).context("sign the certificate")?;
+    Ok(IssuedCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 fn already_exists(e: &etcd_client::Error) -> bool {
     e.to_string().contains("already exists")
 }
@@ -219,5 +265,57 @@ mod tests {
         let id = controller_grants(&Keys::new("/corral-b/"));
         assert_eq!(id.grants.len(), 1);
         assert_eq!(id.grants[0].to_string(), "readwrite /corral-b/*");
+    }
+
+    fn test_ca() -> (String, String) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "test etcd CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).expect("self-signed");
+        (cert.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn a_host_certificate_names_its_user_and_is_signed_by_the_ca_for_clients_only() {
+        let (ca_pem, ca_key) = test_ca();
+        let issued = issue_client_cert(&ca_pem, &ca_key, "corral-agent-web-1", 30).expect("issued");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(issued.cert_pem.as_bytes()).expect("pem");
+        let cert = pem.parse_x509().expect("x509");
+        let cn: Vec<&str> = cert
+            .subject()
+            .iter_common_name()
+            .filter_map(|c| c.as_str().ok())
+            .collect();
+        assert_eq!(cn, ["corral-agent-web-1"]);
+        let issuer: Vec<&str> = cert
+            .issuer()
+            .iter_common_name()
+            .filter_map(|c| c.as_str().ok())
+            .collect();
+        assert_eq!(issuer, ["test etcd CA"]);
+        let eku = cert.extended_key_usage().expect("eku").expect("present").value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(!cert.is_ca());
+        let days = (cert.validity().not_after.timestamp() - cert.validity().not_before.timestamp()) / 86_400;
+        assert_eq!(days, 30);
+        let key = rcgen::KeyPair::from_pem(&issued.key_pem).expect("key");
+        assert_eq!(
+            *cert.public_key().subject_public_key.data,
+            *rcgen::PublicKeyData::der_bytes(&key)
+        );
+    }
+
+    #[test]
+    fn a_ca_key_that_is_not_the_ca_certificates_own_is_refused() {
+        let (ca_pem, _) = test_ca();
+        let (_, other_key) = test_ca();
+        let e = issue_client_cert(&ca_pem, &other_key, "corral-agent-web-1", 30).expect_err("refused");
+        assert!(e.to_string().contains("not the CA certificate's key"), "{e}");
+        let (ca_pem, ca_key) = test_ca();
+        assert!(issue_client_cert(&ca_pem, &ca_key, "x", 0).is_err());
+        assert!(issue_client_cert("not a cert", &ca_key, "x", 1).is_err());
     }
 }

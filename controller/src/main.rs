@@ -77,6 +77,9 @@ enum AccessCommand {
     ///
     /// Example: corral-controller access add-host web-1 --new-password-file web-1.pw
     ///   --etcd-endpoints https://etcd-1:2379 --etcd-username root --etcd-password-file root.pw
+    ///
+    /// Or with a client certificate: ... add-host web-1 --issue-cert-ca ca.pem
+    ///   --issue-cert-ca-key ca.key --cert-out web-1  (writes web-1.pem and web-1.key)
     AddHost {
         host: String,
         #[command(flatten)]
@@ -102,16 +105,72 @@ struct AccessTarget {
     prefix: String,
 }
 
-/// How the user logs in; with neither flag, by client certificate (CN = the user's name).
+/// How the user logs in; with no password flag, by client certificate (CN = the user's name),
+/// which `--issue-cert-ca` makes.
 #[derive(Debug, clap::Args)]
 struct LoginFlags {
     /// The user's password, read from this file.
-    #[arg(long, conflicts_with = "new_password_file")]
+    #[arg(long, conflicts_with_all = ["new_password_file", "issue_cert_ca"])]
     password_file: Option<PathBuf>,
     /// Generates a password and writes it to this new file (mode 0600), for the host's
     /// --etcd-password-file.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "issue_cert_ca")]
     new_password_file: Option<PathBuf>,
+    /// Issues the user a client certificate signed by this CA certificate (etcd's
+    /// --trusted-ca-file), with its key in --issue-cert-ca-key; written to --cert-out.
+    #[arg(long, requires_all = ["issue_cert_ca_key", "cert_out"])]
+    issue_cert_ca: Option<PathBuf>,
+    /// The CA's private key, to sign the certificate.
+    #[arg(long, requires = "issue_cert_ca")]
+    issue_cert_ca_key: Option<PathBuf>,
+    /// Writes the certificate to PREFIX.pem and its new key to PREFIX.key (mode 0600); neither
+    /// may exist yet. Give them to the host's --etcd-cert-file and --etcd-key-file.
+    #[arg(long, value_name = "PREFIX", requires = "issue_cert_ca")]
+    cert_out: Option<PathBuf>,
+    /// How long the issued certificate is valid.
+    #[arg(long, default_value_t = 365, requires = "issue_cert_ca")]
+    cert_days: u32,
+}
+
+/// Where an issued certificate and key go: `PREFIX.pem`, `PREFIX.key`.
+fn cert_paths(prefix: &std::path::Path) -> (PathBuf, PathBuf) {
+    let with = |ext: &str| {
+        let mut p = prefix.as_os_str().to_owned();
+        p.push(ext);
+        PathBuf::from(p)
+    };
+    (with(".pem"), with(".key"))
+}
+
+/// Creates `path` with `contents`; it must not exist yet.
+fn create_new(path: &std::path::Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("create {} (it must not exist yet)", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("write {}", path.display()))
+}
+
+impl LoginFlags {
+    /// The certificate to issue `name`, made before etcd is touched (a bad CA changes nothing).
+    fn certificate(&self, name: &str) -> anyhow::Result<Option<corral_controller::access::IssuedCert>> {
+        let (Some(ca), Some(ca_key), Some(out)) = (&self.issue_cert_ca, &self.issue_cert_ca_key, &self.cert_out) else {
+            return Ok(None);
+        };
+        let (pem, key) = cert_paths(out);
+        for p in [&pem, &key] {
+            anyhow::ensure!(!p.exists(), "{} exists already; choose another --cert-out", p.display());
+        }
+        let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()));
+        let issued = corral_controller::access::issue_client_cert(&read(ca)?, &read(ca_key)?, name, self.cert_days)?;
+        Ok(Some(issued))
+    }
 }
 
 impl LoginFlags {
@@ -128,15 +187,7 @@ impl LoginFlags {
             std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)
                 .context("read /dev/urandom")?;
             let pw: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(p)
-                .with_context(|| format!("create {} (it must not exist yet)", p.display()))?;
-            writeln!(f, "{pw}").with_context(|| format!("write {}", p.display()))?;
+            create_new(p, &format!("{pw}\n"), 0o600)?;
             return Ok(Login::Password(pw));
         }
         Ok(Login::Certificate)
@@ -176,11 +227,25 @@ async fn access(command: AccessCommand) -> anyhow::Result<()> {
     let (mut client, _) = corral_etcd::connect_from(&options, 0)
         .await
         .context("connect to etcd")?;
+    let certificate = login.certificate(&identity.name)?;
     let how = login.login()?;
     access::setup(&mut client, &identity, &how).await?;
     println!("etcd user and role {}:", identity.name);
     for g in &identity.grants {
         println!("  {g}");
+    }
+    if let (Some(issued), Some(out)) = (certificate, &login.cert_out) {
+        let (pem, key) = cert_paths(out);
+        create_new(&key, &issued.key_pem, 0o600)?;
+        create_new(&pem, &issued.cert_pem, 0o644)?;
+        println!(
+            "client certificate {} (CN {}, valid {} days) and key {}: give them to --etcd-cert-file and --etcd-key-file",
+            pem.display(),
+            identity.name,
+            login.cert_days,
+            key.display()
+        );
+        return Ok(());
     }
     match how {
         access::Login::Password(_) => println!(

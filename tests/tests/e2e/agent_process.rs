@@ -1,6 +1,6 @@
 //! The agent as a whole (its loop, its host record, its cache): how many passes a refused
-//! program costs, readiness when supervisord will not talk to it, and a `kill -9` between
-//! acting and caching.
+//! program costs, readiness when supervisord will not talk to it, a `kill -9` between
+//! acting and caching, and the programs a supervisord killed with -9 leaves running.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

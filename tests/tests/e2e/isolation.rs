@@ -314,3 +314,87 @@ async fn an_agent_refuses_and_reports_assignments_the_controller_could_not_have_
     }
     Ok(())
 }
+
+/// With etcd authenticating by client certificate (deploy/etcd's production setup),
+/// `access add-host --issue-cert-ca` makes the host's role and user and issues its certificate
+/// in one command; Corral runs on those identities, and a host's certificate opens only its
+/// own keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn access_issues_certificates_a_host_logs_in_with_and_they_open_only_its_keys() -> anyhow::Result<()> {
+    let etcd = corral_tests::etcd::SecureEtcd::start().await?;
+    let d = etcd.dir.path();
+    let out = tempfile::tempdir()?;
+    let issue = |args: &[&str], prefix: &str| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(binary("corral-controller")?)
+            .arg("access")
+            .args(args)
+            .arg("--issue-cert-ca")
+            .arg(d.join("ca.pem"))
+            .arg("--issue-cert-ca-key")
+            .arg(d.join("ca.key"))
+            .arg("--cert-out")
+            .arg(out.path().join(prefix))
+            .args(["--etcd-endpoints", &etcd.endpoint, "--etcd-ca-file"])
+            .arg(&etcd.ca)
+            .arg("--etcd-cert-file")
+            .arg(&etcd.client_cert)
+            .arg("--etcd-key-file")
+            .arg(&etcd.client_key)
+            .output()?)
+    };
+    for (args, prefix) in [
+        (&["controller"][..], "controller"),
+        (&["add-host", "web-1"][..], "web-1"),
+        (&["add-host", "web-2"][..], "web-2"),
+    ] {
+        let o = issue(args, prefix)?;
+        let said = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{said}{}", String::from_utf8_lossy(&o.stderr));
+        assert!(said.contains("client certificate"), "{said}");
+        let key = out.path().join(format!("{prefix}.key"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key)?.permissions());
+        assert_eq!(mode & 0o777, 0o600, "{prefix}.key");
+    }
+    // An issued certificate is never overwritten.
+    let again = issue(&["add-host", "web-1"], "web-1")?;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("exists already"));
+
+    let as_user = |prefix: &str| corral_etcd::EtcdOptions {
+        ca_file: Some(etcd.ca.clone()),
+        cert_file: Some(out.path().join(format!("{prefix}.pem"))),
+        key_file: Some(out.path().join(format!("{prefix}.key"))),
+        ..corral_etcd::EtcdOptions::plain(std::slice::from_ref(&etcd.endpoint))
+    };
+    // Corral runs on these identities.
+    let controller = Controller::start_with(&as_user("controller"), "c1").await?;
+    let sd = Supervisord::start(Options::default()).await?;
+    let state = tempfile::tempdir()?;
+    let _agent = Agent::start_with("web-1", &[], &as_user("web-1"), &sd, state.path(), None);
+    let api = controller.api()?;
+    api.apply(&corral_tests::specs::program("web", |_| {}), false).await?;
+    wait_for(&api, Duration::from_secs(30), |s| {
+        converged(s) && s.programs.len() == 1 && s.programs[0].ready == 1
+    })
+    .await?;
+
+    // web-1's certificate: its own keys only.
+    let (mut web1, _) = corral_etcd::connect_from(&as_user("web-1").probing("/corral/assignments/web-1/"), 0).await?;
+    web1.get("/corral/assignments/web-1/", Some(GetOptions::new().with_prefix()))
+        .await?;
+    denied(
+        "write web-2's host key",
+        web1.put("/corral/hosts/web-2", "{}", None).await,
+    );
+    denied(
+        "write web-2's assignment",
+        web1.put("/corral/assignments/web-2/evil", "{}", None).await,
+    );
+    denied("write a spec", web1.put("/corral/programs/evil", "{}", None).await);
+    denied(
+        "read web-2's assignments",
+        web1.get("/corral/assignments/web-2/", Some(GetOptions::new().with_prefix()))
+            .await,
+    );
+    Ok(())
+}
