@@ -256,6 +256,33 @@ impl ApiClient {
         self.send(self.http.get(self.url("/status"))).await
     }
 
+    /// Who changed what, newest first: the last `limit` writes, of `name` (a program or
+    /// group) when given.
+    ///
+    /// # Errors
+    /// An invalid name (nothing is sent); transport and API errors.
+    pub async fn history(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<corral_proto::api::AuditEntry>, ClientError> {
+        let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        if let Some(name) = name {
+            corral_proto::validate::check_name(name).map_err(ClientError::Invalid)?;
+            query.push(("name", name.to_string()));
+        }
+        match kind {
+            Some(Kind::Program) => query.push(("kind", "program".into())),
+            Some(Kind::Group) => query.push(("kind", "group".into())),
+            Some(Kind::Host) | None => {}
+        }
+        let mut url = reqwest::Url::parse(&self.url("/history"))
+            .map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
+        url.query_pairs_mut().extend_pairs(&query);
+        self.send(self.http.get(url)).await
+    }
+
     /// # Errors
     /// 404 when absent.
     pub async fn delete(&self, kind: Kind, name: &str, dry_run: bool) -> Result<Deleted, ClientError> {

@@ -197,7 +197,7 @@ async fn start_all(
         None => fresh_token()?,
     };
     let token_file = dir.join("token");
-    write_private(&token_file, &format!("{token}\n"))?;
+    write_private(&token_file, &format!("{token} dev admin\n"))?;
     let api_port = free_port(port)?;
     let server = format!("http://127.0.0.1:{api_port}");
     let mut controller = Command::new(sibling("corral-controller"));

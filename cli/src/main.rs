@@ -130,6 +130,24 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
     },
+    /// Who changed what: every apply, delete, start, stop, restart and signal, newest first,
+    /// with the token's name and role and the fields that changed (never their values).
+    #[command(
+        after_help = "Examples:\n  corral history\n  corral history web --limit 10\n  corral history --kind group -o json"
+    )]
+    History {
+        /// Only this program's or group's changes.
+        name: Option<String>,
+        /// Only programs or only groups.
+        #[arg(long)]
+        kind: Option<KindArg>,
+        /// How many entries, newest first.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// yaml or json: the entries as objects.
+        #[arg(short = 'o', long = "output")]
+        output: Option<Output>,
+    },
     /// This client's version and the controller's.
     #[command(after_help = "Example:\n  corral version")]
     Version,
@@ -253,6 +271,12 @@ async fn main() -> ExitCode {
                 .await
             }
             Command::Status { output } => online::status(&api()?, *output).await,
+            Command::History {
+                name,
+                kind,
+                limit,
+                output,
+            } => online::history(&api()?, *kind, name.as_deref(), *limit, *output).await,
             Command::Version => online::version(&api()?).await,
             Command::Completion { shell } => {
                 use clap::CommandFactory as _;

@@ -704,3 +704,42 @@ pub async fn version(api: &ApiClient) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// `corral history [NAME]`: who changed what, newest first.
+pub async fn history(
+    api: &ApiClient,
+    kind: Option<KindArg>,
+    name: Option<&str>,
+    limit: usize,
+    out: Option<Output>,
+) -> anyhow::Result<ExitCode> {
+    let entries = api.history(kind.map(KindArg::kind), name, limit).await?;
+    if let Some(o @ (Output::Yaml | Output::Json)) = out {
+        print_structured(&entries, false, o)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if entries.is_empty() {
+        outln!(
+            "No changes recorded{}.",
+            name.map(|n| format!(" for {n}")).unwrap_or_default()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = table(&["TIME", "WHO", "VERB", "OBJECT", "GENERATION", "CHANGED"]);
+    for e in &entries {
+        t.add_row(vec![
+            e.at.clone(),
+            format!("{} ({})", e.who, e.role),
+            e.verb.clone(),
+            format!("{}/{}", e.kind.as_str().to_lowercase(), e.name),
+            e.generation.map_or_else(|| "-".to_string(), |g| g.to_string()),
+            if e.changes.is_empty() {
+                "-".to_string()
+            } else {
+                e.changes.join(", ")
+            },
+        ]);
+    }
+    outln!("{t}");
+    Ok(ExitCode::SUCCESS)
+}

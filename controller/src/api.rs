@@ -10,8 +10,8 @@ use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
-use corral_proto::api::{ApplyResult, Deleted, ErrorBody, Health, Outcome, ProgramAction};
+use axum::{Extension, Json, Router};
+use corral_proto::api::{ApplyResult, AuditEntry, Deleted, ErrorBody, Health, Outcome, ProgramAction, Role};
 use corral_proto::resource::{Group, Host, Kind, Program, Resource};
 use corral_proto::{ValidationErrors, parse_json, validate_group, validate_program};
 use prometheus_client::registry::Registry;
@@ -20,7 +20,8 @@ use serde::Deserialize;
 use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
 use crate::status::{fleet_status, host_readiness, program_status};
-use crate::store::{Applied, Object, Store, StoreError};
+use crate::store::{Applied, Author, Object, Store, StoreError};
+use crate::tokens::Token;
 use corral_proto::fleet::FleetStatus;
 
 /// A program or group name from the request path, refused with 400 unless it is a valid name
@@ -74,7 +75,7 @@ impl<S: Send + Sync> FromRequest<S> for Body {
 #[derive(Clone)]
 pub struct AppState {
     pub store: Store,
-    pub tokens: Arc<Vec<String>>,
+    pub tokens: Arc<Vec<Token>>,
     pub leader: ApiSide,
     pub metrics: ControllerMetrics,
     /// What specs may ask of hosts (`--policy-file`); the default allows anything.
@@ -84,7 +85,7 @@ pub struct AppState {
 
 impl AppState {
     /// State with a fresh metrics registry.
-    pub fn new(store: Store, tokens: Vec<String>, leader: ApiSide) -> AppState {
+    pub fn new(store: Store, tokens: Vec<Token>, leader: ApiSide) -> AppState {
         let mut registry = Registry::default();
         let metrics = ControllerMetrics::register(&mut registry);
         AppState {
@@ -202,6 +203,7 @@ pub fn router(state: AppState) -> Router {
         .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/hosts", get(list_hosts))
         .route("/status", get(status))
+        .route("/history", get(history))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/", get(health))
@@ -250,23 +252,62 @@ async fn metrics(State(state): State<AppState>) -> Response {
     }
 }
 
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let ok = req
+/// The role a request needs: reading (and any dry run) is for every token, the actions
+/// (start, stop, restart, signal) for operators, applying and deleting specs for admins.
+pub fn needed_role(method: &axum::http::Method, path: &str, dry_run: bool) -> Role {
+    use axum::http::Method;
+    if method == Method::GET || method == Method::HEAD {
+        Role::ReadOnly
+    } else if method == Method::POST && path.ends_with("/action") {
+        // Actions have no dry run: `?dry_run=true` on one changes nothing here.
+        Role::Operator
+    } else if dry_run {
+        Role::ReadOnly
+    } else {
+        Role::Admin
+    }
+}
+
+/// Finds the bearer token's owner, refuses what its role may not do (403, naming the role
+/// needed), and hands the owner to the handler (the audit records it).
+async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+    let token = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| {
-            state
-                .tokens
-                .iter()
-                .any(|known| constant_time_eq(known.as_bytes(), t.as_bytes()))
+        .and_then(|t| {
+            // Every token is compared, so timing tells nothing about which one nearly matched.
+            state.tokens.iter().fold(None, |found, known| {
+                let same = constant_time_eq(known.secret.as_bytes(), t.as_bytes());
+                if same { Some(known) } else { found }
+            })
         });
-    if ok {
-        next.run(req).await
-    } else {
-        ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response()
+    let Some(token) = token else {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token").into_response();
+    };
+    let dry_run = Query::<DryRun>::try_from_uri(req.uri()).is_ok_and(|q| q.dry_run);
+    let needed = needed_role(req.method(), req.uri().path(), dry_run);
+    if token.role < needed {
+        let what = if needed == Role::Operator {
+            "start, stop, restart or signal programs"
+        } else {
+            "apply or delete specs"
+        };
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!(
+                "token {:?} is {}: it may not {what} (that needs role {needed})",
+                token.name, token.role
+            ),
+        )
+        .into_response();
     }
+    req.extensions_mut().insert(Author {
+        name: token.name.clone(),
+        role: token.role,
+    });
+    next.run(req).await
 }
 
 /// Compares without leaking where the first difference is.
@@ -311,7 +352,12 @@ async fn check_native_groups(store: &Store, g: &Group) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<serde_json::Value, ApiError> {
+async fn apply_resource(
+    state: &AppState,
+    r: Resource,
+    dry_run: bool,
+    by: &Author,
+) -> Result<serde_json::Value, ApiError> {
     let value = match r {
         Resource::Program(p) => {
             let p = validate_program(p)?.into_inner();
@@ -323,12 +369,12 @@ async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<
                 }
                 .into());
             }
-            serde_json::to_value(apply_result(state.store.apply(p, dry_run).await?, dry_run))
+            serde_json::to_value(apply_result(state.store.apply(p, dry_run, by).await?, dry_run))
         }
         Resource::Group(g) => {
             let g = validate_group(g)?.into_inner();
             check_native_groups(&state.store, &g).await?;
-            serde_json::to_value(apply_result(state.store.apply(g, dry_run).await?, dry_run))
+            serde_json::to_value(apply_result(state.store.apply(g, dry_run, by).await?, dry_run))
         }
         Resource::Host(_) => {
             return Err(ApiError::new(
@@ -342,15 +388,17 @@ async fn apply_resource(state: &AppState, r: Resource, dry_run: bool) -> Result<
 
 async fn apply_any(
     State(state): State<AppState>,
+    Extension(by): Extension<Author>,
     Query(q): Query<DryRun>,
     Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
     let r = parse_body(&body)?;
-    Ok(Json(apply_resource(&state, r, q.dry_run).await?))
+    Ok(Json(apply_resource(&state, r, q.dry_run, &by).await?))
 }
 
 async fn put_named(
     state: &AppState,
+    by: &Author,
     kind: Kind,
     name: &str,
     dry_run: bool,
@@ -367,25 +415,27 @@ async fn put_named(
             ),
         ));
     }
-    Ok(Json(apply_resource(state, r, dry_run).await?))
+    Ok(Json(apply_resource(state, r, dry_run, by).await?))
 }
 
 async fn put_program(
     State(state): State<AppState>,
+    Extension(by): Extension<Author>,
     Name(name): Name,
     Query(q): Query<DryRun>,
     Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
-    put_named(&state, Kind::Program, &name, q.dry_run, &body).await
+    put_named(&state, &by, Kind::Program, &name, q.dry_run, &body).await
 }
 
 async fn put_group(
     State(state): State<AppState>,
+    Extension(by): Extension<Author>,
     Name(name): Name,
     Query(q): Query<DryRun>,
     Body(body): Body,
 ) -> ApiResult<serde_json::Value> {
-    put_named(&state, Kind::Group, &name, q.dry_run, &body).await
+    put_named(&state, &by, Kind::Group, &name, q.dry_run, &body).await
 }
 
 /// Fills each program's `status` from the agents' reports.
@@ -431,6 +481,7 @@ async fn get_program(State(state): State<AppState>, Name(name): Name) -> ApiResu
 /// the stored spec (restart markers and signal ids are made here, once for every client).
 async fn program_action(
     State(state): State<AppState>,
+    Extension(by): Extension<Author>,
     Name(name): Name,
     Body(body): Body,
 ) -> ApiResult<ApplyResult<Program>> {
@@ -448,17 +499,18 @@ async fn program_action(
     };
     let applied = state
         .store
-        .update::<Program>(&name, |p| action.apply_to(&mut p.spec, &marker))
+        .update::<Program>(&name, &by, action.verb(), |p| action.apply_to(&mut p.spec, &marker))
         .await?;
     Ok(Json(apply_result(applied, false)))
 }
 
 async fn delete_program(
     State(state): State<AppState>,
+    Extension(by): Extension<Author>,
     Name(name): Name,
     Query(q): Query<DryRun>,
 ) -> ApiResult<Deleted> {
-    state.store.delete::<Program>(&name, q.dry_run).await?;
+    state.store.delete::<Program>(&name, q.dry_run, &by).await?;
     Ok(Json(Deleted {
         kind: Kind::Program,
         name,
@@ -474,8 +526,13 @@ async fn get_group(State(state): State<AppState>, Name(name): Name) -> ApiResult
     Ok(Json(get_one::<Group>(&state.store, &name).await?))
 }
 
-async fn delete_group(State(state): State<AppState>, Name(name): Name, Query(q): Query<DryRun>) -> ApiResult<Deleted> {
-    state.store.delete::<Group>(&name, q.dry_run).await?;
+async fn delete_group(
+    State(state): State<AppState>,
+    Extension(by): Extension<Author>,
+    Name(name): Name,
+    Query(q): Query<DryRun>,
+) -> ApiResult<Deleted> {
+    state.store.delete::<Group>(&name, q.dry_run, &by).await?;
     Ok(Json(Deleted {
         kind: Kind::Group,
         name,
@@ -493,6 +550,38 @@ async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
         status.reason = why;
     }
     Ok(Json(hosts))
+}
+
+/// `GET /v1/history?kind=program&name=NAME&limit=N`.
+#[derive(Debug, Deserialize)]
+pub struct HistoryQuery {
+    kind: Option<String>,
+    name: Option<String>,
+    limit: Option<usize>,
+}
+
+/// Who changed what, newest first (the last 50 unless `limit` says otherwise).
+async fn history(State(state): State<AppState>, Query(q): Query<HistoryQuery>) -> ApiResult<Vec<AuditEntry>> {
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some("program") => Some(Kind::Program),
+        Some("group") => Some(Kind::Group),
+        Some(other) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("kind {other:?}: program or group"),
+            ));
+        }
+    };
+    if let Some(name) = &q.name {
+        corral_proto::validate::check_name(name).map_err(|why| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: "invalid name".to_string(),
+            details: vec![format!("name: {why}")],
+        })?;
+    }
+    let limit = q.limit.unwrap_or(50).clamp(1, crate::store::AUDIT_KEEP);
+    Ok(Json(state.store.history(kind, q.name.as_deref(), limit).await?))
 }
 
 async fn status(State(state): State<AppState>) -> ApiResult<FleetStatus> {
@@ -537,4 +626,33 @@ async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetSt
         }
     }
     Ok((status, names))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Method;
+
+    #[test]
+    fn reading_and_dry_runs_are_for_everyone_actions_for_operators_writes_for_admins() {
+        for (method, path, dry_run, role) in [
+            (Method::GET, "/v1/programs", false, Role::ReadOnly),
+            (Method::GET, "/v1/history", false, Role::ReadOnly),
+            (Method::POST, "/v1/programs", true, Role::ReadOnly),
+            (Method::PUT, "/v1/groups/g", true, Role::ReadOnly),
+            (Method::DELETE, "/v1/programs/web", true, Role::ReadOnly),
+            (Method::POST, "/v1/programs/web/action", false, Role::Operator),
+            (Method::POST, "/v1/programs/web/action", true, Role::Operator),
+            (Method::POST, "/v1/programs", false, Role::Admin),
+            (Method::PUT, "/v1/programs/web", false, Role::Admin),
+            (Method::DELETE, "/v1/programs/web", false, Role::Admin),
+            (Method::DELETE, "/v1/groups/action", false, Role::Admin),
+        ] {
+            assert_eq!(
+                needed_role(&method, path, dry_run),
+                role,
+                "{method} {path} dry_run={dry_run}"
+            );
+        }
+    }
 }

@@ -36,7 +36,8 @@ struct Args {
     /// clear: only behind a TLS-terminating proxy).
     #[arg(long, env = "CORRAL_PLAIN_HTTP_BEYOND_LOOPBACK")]
     plain_http_beyond_loopback: bool,
-    /// File of bearer tokens, one per line; every /v1 call needs one.
+    /// File of bearer tokens: `TOKEN NAME ROLE` per line (role read-only, operator or admin;
+    /// a token alone is an admin). Every /v1 call needs one; the audit records its name.
     #[arg(long, env = "CORRAL_TOKEN_FILE", required = true)]
     token_file: Option<PathBuf>,
     /// etcd key prefix.
@@ -305,6 +306,13 @@ async fn main() -> anyhow::Result<()> {
         args.listen
     );
     let tokens = corral_controller::tokens::read_token_file(&token_file)?;
+    for t in tokens.iter().filter(|t| t.name.starts_with("token-")) {
+        tracing::warn!(
+            file = %token_file.display(),
+            name = %t.name,
+            "a token without a name and role is an admin; write `TOKEN NAME ROLE` so the audit says who"
+        );
+    }
     let policy = match &args.policy_file {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;

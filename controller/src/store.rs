@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_etcd::Etcd;
+use corral_proto::api::{AuditEntry, Role};
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
-use corral_proto::resource::{Group, Host, Metadata, Program};
+use corral_proto::resource::{Group, Host, Kind, Metadata, Program};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -39,6 +40,7 @@ pub enum StoreError {
 /// A stored, user-declared object: Program or Group.
 pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync {
     const KIND: &'static str;
+    const RESOURCE: Kind;
     fn metadata(&self) -> &Metadata;
     fn metadata_mut(&mut self) -> &mut Metadata;
     /// Whether the two specs are the same (a change bumps `generation`).
@@ -53,9 +55,10 @@ pub trait Object: Serialize + DeserializeOwned + Clone + Send + Sync {
 
 /// The parts of `Object` that Program and Group share (both resources have the same shape).
 macro_rules! object {
-    ($ty:ty, $kind:literal, $key:ident, $prefix:ident $(, $markers:item)?) => {
+    ($ty:ident, $kind:literal, $key:ident, $prefix:ident $(, $markers:item)?) => {
         impl Object for $ty {
             const KIND: &'static str = $kind;
+            const RESOURCE: Kind = Kind::$ty;
             fn metadata(&self) -> &Metadata {
                 &self.metadata
             }
@@ -95,6 +98,56 @@ object!(
 );
 object!(Group, "Group", group, groups);
 
+/// Who makes a write: a token's name and role, recorded in the audit with what it changed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Author {
+    pub name: String,
+    pub role: Role,
+}
+
+/// Audit entries kept; older ones are removed (a few MB in etcd at most).
+pub const AUDIT_KEEP: usize = 10_000;
+
+/// Audited writes between two prunings of old entries.
+const PRUNE_EVERY: u64 = 64;
+
+/// What an audit entry says changed: paths of spec and labels fields (for a new object, the
+/// fields it sets).
+fn audited_changes<T: Object>(old: Option<&T>, new: Option<&T>) -> Vec<String> {
+    let view = |o: Option<&T>| {
+        let v = o.and_then(|o| serde_json::to_value(o).ok()).unwrap_or_default();
+        serde_json::json!({
+            "metadata": {"labels": v.pointer("/metadata/labels").cloned().unwrap_or_default()},
+            "spec": v.get("spec").cloned().unwrap_or_default(),
+        })
+    };
+    corral_proto::api::changed_fields(&view(old), &view(new))
+}
+
+/// Unix microseconds, never the same twice in this process (audit keys are unique per write).
+fn audit_micros() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
+fn rfc3339(micros: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(micros) * 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
 /// The result of an apply.
 #[derive(Clone, Debug)]
 pub struct Applied<T> {
@@ -110,6 +163,8 @@ pub struct Store {
     etcd: Etcd,
     keys: Keys,
     unreadable: std::sync::Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// Audited writes so far (every [`PRUNE_EVERY`]th prunes old entries).
+    audited: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub use corral_etcd::PAGE;
@@ -147,6 +202,7 @@ impl Store {
             etcd,
             keys,
             unreadable: Default::default(),
+            audited: Default::default(),
         }
     }
 
@@ -306,6 +362,8 @@ impl Store {
     pub async fn update<T: Object>(
         &self,
         name: &str,
+        by: &Author,
+        verb: &str,
         f: impl Fn(&mut T) -> Result<(), String>,
     ) -> Result<Applied<T>, StoreError> {
         let mut attempt = 0u32;
@@ -316,7 +374,7 @@ impl Store {
             })?;
             f(&mut current).map_err(StoreError::Invalid)?;
             // `get` sets the resource version it read: `apply` writes only on that one.
-            match self.apply(current, false).await {
+            match self.write(current, false, by, Some(verb)).await {
                 Err(StoreError::Conflict(_)) if attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
@@ -334,9 +392,23 @@ impl Store {
     /// stored one; the write is a transaction on the revision read, so concurrent applies
     /// cannot lose an update. With `dry_run` nothing is written.
     ///
+    /// A write is recorded in the audit (who, when, which fields) in the same transaction:
+    /// no change without its record.
+    ///
     /// # Errors
     /// [`StoreError::Conflict`] for a stale `resourceVersion` or a concurrent write.
-    pub async fn apply<T: Object>(&self, mut incoming: T, dry_run: bool) -> Result<Applied<T>, StoreError> {
+    pub async fn apply<T: Object>(&self, incoming: T, dry_run: bool, by: &Author) -> Result<Applied<T>, StoreError> {
+        self.write(incoming, dry_run, by, None).await
+    }
+
+    /// [`Store::apply`], recorded as `verb` (default `create` or `apply`).
+    async fn write<T: Object>(
+        &self,
+        mut incoming: T,
+        dry_run: bool,
+        by: &Author,
+        verb: Option<&str>,
+    ) -> Result<Applied<T>, StoreError> {
         let name = incoming.metadata().name.clone();
         let key = T::key(&self.keys, &name);
         let mut c = self.etcd.client().await;
@@ -385,9 +457,29 @@ impl Store {
             key: key.clone(),
             reason: e.to_string(),
         })?;
+        let micros = audit_micros();
+        let entry = AuditEntry {
+            at: rfc3339(micros),
+            who: by.name.clone(),
+            role: by.role,
+            verb: verb
+                .unwrap_or(if current.is_none() { "create" } else { "apply" })
+                .to_string(),
+            kind: T::RESOURCE,
+            name: name.clone(),
+            generation: Some(generation),
+            changes: audited_changes(current.as_ref().map(|(o, _)| o), Some(&incoming)),
+        };
+        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
         let txn = Txn::new()
-            .when([compare])
-            .and_then([TxnOp::put(key.clone(), value, None)]);
+            .when([
+                compare,
+                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([
+                TxnOp::put(key.clone(), value, None),
+                TxnOp::put(audit_key, audit_value, None),
+            ]);
         let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict(format!(
@@ -395,6 +487,7 @@ impl Store {
                 T::KIND
             )));
         }
+        self.audited_one();
         let rev = resp.header().map_or(0, |h| h.revision());
         incoming.metadata_mut().resource_version = Some(rev.to_string());
         Ok(Applied {
@@ -404,11 +497,11 @@ impl Store {
         })
     }
 
-    /// Deletes an object.
+    /// Deletes an object, recorded in the audit in the same transaction.
     ///
     /// # Errors
-    /// [`StoreError::NotFound`] if it does not exist.
-    pub async fn delete<T: Object>(&self, name: &str, dry_run: bool) -> Result<(), StoreError> {
+    /// [`StoreError::NotFound`] if it does not exist; a conflict if it changed meanwhile.
+    pub async fn delete<T: Object>(&self, name: &str, dry_run: bool, by: &Author) -> Result<(), StoreError> {
         let mut c = self.etcd.client().await;
         let key = T::key(&self.keys, name);
         if dry_run {
@@ -420,14 +513,136 @@ impl Store {
                 }),
             };
         }
-        let r = self.within("delete", c.delete(key, None)).await?;
-        if r.deleted() == 0 {
+        let r = self.within("get", c.get(key.clone(), None)).await?;
+        let Some(kv) = r.kvs().first() else {
             return Err(StoreError::NotFound {
                 kind: T::KIND,
                 name: name.to_string(),
             });
+        };
+        let micros = audit_micros();
+        let entry = AuditEntry {
+            at: rfc3339(micros),
+            who: by.name.clone(),
+            role: by.role,
+            verb: "delete".to_string(),
+            kind: T::RESOURCE,
+            name: name.to_string(),
+            generation: None,
+            changes: Vec::new(),
+        };
+        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
+        let txn = Txn::new()
+            .when([
+                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::delete(key, None), TxnOp::put(audit_key, audit_value, None)]);
+        let resp = self.within("txn", c.txn(txn)).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::Conflict(format!(
+                "{} {name:?} was changed concurrently; retry",
+                T::KIND
+            )));
         }
+        self.audited_one();
         Ok(())
+    }
+
+    fn audit_op(&self, micros: u64, entry: &AuditEntry) -> Result<(String, Vec<u8>), StoreError> {
+        let key = self.keys.audit_entry(micros);
+        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok((key, value))
+    }
+
+    /// Counts an audited write; every [`PRUNE_EVERY`]th removes entries beyond
+    /// [`AUDIT_KEEP`], in the background.
+    fn audited_one(&self) {
+        if self
+            .audited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(PRUNE_EVERY)
+        {
+            let store = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = store.prune_audit(AUDIT_KEEP).await {
+                    tracing::warn!(error = %e, "cannot prune the audit");
+                }
+            });
+        }
+    }
+
+    /// Removes the oldest audit entries beyond `keep`.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn prune_audit(&self, keep: usize) -> Result<(), StoreError> {
+        use etcd_client::{DeleteOptions, GetOptions, SortOrder, SortTarget};
+        let prefix = self.keys.audit();
+        let mut c = self.etcd.client().await;
+        let count = self
+            .within(
+                "count",
+                c.get(prefix.clone(), Some(GetOptions::new().with_prefix().with_count_only())),
+            )
+            .await?
+            .count();
+        let excess = usize::try_from(count).unwrap_or(0).saturating_sub(keep);
+        if excess == 0 {
+            return Ok(());
+        }
+        let oldest = self
+            .within(
+                "get",
+                c.get(
+                    prefix.clone(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_sort(SortTarget::Key, SortOrder::Ascend)
+                            .with_limit(i64::try_from(excess).unwrap_or(i64::MAX)),
+                    ),
+                ),
+            )
+            .await?;
+        let Some(last) = oldest.kvs().last() else { return Ok(()) };
+        let mut end = last.key().to_vec();
+        end.push(0);
+        self.within("delete", c.delete(prefix, Some(DeleteOptions::new().with_range(end))))
+            .await?;
+        Ok(())
+    }
+
+    /// The last `limit` audit entries, newest first; only those of `kind` and `name` when
+    /// given. An entry that does not parse is skipped.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn history(
+        &self,
+        kind: Option<Kind>,
+        name: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StoreError> {
+        let mut out = std::collections::VecDeque::new();
+        self.scan(&self.keys.audit(), |_, v, _| {
+            let Ok(e) = serde_json::from_slice::<AuditEntry>(v) else {
+                return;
+            };
+            if kind.is_some_and(|k| k != e.kind) || name.is_some_and(|n| n != e.name) {
+                return;
+            }
+            out.push_back(e);
+            if out.len() > limit {
+                out.pop_front();
+            }
+        })
+        .await?;
+        Ok(out.into_iter().rev().collect())
     }
 
     /// Registered hosts.

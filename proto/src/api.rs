@@ -76,6 +76,16 @@ pub enum ProgramAction {
 }
 
 impl ProgramAction {
+    /// The action's name, as the audit records it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            ProgramAction::Start => "start",
+            ProgramAction::Stop => "stop",
+            ProgramAction::Restart => "restart",
+            ProgramAction::Signal { .. } => "signal",
+        }
+    }
+
     /// Changes `spec` as the action asks; `marker` is unique per request (the restart
     /// marker, the signal request's id).
     ///
@@ -99,9 +109,129 @@ impl ProgramAction {
     }
 }
 
+/// What a token may do. Each role may do what the one before it may.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Read everything (specs, status, hosts, history) and dry-run.
+    ReadOnly,
+    /// Also start, stop, restart and signal programs (the actions).
+    Operator,
+    /// Also apply and delete specs.
+    Admin,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::ReadOnly, Role::Operator, Role::Admin];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ReadOnly => "read-only",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name; the error names the roles.
+    pub fn parse(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a role (read-only, operator or admin)"))
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One write to the specs, as the controller records it (`GET /v1/history`): who, when, what.
+/// Field paths only: values may be secrets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// RFC 3339, UTC, the controller's clock.
+    pub at: String,
+    /// The token's name.
+    pub who: String,
+    pub role: Role,
+    /// `create`, `apply`, `delete`, `start`, `stop`, `restart` or `signal`.
+    pub verb: String,
+    pub kind: Kind,
+    pub name: String,
+    /// The generation the write made (none for a delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    /// Fields that changed, as paths (`spec.command`, `metadata.labels.tier`).
+    #[serde(default)]
+    pub changes: Vec<String>,
+}
+
+/// Paths of the fields that differ between two JSON values (a field added or removed counts),
+/// sorted; objects are compared field by field, anything else as a whole.
+pub fn changed_fields(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String> {
+    fn walk(path: &str, old: Option<&serde_json::Value>, new: Option<&serde_json::Value>, out: &mut Vec<String>) {
+        let empty = serde_json::Value::Object(serde_json::Map::new());
+        let absent = |v: Option<&serde_json::Value>| v.is_none_or(serde_json::Value::is_null);
+        // A map added or removed as a whole is told key by key.
+        let (old, new) = match (old, new) {
+            (a, Some(b @ serde_json::Value::Object(_))) if absent(a) => (Some(&empty), Some(b)),
+            (Some(a @ serde_json::Value::Object(_)), b) if absent(b) => (Some(a), Some(&empty)),
+            other => other,
+        };
+        match (old, new) {
+            (Some(serde_json::Value::Object(a)), Some(serde_json::Value::Object(b))) => {
+                let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+                for k in keys {
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(&p, a.get(k), b.get(k), out);
+                }
+            }
+            (a, b) if a.filter(|v| !v.is_null()) != b.filter(|v| !v.is_null()) => out.push(path.to_string()),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk("", Some(old), Some(new), &mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_read_and_print_the_same() {
+        for r in Role::ALL {
+            assert_eq!(Role::parse(r.as_str()), Ok(r));
+            assert_eq!(serde_json::to_value(r).ok(), Some(serde_json::Value::from(r.as_str())));
+        }
+        assert!(Role::parse("root").is_err_and(|e| e.contains("read-only, operator or admin")));
+        assert!(Role::ReadOnly < Role::Operator && Role::Operator < Role::Admin);
+    }
+
+    #[test]
+    fn changed_fields_name_paths_never_values() {
+        let old = serde_json::json!({"spec": {"command": "a", "environment": {"K": "1", "S": "x"}, "numprocs": null}, "metadata": {"labels": {}}});
+        let new = serde_json::json!({"spec": {"command": "b", "environment": {"K": "1", "T": "y"}, "hosts": ["h1"], "selector": {"a": "b"}}, "metadata": {"labels": {"tier": "web"}}});
+        assert_eq!(
+            changed_fields(&old, &new),
+            [
+                "metadata.labels.tier",
+                "spec.command",
+                "spec.environment.S",
+                "spec.environment.T",
+                "spec.hosts",
+                "spec.selector.a"
+            ]
+        );
+        assert!(changed_fields(&old, &old).is_empty());
+    }
 
     #[test]
     fn actions_on_the_wire_and_on_a_spec() {

@@ -8,6 +8,7 @@
 //! <prefix>/assignments/<host>/<program>  Assignment                    controller writes
 //! <prefix>/status/<host>/<program>       ProgramHostStatus             agent writes on change
 //! <prefix>/election/controller           leader election
+//! <prefix>/audit/<micros>                AuditEntry: who changed what  controller writes
 //! ```
 //!
 //! Names are validated (`check_name`, `check_host_name`) before they become key segments, so
@@ -82,6 +83,15 @@ impl Keys {
     }
     pub fn election(&self) -> String {
         format!("{}/election/controller", self.prefix)
+    }
+    /// Every audit entry (`AuditEntry`), oldest first.
+    pub fn audit(&self) -> String {
+        format!("{}/audit/", self.prefix)
+    }
+    /// The audit entry of a write at `micros` (Unix microseconds): zero-padded, so key order
+    /// is time order.
+    pub fn audit_entry(&self, micros: u64) -> String {
+        format!("{}/audit/{micros:020}", self.prefix)
     }
     /// The leading controller's account of what it could not do (`ControlPlaneHealth`).
     pub fn controller_health(&self) -> String {

@@ -19,8 +19,26 @@ use tokio_util::sync::CancellationToken;
 
 use crate::supervisord::Supervisord;
 
-/// The bearer token test controllers accept.
+/// The bearer token test controllers accept: an admin named `admin`.
 pub const TOKEN: &str = "test-token";
+/// A read-only token (`reader`) and an operator's (`operator`) test controllers also accept.
+pub const READ_ONLY_TOKEN: &str = "test-read-only-token";
+pub const OPERATOR_TOKEN: &str = "test-operator-token";
+
+fn test_tokens() -> Vec<corral_controller::tokens::Token> {
+    use corral_controller::tokens::Token;
+    use corral_proto::api::Role;
+    let token = |secret: &str, name: &str, role| Token {
+        secret: secret.to_string(),
+        name: name.to_string(),
+        role,
+    };
+    vec![
+        token(TOKEN, "admin", Role::Admin),
+        token(READ_ONLY_TOKEN, "reader", Role::ReadOnly),
+        token(OPERATOR_TOKEN, "operator", Role::Operator),
+    ]
+}
 
 /// A controller replica (API + leader election), stopped by [`Controller::stop`] or on drop.
 #[derive(Debug)]
@@ -70,7 +88,7 @@ impl Controller {
         ));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let app = router(AppState::new(store, vec![TOKEN.to_string()], api_side).with_policy(policy));
+        let app = router(AppState::new(store, test_tokens(), api_side).with_policy(policy));
         let stop = shutdown.clone();
         let serving = tokio::spawn(async move {
             let _ = axum::serve(listener, app)
@@ -89,7 +107,15 @@ impl Controller {
     /// # Errors
     /// If the client cannot be built.
     pub fn api(&self) -> anyhow::Result<ApiClient> {
-        Ok(ApiClient::new(&self.url, Some(TOKEN.to_string()))?)
+        self.api_as(TOKEN)
+    }
+
+    /// An API client with `token` (see [`READ_ONLY_TOKEN`], [`OPERATOR_TOKEN`]).
+    ///
+    /// # Errors
+    /// If the client cannot be built.
+    pub fn api_as(&self, token: &str) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::new(&self.url, Some(token.to_string()))?)
     }
 
     /// Kills the replica as `kill -9` would: its tasks end where they are, it neither resigns

@@ -2,6 +2,7 @@
 
 mod agent_process;
 mod alerting;
+mod audit;
 mod chaos;
 mod cluster;
 mod conformance;
