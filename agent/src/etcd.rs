@@ -121,7 +121,7 @@ pub async fn session(
                 labels: cfg.labels.clone(),
                 ..Default::default()
             },
-            HostSpec {},
+            HostSpec::default(),
         )
     };
     let mut reported = health.borrow_and_update().clone();

@@ -51,6 +51,8 @@ pub struct DesiredProgram {
     pub stopwaitsecs: u64,
     /// What happens once supervisord gives up on a process.
     pub crash: CrashLoop,
+    /// Programs that must be RUNNING here before this one starts (`spec.depends_on`).
+    pub depends_on: Vec<String>,
 }
 
 /// A native `[group:x]` this host renders: its priority and its members assigned here.
@@ -221,6 +223,7 @@ pub fn desired_with(
                 namespecs,
                 startsecs: program.spec.startsecs.unwrap_or(1).max(0) as u64,
                 stopwaitsecs: program.spec.stopwaitsecs.unwrap_or(10).max(0) as u64,
+                depends_on: program.spec.depends_on.clone().unwrap_or_default(),
                 crash: CrashLoopSpec::resolve(program.spec.crash_loop.as_ref()),
             },
         );
@@ -686,6 +689,9 @@ pub struct Memory {
     /// Processes the agent started, and when (unix ms): polled from when they are due
     /// RUNNING (supervisord reports whole seconds; the agent knows the millisecond).
     pub started: BTreeMap<String, i64>,
+    /// Each program's `depends_on` as last assigned, kept while supervisord still has the
+    /// program, so that a program being removed still stops before what it depends on.
+    pub depends: BTreeMap<String, Vec<String>>,
 }
 
 /// Restart markers and signal requests already acted on, per program.
@@ -712,6 +718,51 @@ pub struct RuntimeInput<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuntimePlan {
     pub actions: Vec<(Action, Correction)>,
+    /// Programs held back by their order, and why: a start waiting for what the program
+    /// depends on, a stop waiting for what depends on it.
+    pub waiting: BTreeMap<String, String>,
+}
+
+/// Whether every process of every dependency of `p` placed here is RUNNING; else the first
+/// that is not.
+fn dependencies_running<'a>(p: &'a DesiredProgram, input: &RuntimeInput<'_>) -> Result<(), &'a str> {
+    for d in &p.depends_on {
+        let Some(dp) = input.desired.programs.get(d) else {
+            continue; // not placed here: not waited for
+        };
+        let running = !dp.namespecs.is_empty()
+            && dp
+                .namespecs
+                .iter()
+                .all(|ns| input.observed.get(ns).is_some_and(|pr| pr.state == ProcState::Running));
+        if !running {
+            return Err(d);
+        }
+    }
+    Ok(())
+}
+
+/// A program being stopped or removed here that depends on `program` and still has a process
+/// running or stopping: `program` must wait for it.
+fn dependent_still_up(program: &str, input: &RuntimeInput<'_>, memory: &Memory) -> Option<String> {
+    memory
+        .depends
+        .iter()
+        .filter(|(dependent, deps)| *dependent != program && deps.iter().any(|d| d == program))
+        .find(|(dependent, _)| match input.desired.programs.get(*dependent) {
+            Some(dp) => {
+                dp.state == DesiredState::Stopped
+                    && dp
+                        .namespecs
+                        .iter()
+                        .any(|ns| input.observed.get(ns).is_some_and(|pr| pr.state.is_active()))
+            }
+            None => input
+                .observed
+                .values()
+                .any(|pr| &pr.group == *dependent && pr.state.is_active()),
+        })
+        .map(|(dependent, _)| dependent.clone())
 }
 
 /// Plans group changes and process actions; updates `memory` (crash-loop schedule, stops and
@@ -729,11 +780,30 @@ pub struct RuntimePlan {
 pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePlan {
     let now = input.now_ms;
     let mut plan = RuntimePlan::default();
+    // What each program depends on: as assigned now, or as last assigned while it is still
+    // in supervisord (on its way out).
+    for p in input.desired.programs.values() {
+        if p.depends_on.is_empty() {
+            memory.depends.remove(&p.name);
+        } else {
+            memory.depends.insert(p.name.clone(), p.depends_on.clone());
+        }
+    }
+    memory.depends.retain(|name, _| {
+        input.desired.programs.contains_key(name) || input.observed.values().any(|pr| &pr.group == name)
+    });
     let mut busy_groups = BTreeSet::new();
     for (g, change) in input.pending {
         busy_groups.insert(g.as_str());
         if *change == GroupChange::Add {
             plan.actions.push((Action::AddGroup(g.clone()), Correction::Group));
+            continue;
+        }
+        // Removed, or replaced (a state change rewrites the file): what depends on it and is
+        // going too stops first.
+        if let Some(dependent) = dependent_still_up(g, input, memory) {
+            plan.waiting
+                .insert(g.clone(), format!("stops after {dependent}, which depends on it"));
             continue;
         }
         let mut procs: Vec<(&String, &Proc)> = input.observed.iter().filter(|(_, p)| &p.group == g).collect();
@@ -806,10 +876,17 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                         Some(_) => None,
                     }
                 }
-                DesiredState::Stopped if s.is_running() => {
-                    memory.stopping.entry(ns.clone()).or_insert(now);
-                    Some((Action::Stop(ns.clone()), Correction::ProcessStopped))
-                }
+                DesiredState::Stopped if s.is_running() => match dependent_still_up(&p.name, input, memory) {
+                    Some(dependent) => {
+                        plan.waiting
+                            .insert(p.name.clone(), format!("stops after {dependent}, which depends on it"));
+                        None
+                    }
+                    None => {
+                        memory.stopping.entry(ns.clone()).or_insert(now);
+                        Some((Action::Stop(ns.clone()), Correction::ProcessStopped))
+                    }
+                },
                 _ if s.is_running() && s != ProcState::Stopping => {
                     signal.map(|(sig, _)| (Action::Signal(ns.clone(), sig.clone()), Correction::ProcessSignalled))
                 }
@@ -823,6 +900,14 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                 // It stayed up: the next crash starts from the initial delay again.
                 memory.crash.remove(ns);
             }
+            let action = match action {
+                Some((Action::Start(_), _)) if let Err(d) = dependencies_running(p, input) => {
+                    plan.waiting
+                        .insert(p.name.clone(), format!("waiting for {d} to be RUNNING (depends_on)"));
+                    None
+                }
+                other => other,
+            };
             if let Some((Action::Start(ns), _)) = &action {
                 memory.started.insert(ns.clone(), now);
             }

@@ -332,6 +332,11 @@ impl Reconciler {
             now_ms: now,
         };
         let runtime = plan::plan_runtime(&input, &mut self.memory);
+        for (name, why) in &runtime.waiting {
+            if desired.programs.contains_key(name) {
+                errors.entry(name.clone()).or_insert_with(|| why.clone());
+            }
+        }
         let program_of_target = |target: &str| -> Vec<String> {
             desired
                 .programs

@@ -269,18 +269,55 @@ impl ApiClient {
     ) -> Result<Vec<corral_proto::api::AuditEntry>, ClientError> {
         let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
         if let Some(name) = name {
-            corral_proto::validate::check_name(name).map_err(ClientError::Invalid)?;
+            let check = match kind {
+                Some(Kind::Host) => corral_proto::validate::check_host_name,
+                _ => corral_proto::validate::check_name,
+            };
+            check(name).map_err(ClientError::Invalid)?;
             query.push(("name", name.to_string()));
         }
         match kind {
             Some(Kind::Program) => query.push(("kind", "program".into())),
             Some(Kind::Group) => query.push(("kind", "group".into())),
-            Some(Kind::Host) | None => {}
+            Some(Kind::Host) => query.push(("kind", "host".into())),
+            None => {}
         }
         let mut url = reqwest::Url::parse(&self.url("/history"))
             .map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
         url.query_pairs_mut().extend_pairs(&query);
         self.send(self.http.get(url)).await
+    }
+
+    /// `/v1/hosts/<name>/<what>`, the host name checked and escaped.
+    fn host_url(&self, name: &str, what: &str) -> Result<String, ClientError> {
+        corral_proto::validate::check_host_name(name).map_err(ClientError::Invalid)?;
+        let mut url =
+            reqwest::Url::parse(&self.base).map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Invalid(format!("{} cannot be a base URL", self.base)))?
+            .pop_if_empty()
+            .extend(["v1", "hosts", name, what]);
+        Ok(url.to_string())
+    }
+
+    /// Cordons, uncordons or drains a host; returns it as placement now sees it.
+    ///
+    /// # Errors
+    /// An invalid host name (nothing is sent); 404 for a host that never registered.
+    pub async fn host_action(&self, name: &str, action: corral_proto::api::HostAction) -> Result<Host, ClientError> {
+        self.send(self.http.post(self.host_url(name, "action")?).json(&action))
+            .await
+    }
+
+    /// Sets (a value) or removes (`None`) a host's labels.
+    ///
+    /// # Errors
+    /// Invalid names or labels (nothing is sent); 404 for a host that never registered.
+    pub async fn label_host(&self, name: &str, changes: &corral_proto::api::LabelChanges) -> Result<Host, ClientError> {
+        corral_proto::validate::validate_label_changes(name, changes)
+            .map_err(|e| ClientError::Invalid(e.to_string()))?;
+        self.send(self.http.put(self.host_url(name, "labels")?).json(changes))
+            .await
     }
 
     /// # Errors

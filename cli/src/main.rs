@@ -77,7 +77,7 @@ enum Command {
     },
     /// List programs, groups or hosts.
     #[command(
-        after_help = "Examples:\n  corral get programs\n  corral get hosts -o wide\n  corral get program web -o yaml"
+        after_help = "Examples:\n  corral get programs\n  corral get hosts -l role=web\n  corral get program web -o yaml"
     )]
     Get {
         what: What,
@@ -88,6 +88,9 @@ enum Command {
         /// Show environment values in -o yaml|json (hidden by default: they are often secrets).
         #[arg(long)]
         show_secrets: bool,
+        /// Only those whose labels match, e.g. -l role=web,zone=a.
+        #[arg(short = 'l', long = "selector", value_name = "K=V[,K=V]")]
+        selector: Option<String>,
     },
     /// Show a program's spec, per-host status and errors; a group; a host and why it is not ready.
     #[command(after_help = "Examples:\n  corral describe program web\n  corral describe host web1")]
@@ -123,6 +126,24 @@ enum Command {
     /// group's programs, with NAME:), on every host.
     #[command(after_help = "Examples:\n  corral signal HUP gunicorn\n  corral signal USR1 myapp:")]
     Signal { signal: String, name: String },
+    /// Set or remove a host's labels (over what its agent registered): K=V sets, K- removes.
+    /// Labels place programs, so this needs an admin token.
+    #[command(after_help = "Examples:\n  corral label host web1 tier=gold\n  corral label host web1 tier- zone=b")]
+    Label {
+        kind: online::LabelKind,
+        name: String,
+        #[arg(required = true, value_name = "K=V|K-")]
+        labels: Vec<String>,
+    },
+    /// Place nothing new on a host; what runs there stays and follows its spec.
+    #[command(after_help = "Example:\n  corral cordon web1")]
+    Cordon { host: String },
+    /// Undo cordon and drain: the host gets its programs again.
+    #[command(after_help = "Example:\n  corral uncordon web1")]
+    Uncordon { host: String },
+    /// Cordon a host and take every program off it (its agent stops them).
+    #[command(after_help = "Example:\n  corral drain web1 && corral describe host web1")]
+    Drain { host: String },
     /// What in the fleet is not as declared. Exit 0 when everything is.
     #[command(after_help = "Examples:\n  corral status\n  corral status -o json")]
     Status {
@@ -133,14 +154,14 @@ enum Command {
     /// Who changed what: every apply, delete, start, stop, restart and signal, newest first,
     /// with the token's name and role and the fields that changed (never their values).
     #[command(
-        after_help = "Examples:\n  corral history\n  corral history web --limit 10\n  corral history --kind group -o json"
+        after_help = "Examples:\n  corral history\n  corral history web --limit 10\n  corral history web1 --kind host -o json"
     )]
     History {
         /// Only this program's or group's changes.
         name: Option<String>,
-        /// Only programs or only groups.
+        /// Only programs, groups or hosts.
         #[arg(long)]
-        kind: Option<KindArg>,
+        kind: Option<online::HistoryKind>,
         /// How many entries, newest first.
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -236,7 +257,24 @@ async fn main() -> ExitCode {
                 name,
                 output,
                 show_secrets,
-            } => online::get(&api()?, *what, name.as_deref(), *output, *show_secrets).await,
+                selector,
+            } => {
+                online::get(
+                    &api()?,
+                    *what,
+                    name.as_deref(),
+                    *output,
+                    *show_secrets,
+                    selector.as_deref(),
+                )
+                .await
+            }
+            Command::Label { kind, name, labels } => online::label(&api()?, *kind, name, labels).await,
+            Command::Cordon { host } => online::host_action(&api()?, host, corral_proto::api::HostAction::Cordon).await,
+            Command::Uncordon { host } => {
+                online::host_action(&api()?, host, corral_proto::api::HostAction::Uncordon).await
+            }
+            Command::Drain { host } => online::host_action(&api()?, host, corral_proto::api::HostAction::Drain).await,
             Command::Describe {
                 kind,
                 name,

@@ -350,19 +350,93 @@ fn state_str(s: DesiredState) -> &'static str {
 }
 
 /// `get programs|groups|hosts [NAME]`.
+/// `-l k=v,k2=v2`: the labels every object listed must have.
+fn parse_selector(selector: Option<&str>) -> anyhow::Result<BTreeMap<String, String>> {
+    let Some(s) = selector else {
+        return Ok(BTreeMap::new());
+    };
+    s.split(',')
+        .map(|kv| {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("-l {s}: {kv:?} is not K=V"))?;
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn matches(labels: &BTreeMap<String, String>, selector: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// What `corral label` labels.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum LabelKind {
+    Host,
+}
+
+/// `corral label host NAME K=V K-`.
+pub async fn label(api: &ApiClient, kind: LabelKind, name: &str, labels: &[String]) -> anyhow::Result<ExitCode> {
+    let LabelKind::Host = kind;
+    let mut changes = corral_proto::api::LabelChanges::new();
+    for l in labels {
+        match (l.split_once('='), l.strip_suffix('-')) {
+            (Some((k, v)), _) => changes.insert(k.to_string(), Some(v.to_string())),
+            (None, Some(k)) => changes.insert(k.to_string(), None),
+            (None, None) => anyhow::bail!("{l:?}: K=V sets a label, K- removes it"),
+        };
+    }
+    let h = api.label_host(name, &changes).await?;
+    let now: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    outln!("host/{name} labeled: {}", now.join(","));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `corral cordon|uncordon|drain HOST`.
+pub async fn host_action(
+    api: &ApiClient,
+    host: &str,
+    action: corral_proto::api::HostAction,
+) -> anyhow::Result<ExitCode> {
+    use corral_proto::api::HostAction;
+    api.host_action(host, action).await?;
+    let said = match action {
+        HostAction::Cordon => "cordoned: nothing new is placed there; what runs stays",
+        HostAction::Uncordon => "uncordoned: it gets its programs again",
+        HostAction::Drain => "drained: every program is taken off it (its agent stops them)",
+    };
+    outln!("host/{host} {said}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How a host's readiness and placement read in a table: `Ready`, `NotReady,Cordoned`.
+fn host_state(h: &corral_proto::resource::Host) -> String {
+    let ready = h.status.as_ref().is_some_and(|s| s.ready);
+    let mut out = if ready { "Ready" } else { "NotReady" }.to_string();
+    if h.spec.drained {
+        out.push_str(",Drained");
+    } else if h.spec.cordoned {
+        out.push_str(",Cordoned");
+    }
+    out
+}
+
 pub async fn get(
     api: &ApiClient,
     what: What,
     name: Option<&str>,
     out: Option<Output>,
     show_secrets: bool,
+    selector: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
+    let selector = parse_selector(selector)?;
     match what {
         What::Programs => {
-            let programs = match name {
+            let mut programs = match name {
                 Some(n) => vec![api.program(n).await?],
                 None => api.programs().await?,
             };
+            programs.retain(|p| matches(&p.metadata.labels, &selector));
             if let Some(o @ (Output::Yaml | Output::Json)) = out {
                 // One rule everywhere: environment values only with --show-secrets.
                 let programs: Vec<Program> = programs
@@ -399,10 +473,11 @@ pub async fn get(
             outln!("{t}");
         }
         What::Groups => {
-            let groups = match name {
+            let mut groups = match name {
                 Some(n) => vec![api.group(n).await?],
                 None => api.groups().await?,
             };
+            groups.retain(|g| matches(&g.metadata.labels, &selector));
             if let Some(o @ (Output::Yaml | Output::Json)) = out {
                 print_structured(&groups, name.is_some(), o)?;
                 return Ok(ExitCode::SUCCESS);
@@ -424,6 +499,7 @@ pub async fn get(
                 hosts.retain(|h| h.metadata.name == n);
                 anyhow::ensure!(!hosts.is_empty(), "host {n:?} not found");
             }
+            hosts.retain(|h| matches(&h.metadata.labels, &selector));
             if let Some(o @ (Output::Yaml | Output::Json)) = out {
                 print_structured(&hosts, name.is_some(), o)?;
                 return Ok(ExitCode::SUCCESS);
@@ -433,7 +509,7 @@ pub async fn get(
                 let s = h.status.clone().unwrap_or_default();
                 t.add_row(vec![
                     h.metadata.name.clone(),
-                    if s.ready { "Ready" } else { "NotReady" }.to_string(),
+                    host_state(h),
                     h.metadata
                         .labels
                         .iter()
@@ -471,10 +547,49 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
             if let Some(why) = &s.reason {
                 outln!("Reason:       {why}");
             }
+            let placement = if h.spec.drained {
+                "drained (every program taken off; `corral uncordon` undoes it)"
+            } else if h.spec.cordoned {
+                "cordoned (nothing new placed; what runs stays)"
+            } else {
+                "schedulable"
+            };
+            outln!("Placement:    {placement}");
             let labels: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             outln!("Labels:       {}", labels.join(","));
             outln!("Agent:        {}", s.agent_version.unwrap_or_default());
             outln!("Supervisord:  {}", s.supervisord_version.unwrap_or_default());
+            // Its programs and their processes, as its agent last reported them.
+            let mut t = table(&["PROGRAM", "GENERATION", "READY", "PROCESSES", "ERROR"]);
+            let mut any = false;
+            for p in api.programs().await? {
+                let Some(view) = p
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.hosts.iter().find(|v| v.host == name))
+                else {
+                    continue;
+                };
+                any = true;
+                let procs: Vec<String> = view
+                    .processes
+                    .iter()
+                    .map(|pr| format!("{} {}", pr.name, pr.state))
+                    .collect();
+                t.add_row(vec![
+                    p.metadata.name.clone(),
+                    view.observed_generation.to_string(),
+                    view.ready.to_string(),
+                    procs.join(", "),
+                    view.error.clone().unwrap_or_default(),
+                ]);
+            }
+            if any {
+                outln!("Programs:");
+                outln!("{t}");
+            } else {
+                outln!("Programs:     none");
+            }
         }
         DescribeKind::Program => {
             let p = api.program(name).await?;
@@ -705,15 +820,28 @@ pub async fn version(api: &ApiClient) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// What `corral history --kind` narrows to.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum HistoryKind {
+    Program,
+    Group,
+    Host,
+}
+
 /// `corral history [NAME]`: who changed what, newest first.
 pub async fn history(
     api: &ApiClient,
-    kind: Option<KindArg>,
+    kind: Option<HistoryKind>,
     name: Option<&str>,
     limit: usize,
     out: Option<Output>,
 ) -> anyhow::Result<ExitCode> {
-    let entries = api.history(kind.map(KindArg::kind), name, limit).await?;
+    let kind = kind.map(|k| match k {
+        HistoryKind::Program => Kind::Program,
+        HistoryKind::Group => Kind::Group,
+        HistoryKind::Host => Kind::Host,
+    });
+    let entries = api.history(kind, name, limit).await?;
     if let Some(o @ (Output::Yaml | Output::Json)) = out {
         print_structured(&entries, false, o)?;
         return Ok(ExitCode::SUCCESS);

@@ -266,6 +266,11 @@ fn every_command_has_examples_and_the_exit_codes_are_in_the_help() {
         "render",
         "import",
         "dev",
+        "history",
+        "label",
+        "cordon",
+        "uncordon",
+        "drain",
     ] {
         let text = help(&[verb]);
         assert!(text.contains("Example"), "{verb} --help has no example:\n{text}");

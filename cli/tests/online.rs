@@ -110,6 +110,31 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         out.contains("h1") && out.contains("Ready") && out.contains("role=app"),
         "{out}"
     );
+    // Hosts: label, select by label, cordon and describe, uncordon.
+    let (out, err) = text(&corral(s, &["label", "host", "h1", "tier=gold"]));
+    assert!(out.contains("host/h1 labeled: role=app,tier=gold"), "{out}{err}");
+    let (out, _) = text(&corral(s, &["get", "hosts", "-l", "tier=gold"]));
+    assert!(out.contains("h1"), "{out}");
+    let (out, _) = text(&corral(s, &["get", "hosts", "-l", "tier=silver"]));
+    assert!(!out.contains("h1"), "{out}");
+    let (out, _) = text(&corral(s, &["cordon", "h1"]));
+    assert!(out.contains("host/h1 cordoned"), "{out}");
+    let (out, _) = text(&corral(s, &["get", "hosts"]));
+    assert!(out.contains("Ready,Cordoned"), "{out}");
+    let (out, _) = text(&corral(s, &["describe", "host", "h1"]));
+    assert!(
+        out.contains("Placement:    cordoned") && out.contains("celery-worker_01 RUNNING"),
+        "{out}"
+    );
+    assert!(corral(s, &["uncordon", "h1"]).status.success());
+    assert!(corral(s, &["label", "host", "h1", "tier-"]).status.success());
+    let bad = corral(s, &["label", "host", "h1", "tier"]);
+    assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
+    let (out, _) = text(&corral(s, &["history", "h1", "--kind", "host"]));
+    assert!(
+        out.contains("uncordon") && out.contains("cordon") && out.contains("label"),
+        "{out}"
+    );
 
     // diff: nothing, then a change.
     assert_eq!(corral(s, &["diff", "-f", &examples]).status.code(), Some(0));

@@ -44,6 +44,25 @@ impl<S: Send + Sync> FromRequestParts<S> for Name {
     }
 }
 
+/// A host name from the request path, refused with 400 unless it is a valid host name.
+pub struct HostName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for HostName {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<HostName, ApiError> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+        corral_proto::validate::check_host_name(&name).map_err(|why| ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: "invalid host name in the request path".to_string(),
+            details: vec![format!("metadata.name: {why}")],
+        })?;
+        Ok(HostName(name))
+    }
+}
+
 /// The largest request body the API reads: many times the largest object
 /// ([`corral_proto::validate::MAX_OBJECT_BYTES`]), far below etcd's request limit.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -202,6 +221,8 @@ pub fn router(state: AppState) -> Router {
         .route("/groups", get(list_groups).post(apply_any))
         .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/hosts", get(list_hosts))
+        .route("/hosts/{name}/action", axum::routing::post(host_action))
+        .route("/hosts/{name}/labels", axum::routing::put(host_labels))
         .route("/status", get(status))
         .route("/history", get(history))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
@@ -261,7 +282,12 @@ pub fn needed_role(method: &axum::http::Method, path: &str, dry_run: bool) -> Ro
     } else if method == Method::POST && path.ends_with("/action") {
         // Actions have no dry run: `?dry_run=true` on one changes nothing here.
         Role::Operator
-    } else if dry_run {
+    } else if dry_run && {
+        // Inside the `/v1` router the path comes without it.
+        let path = path.strip_prefix("/v1").unwrap_or(path);
+        path.starts_with("/programs") || path.starts_with("/groups")
+    } {
+        // Only specs have a dry run.
         Role::ReadOnly
     } else {
         Role::Admin
@@ -361,7 +387,23 @@ async fn apply_resource(
     let value = match r {
         Resource::Program(p) => {
             let p = validate_program(p)?.into_inner();
-            let refused = state.policy.check(&p.spec);
+            let mut refused = state.policy.check(&p.spec);
+            if p.spec.depends_on.as_ref().is_some_and(|d| !d.is_empty()) {
+                let mut graph: BTreeMap<String, Vec<String>> = state
+                    .store
+                    .list::<Program>()
+                    .await?
+                    .into_iter()
+                    .map(|o| (o.metadata.name, o.spec.depends_on.unwrap_or_default()))
+                    .collect();
+                graph.insert(p.metadata.name.clone(), p.spec.depends_on.clone().unwrap_or_default());
+                if let Some(cycle) = corral_proto::fleet::dependency_cycle(&graph) {
+                    refused.push(corral_proto::FieldError {
+                        path: "spec.depends_on".into(),
+                        message: format!("{} is a cycle: none of them could ever start", cycle.join(" -> ")),
+                    });
+                }
+            }
             if !refused.is_empty() {
                 return Err(ValidationErrors {
                     resource: format!("Program {:?}", p.metadata.name),
@@ -446,7 +488,12 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
     for p in &mut programs {
         let assigned: BTreeSet<String> = hosts
             .iter()
-            .filter(|h| p.selects(h))
+            .filter(|h| {
+                p.placed_on(
+                    h,
+                    reports.contains_key(&(h.metadata.name.clone(), p.metadata.name.clone())),
+                )
+            })
             .map(|h| h.metadata.name.clone())
             .collect();
         let view = program_status(p, &assigned, &reports, &readiness);
@@ -540,6 +587,58 @@ async fn delete_group(
     }))
 }
 
+/// The host as `GET /v1/hosts` shows it (readiness filled in).
+async fn host_view(store: &Store, mut host: Host) -> Result<Host, ApiError> {
+    let readiness = host_readiness(std::slice::from_ref(&host), &store.alive().await?);
+    let status = host.status.get_or_insert_with(Default::default);
+    let why = readiness.get(&host.metadata.name).cloned().flatten();
+    status.ready = why.is_none();
+    status.reason = why;
+    Ok(host)
+}
+
+/// `POST /v1/hosts/NAME/action`: cordon, uncordon or drain (operators).
+async fn host_action(
+    State(state): State<AppState>,
+    Extension(by): Extension<Author>,
+    HostName(name): HostName,
+    Body(body): Body,
+) -> ApiResult<Host> {
+    let action: corral_proto::api::HostAction = serde_json::from_str(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the action ({{\"action\": \"cordon|uncordon|drain\"}}): {e}"),
+        )
+    })?;
+    let host = state
+        .store
+        .update_host(&name, &by, action.verb(), |c| action.apply_to(c))
+        .await?;
+    Ok(Json(host_view(&state.store, host).await?))
+}
+
+/// `PUT /v1/hosts/NAME/labels`: sets (a value) or removes (null) labels over what the agent
+/// registered (admins: labels place programs).
+async fn host_labels(
+    State(state): State<AppState>,
+    Extension(by): Extension<Author>,
+    HostName(name): HostName,
+    Body(body): Body,
+) -> ApiResult<Host> {
+    let changes: corral_proto::api::LabelChanges = serde_json::from_str(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the labels ({{\"key\": \"value\" or null to remove}}): {e}"),
+        )
+    })?;
+    corral_proto::validate::validate_label_changes(&name, &changes)?;
+    let host = state
+        .store
+        .update_host(&name, &by, "label", |c| c.relabel(&changes))
+        .await?;
+    Ok(Json(host_view(&state.store, host).await?))
+}
+
 async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
     let mut hosts = state.store.hosts().await?;
     let readiness = host_readiness(&hosts, &state.store.alive().await?);
@@ -566,15 +665,20 @@ async fn history(State(state): State<AppState>, Query(q): Query<HistoryQuery>) -
         None => None,
         Some("program") => Some(Kind::Program),
         Some("group") => Some(Kind::Group),
+        Some("host") => Some(Kind::Host),
         Some(other) => {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
-                format!("kind {other:?}: program or group"),
+                format!("kind {other:?}: program, group or host"),
             ));
         }
     };
     if let Some(name) = &q.name {
-        corral_proto::validate::check_name(name).map_err(|why| ApiError {
+        let check = match kind {
+            Some(Kind::Host) => corral_proto::validate::check_host_name,
+            _ => corral_proto::validate::check_name,
+        };
+        check(name).map_err(|why| ApiError {
             status: StatusCode::BAD_REQUEST,
             message: "invalid name".to_string(),
             details: vec![format!("name: {why}")],
@@ -600,7 +704,12 @@ async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetSt
             p.metadata.name.clone(),
             hosts
                 .iter()
-                .filter(|h| p.selects(h))
+                .filter(|h| {
+                    p.placed_on(
+                        h,
+                        reports.contains_key(&(h.metadata.name.clone(), p.metadata.name.clone())),
+                    )
+                })
                 .map(|h| h.metadata.name.clone())
                 .collect(),
         );
@@ -617,6 +726,9 @@ async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetSt
     status
         .warnings
         .extend(corral_proto::fleet::missing_members(&groups, &known));
+    status
+        .warnings
+        .extend(corral_proto::fleet::missing_dependencies(&programs));
     // Stored before the policy (or a stricter one) came in: still placed, but said.
     for p in &programs {
         for e in policy.check(&p.spec) {
@@ -647,6 +759,12 @@ mod tests {
             (Method::PUT, "/v1/programs/web", false, Role::Admin),
             (Method::DELETE, "/v1/programs/web", false, Role::Admin),
             (Method::DELETE, "/v1/groups/action", false, Role::Admin),
+            (Method::POST, "/v1/hosts/h1/action", false, Role::Operator),
+            (Method::PUT, "/v1/hosts/h1/labels", false, Role::Admin),
+            (Method::PUT, "/v1/hosts/h1/labels", true, Role::Admin),
+            (Method::POST, "/programs", true, Role::ReadOnly),
+            (Method::PUT, "/hosts/h1/labels", true, Role::Admin),
+            (Method::POST, "/programs/web/action", true, Role::Operator),
         ] {
             assert_eq!(
                 needed_role(&method, path, dry_run),

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use corral_proto::fleet::{Assignment, FleetStatus, NativeGroup, ProgramHostStatus, ProgramSummary};
 use corral_proto::keys::Keys;
-use corral_proto::resource::{Group, Host, Program, RolloutSpec};
+use corral_proto::resource::{Group, Host, HostControl, Program, RolloutSpec};
 
 use crate::placement::AssignmentWrites;
 use crate::status::{fleet_of, host_readiness};
@@ -52,7 +52,13 @@ impl Dirty {
 pub struct Index {
     pub programs: BTreeMap<String, Program>,
     pub groups: BTreeMap<String, Group>,
+    /// Hosts as placement sees them: what each agent registered, with its operators' labels,
+    /// cordon and drain ([`HostControl::effective`]).
     pub hosts: BTreeMap<String, Host>,
+    /// What each agent registered.
+    pub registered: BTreeMap<String, Host>,
+    /// What operators set per host.
+    pub controls: BTreeMap<String, HostControl>,
     pub current: BTreeMap<ProgramSlot, Held>,
     pub reports: BTreeMap<ProgramSlot, Seen>,
     /// Key -> why its value cannot be read (it is left out).
@@ -92,13 +98,11 @@ impl Index {
                 .unwrap_or_default();
             dirty.programs.extend(before.into_iter().chain(after));
         } else if let Some(name) = under(keys.hosts()) {
-            let before = self.hosts.get(&name).map(|h| h.metadata.labels.clone());
-            self.upsert(key, value, |i| &mut i.hosts, name.clone());
-            let after = self.hosts.get(&name).map(|h| h.metadata.labels.clone());
-            // A host's status (readiness) changes often and places nothing; its labels do.
-            if before != after {
-                dirty.all = true;
-            }
+            self.upsert(key, value, |i| &mut i.registered, name.clone());
+            self.refresh_host(&name, dirty);
+        } else if let Some(name) = under(keys.host_controls()) {
+            self.upsert(key, value, |i| &mut i.controls, name.clone());
+            self.refresh_host(&name, dirty);
         } else if let Some(name) = under(keys.alive_prefix()) {
             // Liveness places nothing; it counts in the fleet's numbers.
             if value.is_some() {
@@ -153,6 +157,25 @@ impl Index {
             if self.waiting.contains(p) {
                 dirty.programs.insert(p.to_string());
             }
+        }
+    }
+
+    /// Recomputes one host's effective view; placement is dirty when its labels, cordon or
+    /// drain changed (its status, which changes often, places nothing).
+    fn refresh_host(&mut self, name: &str, dirty: &mut Dirty) {
+        let placed = |h: Option<&Host>| h.map(|h| (h.metadata.labels.clone(), h.spec.clone()));
+        let before = placed(self.hosts.get(name));
+        match self.registered.get(name) {
+            Some(r) => {
+                let h = self.controls.get(name).cloned().unwrap_or_default().effective(r);
+                self.hosts.insert(name.to_string(), h);
+            }
+            None => {
+                self.hosts.remove(name);
+            }
+        }
+        if placed(self.hosts.get(name)) != before {
+            dirty.all = true;
         }
     }
 
@@ -220,13 +243,15 @@ impl Index {
             generation: p.metadata.generation,
             digest: digest(&assignment),
         };
+        let held: BTreeMap<&String, &Held> = current.iter().copied().collect();
+        // A drained host runs nothing; a cordoned one keeps (and updates) what it has, and
+        // gets nothing new.
         let selected: Vec<&String> = self
             .hosts
             .values()
-            .filter(|h| p.selects(h))
+            .filter(|h| p.placed_on(h, held.contains_key(&h.metadata.name)))
             .map(|h| &h.metadata.name)
             .collect();
-        let held: BTreeMap<&String, &Held> = current.iter().copied().collect();
         let mut behind = Vec::new();
         let mut in_flight = 0;
         for h in &selected {
@@ -317,8 +342,12 @@ impl Index {
                     generation: p.metadata.generation,
                     ..Default::default()
                 };
-                for h in self.hosts.values().filter(|h| p.selects(h)) {
-                    let seen = self.reports.get(&(name.clone(), h.metadata.name.clone()));
+                for h in self.hosts.values() {
+                    let slot = (name.clone(), h.metadata.name.clone());
+                    if !p.placed_on(h, self.current.contains_key(&slot)) {
+                        continue;
+                    }
+                    let seen = self.reports.get(&slot);
                     let updated = seen.is_some_and(|s| s.generation >= p.metadata.generation);
                     summary.desired += 1;
                     summary.updated += usize::from(updated);
@@ -415,6 +444,108 @@ mod tests {
             put(&mut i, keys().status(h, p), json(&report));
         }
         i
+    }
+
+    #[test]
+    fn a_cordoned_host_gets_nothing_new_keeps_and_updates_what_it_has_and_a_drained_one_runs_nothing() {
+        let mut i = fleet(2);
+        let control = |c: HostControl| json(&c);
+        let d = put(
+            &mut i,
+            keys().host_control("h01"),
+            control(HostControl {
+                cordoned: true,
+                ..Default::default()
+            }),
+        );
+        assert!(d.all, "a cordon is placement's business");
+        assert!(i.hosts["h01"].spec.cordoned);
+        // A new program: only the uncordoned host.
+        put(&mut i, keys().program("q"), json(&program("q", 1, &[("role", "app")])));
+        let w = i.plan(&Dirty {
+            all: true,
+            ..Default::default()
+        });
+        assert_eq!(hosts_of(&w), ["h00"]);
+        assert!(
+            w.delete.is_empty(),
+            "what runs on a cordoned host stays: {:?}",
+            w.delete
+        );
+        // A new generation of what it runs still reaches it (paced by the rollout).
+        put(&mut i, keys().program("p"), json(&program("p", 2, &[("role", "app")])));
+        let w = i.plan(&Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        });
+        assert!(hosts_of(&w).contains(&"h00".to_string()) || hosts_of(&w).contains(&"h01".to_string()));
+        let mut both = hosts_of(&w);
+        for ((h, p), a) in &w.put {
+            put(&mut i, keys().assignment(h, p), json(a.as_ref()));
+            let report = ProgramHostStatus {
+                host: h.clone(),
+                program: p.clone(),
+                observed_generation: 2,
+                desired_state: Default::default(),
+                processes: vec![],
+                ready: true,
+                error: None,
+            };
+            put(&mut i, keys().status(h, p), json(&report));
+        }
+        both.extend(hosts_of(&i.plan(&Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        })));
+        both.sort();
+        assert_eq!(both, ["h00", "h01"]);
+        // Drained: everything taken off.
+        put(
+            &mut i,
+            keys().host_control("h01"),
+            control(HostControl {
+                cordoned: true,
+                drained: true,
+                ..Default::default()
+            }),
+        );
+        let w = i.plan(&Dirty {
+            all: true,
+            ..Default::default()
+        });
+        assert_eq!(w.delete, [("h01".to_string(), "p".to_string())]);
+        // An operator's label places a program; the agent re-registering does not undo it.
+        let d = put(
+            &mut i,
+            keys().host_control("h00"),
+            control(HostControl {
+                labels: [("tier".to_string(), "gold".to_string())].into(),
+                ..Default::default()
+            }),
+        );
+        assert!(d.all);
+        put(&mut i, keys().host("h00"), json(&host("h00", &[("role", "app")])));
+        assert_eq!(
+            i.hosts["h00"].metadata.labels.get("tier").map(String::as_str),
+            Some("gold")
+        );
+        put(&mut i, keys().program("g"), json(&program("g", 1, &[("tier", "gold")])));
+        let w = i.plan(&Dirty {
+            programs: ["g".to_string()].into(),
+            ..Default::default()
+        });
+        assert_eq!(hosts_of(&w), ["h00"]);
+        // Uncordoned (the control removed): h01 runs p again.
+        let mut d = Dirty::default();
+        i.apply(&keys(), &keys().host_control("h01"), None, &mut d);
+        assert!(d.all && !i.hosts["h01"].spec.cordoned);
+        let mut d = Dirty::default();
+        i.apply(&keys(), &keys().assignment("h01", "p"), None, &mut d);
+        let w = i.plan(&Dirty {
+            programs: ["p".to_string()].into(),
+            ..Default::default()
+        });
+        assert_eq!(hosts_of(&w), ["h01"]);
     }
 
     #[test]

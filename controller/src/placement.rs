@@ -29,7 +29,7 @@ mod tests {
                 labels,
                 ..Default::default()
             },
-            HostSpec {},
+            HostSpec::default(),
         )
     }
 

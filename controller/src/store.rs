@@ -9,7 +9,7 @@ use corral_etcd::Etcd;
 use corral_proto::api::{AuditEntry, Role};
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
-use corral_proto::resource::{Group, Host, Kind, Metadata, Program};
+use corral_proto::resource::{Group, Host, HostControl, Kind, Metadata, Program};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -652,7 +652,106 @@ impl Store {
     pub async fn hosts(&self) -> Result<Vec<Host>, StoreError> {
         let prefix = self.keys.hosts();
         let raw = self.list_raw(prefix.clone()).await?;
-        Ok(self.decode_all(&prefix, raw).into_iter().map(|(_, h, _)| h).collect())
+        let controls_prefix = self.keys.host_controls();
+        let controls: BTreeMap<String, HostControl> = self
+            .decode_all(&controls_prefix, self.list_raw(controls_prefix.clone()).await?)
+            .into_iter()
+            .filter_map(|(k, c, _)| Some((k.strip_prefix(&controls_prefix)?.to_string(), c)))
+            .collect();
+        Ok(self
+            .decode_all::<Host>(&prefix, raw)
+            .into_iter()
+            .map(|(_, h, _)| match controls.get(&h.metadata.name) {
+                Some(c) => c.effective(&h),
+                None => h,
+            })
+            .collect())
+    }
+
+    /// Changes what operators set on registered host `name` (labels, cordon, drain) in one
+    /// read-modify-write, recorded in the audit as `verb` in the same transaction; retried
+    /// when another write came in between. Returns the host as placement now sees it.
+    ///
+    /// # Errors
+    /// `NotFound` for a host that never registered; etcd errors; a conflict that outlasts the
+    /// retries.
+    pub async fn update_host(
+        &self,
+        name: &str,
+        by: &Author,
+        verb: &str,
+        f: impl Fn(&mut HostControl),
+    ) -> Result<Host, StoreError> {
+        let host_key = self.keys.host(name);
+        let key = self.keys.host_control(name);
+        let mut c = self.etcd.client().await;
+        for attempt in 0..20u32 {
+            let r = self.within("get", c.get(host_key.clone(), None)).await?;
+            let Some(kv) = r.kvs().first() else {
+                return Err(StoreError::NotFound {
+                    kind: "Host",
+                    name: name.to_string(),
+                });
+            };
+            let registered: Host = decode(kv.key(), kv.value())?;
+            let r = self.within("get", c.get(key.clone(), None)).await?;
+            let (old, compare) = match r.kvs().first() {
+                Some(kv) => (
+                    decode::<HostControl>(kv.key(), kv.value())?,
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+                ),
+                None => (
+                    HostControl::default(),
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                ),
+            };
+            let mut new = old.clone();
+            f(&mut new);
+            let effective = new.effective(&registered);
+            if new == old {
+                return Ok(effective);
+            }
+            let before = old.effective(&registered);
+            let view = |h: &Host| {
+                serde_json::json!({
+                    "metadata": {"labels": h.metadata.labels},
+                    "spec": h.spec,
+                })
+            };
+            let micros = audit_micros();
+            let entry = AuditEntry {
+                at: rfc3339(micros),
+                who: by.name.clone(),
+                role: by.role,
+                verb: verb.to_string(),
+                kind: Kind::Host,
+                name: name.to_string(),
+                generation: None,
+                changes: corral_proto::api::changed_fields(&view(&before), &view(&effective)),
+            };
+            let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
+            let value = serde_json::to_vec(&new).map_err(|e| StoreError::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            })?;
+            let txn = Txn::new()
+                .when([
+                    compare,
+                    Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(key.clone(), value, None),
+                    TxnOp::put(audit_key, audit_value, None),
+                ]);
+            if self.within("txn", c.txn(txn)).await?.succeeded() {
+                self.audited_one();
+                return Ok(effective);
+            }
+            tokio::time::sleep(Duration::from_millis(u64::from(attempt + 1) * 3)).await;
+        }
+        Err(StoreError::Conflict(format!(
+            "host {name:?} kept changing concurrently; retry"
+        )))
     }
 
     /// Hosts whose agent holds its liveness lease.

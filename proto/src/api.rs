@@ -109,6 +109,44 @@ impl ProgramAction {
     }
 }
 
+/// `POST /v1/hosts/NAME/action` (operators): cordon (nothing new placed there), drain
+/// (cordoned, every program taken off) or uncordon (both undone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "lowercase", deny_unknown_fields)]
+pub enum HostAction {
+    Cordon,
+    Uncordon,
+    Drain,
+}
+
+impl HostAction {
+    pub fn verb(self) -> &'static str {
+        match self {
+            HostAction::Cordon => "cordon",
+            HostAction::Uncordon => "uncordon",
+            HostAction::Drain => "drain",
+        }
+    }
+
+    /// Changes `control` as the action asks.
+    pub fn apply_to(self, control: &mut crate::resource::HostControl) {
+        match self {
+            HostAction::Cordon => control.cordoned = true,
+            HostAction::Drain => {
+                control.cordoned = true;
+                control.drained = true;
+            }
+            HostAction::Uncordon => {
+                control.cordoned = false;
+                control.drained = false;
+            }
+        }
+    }
+}
+
+/// `PUT /v1/hosts/NAME/labels` (admins): label -> value to set, or null to remove.
+pub type LabelChanges = std::collections::BTreeMap<String, Option<String>>;
+
 /// What a token may do. Each role may do what the one before it may.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -1,6 +1,8 @@
 //! What flows between controller and agents through etcd: assignments (desired, per host and
 //! program) and status reports (observed, per host and program).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::resource::{DesiredState, Group, Host, Program};
@@ -193,6 +195,71 @@ pub fn missing_members(groups: &[Group], known: &std::collections::BTreeSet<Stri
         .collect()
 }
 
+/// Programs whose `depends_on` names programs that do not exist; said in `corral status`
+/// (they start without waiting for them).
+pub fn missing_dependencies(programs: &[Program]) -> Vec<String> {
+    let known: std::collections::BTreeSet<&str> = programs.iter().map(|p| p.metadata.name.as_str()).collect();
+    programs
+        .iter()
+        .filter_map(|p| {
+            let missing: Vec<&str> = p
+                .spec
+                .depends_on
+                .iter()
+                .flatten()
+                .map(String::as_str)
+                .filter(|d| !known.contains(d))
+                .collect();
+            (!missing.is_empty()).then(|| {
+                format!(
+                    "program {:?} depends on programs that do not exist: {}",
+                    p.metadata.name,
+                    missing.join(", ")
+                )
+            })
+        })
+        .collect()
+}
+
+/// A cycle in `depends_on` (program -> what it depends on), as the names around it with the
+/// first repeated at the end (`a -> b -> a`), or `None`.
+pub fn dependency_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        Open,
+        Done,
+    }
+    fn visit(
+        n: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        marks: &mut BTreeMap<String, Mark>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match marks.get(n) {
+            Some(Mark::Done) => return None,
+            Some(Mark::Open) => {
+                let from = path.iter().position(|p| p == n).unwrap_or(0);
+                let mut cycle = path[from..].to_vec();
+                cycle.push(n.to_string());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        marks.insert(n.to_string(), Mark::Open);
+        path.push(n.to_string());
+        for d in deps.get(n).into_iter().flatten() {
+            if let Some(c) = visit(d, deps, marks, path) {
+                return Some(c);
+            }
+        }
+        path.pop();
+        marks.insert(n.to_string(), Mark::Done);
+        None
+    }
+    let mut marks = BTreeMap::new();
+    deps.keys().find_map(|n| visit(n, deps, &mut marks, &mut Vec::new()))
+}
+
 /// `GET /v1/status`: what in the fleet is not as declared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -294,5 +361,25 @@ mod tests {
             missing_members(&[g], &known),
             vec!["group \"g\" names programs that do not exist: ghost".to_string()]
         );
+    }
+
+    #[test]
+    fn dependency_cycles_are_found_with_their_path() {
+        let deps = |pairs: &[(&str, &[&str])]| -> BTreeMap<String, Vec<String>> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+                .collect()
+        };
+        assert_eq!(
+            dependency_cycle(&deps(&[("web", &["db", "cache"]), ("db", &[]), ("cache", &["db"])])),
+            None
+        );
+        assert_eq!(
+            dependency_cycle(&deps(&[("a", &["b"]), ("b", &["c"]), ("c", &["a"])])),
+            Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+        );
+        // A dependency that is not declared ends a path.
+        assert_eq!(dependency_cycle(&deps(&[("a", &["ghost"])])), None);
     }
 }

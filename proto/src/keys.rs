@@ -5,6 +5,7 @@
 //! <prefix>/groups/<name>                 Group                         controller writes
 //! <prefix>/hosts/<host>                  Host: labels, versions        agent registers
 //! <prefix>/alive/<host>                  liveness, on the agent's lease
+//! <prefix>/hostcontrol/<host>            HostControl: labels, cordon   controller writes
 //! <prefix>/assignments/<host>/<program>  Assignment                    controller writes
 //! <prefix>/status/<host>/<program>       ProgramHostStatus             agent writes on change
 //! <prefix>/election/controller           leader election
@@ -55,6 +56,12 @@ impl Keys {
     }
     pub fn host(&self, host: &str) -> String {
         format!("{}/hosts/{host}", self.prefix)
+    }
+    pub fn host_controls(&self) -> String {
+        format!("{}/hostcontrol/", self.prefix)
+    }
+    pub fn host_control(&self, host: &str) -> String {
+        format!("{}/hostcontrol/{host}", self.prefix)
     }
     pub fn alive_prefix(&self) -> String {
         format!("{}/alive/", self.prefix)

@@ -158,7 +158,9 @@ pub fn render_program(p: &Valid<Program>) -> String {
 /// Writes one `[program:name]` section for spec `s`.
 ///
 /// `autostart` is written as `autostart && state == running` (`follow_state`), so that a
-/// supervisord restart never starts, even briefly, a program whose desired state is stopped.
+/// supervisord restart never starts, even briefly, a program whose desired state is stopped;
+/// and false for a program with `depends_on`: the agent starts it once what it depends on
+/// runs (supervisord would start it at once).
 /// Not for a member of a native group: there the state would be part of the group's config,
 /// and stopping one member would restart its siblings; the agent starts and stops it instead.
 fn write_section(out: &mut String, name: &str, s: &ProgramSpec, follow_state: bool) {
@@ -175,7 +177,11 @@ fn write_section(out: &mut String, name: &str, s: &ProgramSpec, follow_state: bo
     line(
         out,
         "autostart",
-        bool_str(s.autostart.unwrap_or(true) && (!follow_state || s.state == DesiredState::Running)),
+        bool_str(
+            s.autostart.unwrap_or(true)
+                && (!follow_state || s.state == DesiredState::Running)
+                && s.depends_on.as_ref().is_none_or(Vec::is_empty),
+        ),
     );
     line(
         out,

@@ -369,6 +369,11 @@ macro_rules! program_spec {
             /// [`crate::envfile`]. It must be owned by root and writable by no one else.
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub environment_file: Option<String>,
+            /// Programs that must be RUNNING on the same host before this one starts (the
+            /// agent starts it, never supervisord on its own); when both are being stopped,
+            /// this one stops first. A dependency not placed on the host is not waited for.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub depends_on: Option<Vec<String>>,
             /// supervisord `command` (required).
             pub command: String,
             $( $(#[$doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*
@@ -433,10 +438,65 @@ pub struct GroupSpec {
     pub native: bool,
 }
 
-/// `Host.spec`: nothing the user sets today; labels live in metadata.
+/// `Host.spec`: what operators decided for the host (`corral cordon`, `corral drain`); the
+/// agent registers it empty and the controller shows its [`HostControl`] here.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HostSpec {}
+pub struct HostSpec {
+    /// Nothing new is placed here; what runs stays and follows its spec.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cordoned: bool,
+    /// Cordoned, and every program taken off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
+}
+
+/// What operators set on a host, apart from what its agent registers: labels added or
+/// changed, labels removed, cordon and drain. Stored by the controller at
+/// `<prefix>/hostcontrol/<host>`, so an agent re-registering never undoes it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct HostControl {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub removed_labels: std::collections::BTreeSet<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cordoned: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
+}
+
+impl HostControl {
+    /// The host as placement sees it: the agent's labels with the operator's changes, and
+    /// the operator's cordon and drain in its spec.
+    pub fn effective(&self, registered: &Host) -> Host {
+        let mut h = registered.clone();
+        h.metadata.labels.retain(|k, _| !self.removed_labels.contains(k));
+        h.metadata
+            .labels
+            .extend(self.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        h.spec.cordoned = self.cordoned || self.drained;
+        h.spec.drained = self.drained;
+        h
+    }
+
+    /// Sets (`Some`) or removes (`None`) labels; a removal also hides the agent's label.
+    pub fn relabel(&mut self, changes: &BTreeMap<String, Option<String>>) {
+        for (k, v) in changes {
+            match v {
+                Some(v) => {
+                    self.removed_labels.remove(k);
+                    self.labels.insert(k.clone(), v.clone());
+                }
+                None => {
+                    self.labels.remove(k);
+                    self.removed_labels.insert(k.clone());
+                }
+            }
+        }
+    }
+}
 
 /// `Host.status`: what the agent reports about its host.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -500,6 +560,14 @@ impl Program {
             (Some(sel), None) => sel.iter().all(|(k, v)| host.metadata.labels.get(k) == Some(v)),
             (None, None) => false,
         }
+    }
+}
+
+impl Program {
+    /// Whether placement gives this program to `host`: it selects the host, the host is not
+    /// drained, and a cordoned host only keeps what it `holds` already.
+    pub fn placed_on(&self, host: &Host, holds: bool) -> bool {
+        self.selects(host) && !host.spec.drained && (!host.spec.cordoned || holds)
     }
 }
 
@@ -1153,6 +1221,55 @@ mod tests {
         let docs = parse_documents("t.yaml", WEB).expect("parses");
         let json = serde_json::to_string(&docs[0]).expect("serializes");
         assert_eq!(parse_json(&json).expect("parses back"), docs[0]);
+    }
+
+    #[test]
+    fn an_operators_labels_and_cordon_overlay_what_the_agent_registered() {
+        let mut registered = Host::new(
+            Metadata {
+                name: "h1".into(),
+                labels: [
+                    ("role".to_string(), "web".to_string()),
+                    ("zone".to_string(), "a".to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            },
+            HostSpec::default(),
+        );
+        registered.status = Some(HostStatus {
+            ready: true,
+            ..Default::default()
+        });
+        let mut c = HostControl::default();
+        assert_eq!(c.effective(&registered), registered);
+        c.relabel(
+            &[
+                ("tier".to_string(), Some("gold".to_string())),
+                ("zone".to_string(), None),
+            ]
+            .into(),
+        );
+        c.relabel(&[("role".to_string(), Some("db".to_string()))].into());
+        let h = c.effective(&registered);
+        let labels: Vec<(&str, &str)> = h
+            .metadata
+            .labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(labels, [("role", "db"), ("tier", "gold")]);
+        // Set again after a removal: back.
+        c.relabel(&[("zone".to_string(), Some("b".to_string()))].into());
+        assert_eq!(
+            c.effective(&registered).metadata.labels.get("zone").map(String::as_str),
+            Some("b")
+        );
+        assert!(!h.spec.cordoned && !h.spec.drained);
+        c.drained = true;
+        let h = c.effective(&registered);
+        assert!(h.spec.cordoned && h.spec.drained, "a drained host is cordoned too");
+        assert_eq!(h.status, registered.status);
     }
 
     #[test]

@@ -229,6 +229,27 @@ fn labels(errs: &mut Errors, path: &str, labels: &BTreeMap<String, String>) {
     }
 }
 
+/// Validates `corral label host` changes: each key a label key, each value (`None` removes
+/// the label) a label value; at least one change.
+///
+/// # Errors
+/// Every bad key or value, by its path `labels.KEY`.
+pub fn validate_label_changes(host: &str, changes: &BTreeMap<String, Option<String>>) -> Result<(), ValidationErrors> {
+    let mut e = Errors::default();
+    if let Err(why) = check_host_name(host) {
+        e.add("metadata.name", why);
+    }
+    if changes.is_empty() {
+        e.add("labels", "no label to set or remove");
+    }
+    let as_set: BTreeMap<String, String> = changes
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .collect();
+    labels(&mut e, "labels", &as_set);
+    e.finish(format!("Host {host:?}"), ()).map(|_| ())
+}
+
 fn metadata(errs: &mut Errors, m: &Metadata) {
     if let Err(e) = check_name(&m.name) {
         errs.add("metadata.name", e);
@@ -536,6 +557,22 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
     }
     if let Some(path) = &s.environment_file {
         environment_file(&mut e, path);
+    }
+    if let Some(deps) = &s.depends_on {
+        let mut seen = std::collections::BTreeSet::new();
+        if deps.len() > 64 {
+            e.add("spec.depends_on", format!("{} programs; at most 64", deps.len()));
+        }
+        for (i, d) in deps.iter().enumerate() {
+            let path = format!("spec.depends_on[{i}]");
+            if let Err(why) = check_name(d) {
+                e.add(path, why);
+            } else if d == &p.metadata.name {
+                e.add(path, "a program cannot depend on itself");
+            } else if !seen.insert(d) {
+                e.add(path, format!("{d:?} is listed twice"));
+            }
+        }
     }
     if let Some(dir) = &s.directory {
         path_value(&mut e, "spec.directory", dir, Scope::Process);

@@ -922,3 +922,94 @@ fn only_corral_programs_processes_are_seen() {
         }
     );
 }
+
+fn depends_on_db(s: &mut ProgramSpec) {
+    s.depends_on = Some(vec!["db".into()]);
+}
+
+impl World {
+    fn waiting(&self, observed: &Observed, memory: &mut Memory) -> BTreeMap<String, String> {
+        let input = RuntimeInput {
+            desired: &self.desired,
+            loaded: &self.loaded,
+            pending: &self.pending,
+            observed,
+            applied: Applied {
+                markers: &self.markers,
+                signals: &self.signals,
+            },
+            now_ms: 0,
+        };
+        plan_runtime(&input, memory).waiting
+    }
+}
+
+#[test]
+fn a_program_starts_only_once_what_it_depends_on_runs_here() {
+    use Action::*;
+    use ProcState::*;
+    let w = World::new(vec![assignment("db", |_| {}), assignment("web", depends_on_db)]);
+    let mut m = Memory::default();
+    let obs = observed(&[("db", Stopped), ("web", Stopped)]);
+    assert_eq!(w.plan(&obs, &mut m, 0), [Start("db".into())]);
+    assert_eq!(
+        w.waiting(&obs, &mut m).get("web").map(String::as_str),
+        Some("waiting for db to be RUNNING (depends_on)")
+    );
+    for db in [Starting, Backoff, Fatal] {
+        let obs = observed(&[("db", db), ("web", Stopped)]);
+        assert!(!w.plan(&obs, &mut m, 10).contains(&Start("web".into())), "db {db:?}");
+    }
+    let obs = observed(&[("db", Running), ("web", Stopped)]);
+    assert_eq!(w.plan(&obs, &mut m, 20), [Start("web".into())]);
+    // A dependency not placed on this host is not waited for.
+    let w = World::new(vec![assignment("web", depends_on_db)]);
+    let obs = observed(&[("web", Stopped)]);
+    assert_eq!(w.plan(&obs, &mut Memory::default(), 0), [Start("web".into())]);
+    // Nor does supervisord start it on its own.
+    let web = &w.desired.programs["web"];
+    assert!(web.content.contains("autostart=false"), "{}", web.content);
+}
+
+#[test]
+fn a_program_stops_before_what_it_depends_on_when_both_stop_or_leave() {
+    use Action::*;
+    use ProcState::*;
+    let stopped = |s: &mut ProgramSpec| s.state = DesiredState::Stopped;
+    let w = World::new(vec![
+        assignment("db", stopped),
+        assignment("web", |s| {
+            depends_on_db(s);
+            s.state = DesiredState::Stopped;
+        }),
+    ]);
+    let mut m = Memory::default();
+    let obs = observed(&[("db", Running), ("web", Running)]);
+    assert_eq!(w.plan(&obs, &mut m, 0), [Stop("web".into())]);
+    let obs = observed(&[("db", Running), ("web", Stopping)]);
+    assert_eq!(w.plan(&obs, &mut m, 5), []);
+    let obs = observed(&[("db", Running), ("web", Stopped)]);
+    assert_eq!(w.plan(&obs, &mut m, 10), [Stop("db".into())]);
+
+    // Both taken off the host (a drain): the dependent's group goes first.
+    let w = World::new(vec![assignment("db", |_| {}), assignment("web", depends_on_db)]);
+    let mut m = Memory::default();
+    let obs = observed(&[("db", Running), ("web", Running)]);
+    assert_eq!(w.plan(&obs, &mut m, 0), []);
+    let mut gone = World::new(vec![]);
+    gone.pending = [
+        ("db".to_string(), GroupChange::Remove),
+        ("web".to_string(), GroupChange::Remove),
+    ]
+    .into();
+    assert_eq!(gone.plan(&obs, &mut m, 10), [Stop("web".into())]);
+    let obs = observed(&[("db", Running), ("web", Stopped)]);
+    assert_eq!(
+        gone.plan(&obs, &mut m, 20),
+        [Stop("db".into()), RemoveGroup("web".into())]
+    );
+    // Only when both go: db stopped alone does not wait for a web that stays.
+    let w = World::new(vec![assignment("db", stopped), assignment("web", depends_on_db)]);
+    let obs = observed(&[("db", Running), ("web", Running)]);
+    assert_eq!(w.plan(&obs, &mut Memory::default(), 0), [Stop("db".into())]);
+}

@@ -521,3 +521,185 @@ async fn the_policy_refuses_at_apply_and_status_names_programs_stored_before_it(
     );
     Ok(())
 }
+
+/// Operating hosts: an operator's labels place programs (and survive the agent registering
+/// again), cordon places nothing new while what runs stays and follows its spec, drain takes
+/// everything off, uncordon brings it back; operators cordon, only admins label; each change
+/// is in the history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hosts_are_labeled_cordoned_drained_and_uncordoned() -> anyhow::Result<()> {
+    use corral_proto::api::HostAction;
+    use corral_tests::corral::{OPERATOR_TOKEN, READ_ONLY_TOKEN};
+    let mut fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let controller = fleet
+        .controller
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no controller"))?;
+    let (operator, reader) = (controller.api_as(OPERATOR_TOKEN)?, controller.api_as(READ_ONLY_TOKEN)?);
+    let summary = |s: &corral_proto::fleet::FleetStatus, name: &str| {
+        s.programs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| (p.generation, p.desired, p.ready))
+    };
+    api.apply(&program("web", |_| {}), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "web") == Some((1, 2, 2))).await?;
+
+    // Cordon h2: a new program goes to h1 only; web stays on h2 and still follows its spec.
+    let h = operator.host_action("h2", HostAction::Cordon).await?;
+    assert!(h.spec.cordoned && !h.spec.drained);
+    api.apply(&program("fresh", |_| {}), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "fresh") == Some((1, 1, 1))).await?;
+    assert!(!fleet.nodes[1].pids().await?.contains_key("fresh"));
+    let before = fleet.nodes[1].pids().await?["web"].0;
+    api.apply(&program("web", |s| s.command = "/bin/sleep 2000".into()), false)
+        .await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "web") == Some((2, 2, 2))).await?;
+    assert_ne!(
+        fleet.nodes[1].pids().await?["web"].0,
+        before,
+        "the change reached the cordoned host"
+    );
+
+    // Drain h2: its supervisord runs nothing of Corral's.
+    operator.host_action("h2", HostAction::Drain).await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "web") == Some((2, 1, 1))).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while !fleet.nodes[1].pids().await?.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "h2 still runs {:?}",
+            fleet.nodes[1].pids().await?
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let hosts = api.hosts().await?;
+    assert!(hosts.iter().any(|h| h.metadata.name == "h2" && h.spec.drained));
+
+    // Uncordon: both programs come back to h2.
+    operator.host_action("h2", HostAction::Uncordon).await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && summary(s, "web") == Some((2, 2, 2)) && summary(s, "fresh") == Some((1, 2, 2))
+    })
+    .await?;
+
+    // An operator's label places a program, and outlives the agent registering again.
+    api.label_host("h1", &[("tier".to_string(), Some("gold".to_string()))].into())
+        .await?;
+    api.apply(
+        &program("gold", |s| {
+            s.selector = Some([("tier".to_string(), "gold".to_string())].into())
+        }),
+        false,
+    )
+    .await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "gold") == Some((1, 1, 1))).await?;
+    assert!(fleet.nodes[0].pids().await?.contains_key("gold"));
+    let etcd = &fleet.etcd;
+    fleet.nodes[0].restart_agent(etcd).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let h1 = api
+        .hosts()
+        .await?
+        .into_iter()
+        .find(|h| h.metadata.name == "h1")
+        .ok_or_else(|| anyhow::anyhow!("h1 gone"))?;
+    assert_eq!(h1.metadata.labels.get("tier").map(String::as_str), Some("gold"));
+    // Removed (the agent's own label can be hidden too): gold leaves h1.
+    api.label_host("h1", &[("tier".to_string(), None), ("role".to_string(), None)].into())
+        .await?;
+    wait_for(&api, WAIT, |s| converged(s) && summary(s, "gold") == Some((1, 0, 0))).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while fleet.nodes[0].pids().await?.contains_key("gold") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "gold still on h1");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Roles, unknown hosts and bad labels.
+    let status =
+        |r: Result<corral_proto::resource::Host, corral_cli::client::ClientError>| r.err().and_then(|e| e.status());
+    assert_eq!(status(reader.host_action("h2", HostAction::Cordon).await), Some(403));
+    assert_eq!(
+        status(
+            operator
+                .label_host("h2", &[("x".to_string(), Some("y".to_string()))].into())
+                .await
+        ),
+        Some(403)
+    );
+    assert_eq!(
+        status(operator.host_action("nosuchhost", HostAction::Cordon).await),
+        Some(404)
+    );
+    assert!(
+        api.label_host("h2", &[("bad key!".to_string(), Some("y".to_string()))].into())
+            .await
+            .is_err_and(|e| e.to_string().contains("labels.bad key!"))
+    );
+
+    // Who did it.
+    let h = reader
+        .history(Some(corral_proto::resource::Kind::Host), Some("h2"), 10)
+        .await?;
+    let seen: Vec<(&str, &str)> = h.iter().map(|e| (e.verb.as_str(), e.who.as_str())).collect();
+    assert_eq!(
+        seen,
+        [("uncordon", "operator"), ("drain", "operator"), ("cordon", "operator")]
+    );
+    assert_eq!(h[1].changes, ["spec.drained"]);
+    let h = reader
+        .history(Some(corral_proto::resource::Kind::Host), Some("h1"), 10)
+        .await?;
+    assert_eq!(h[0].changes, ["metadata.labels.role", "metadata.labels.tier"]);
+    Ok(())
+}
+
+/// `depends_on` at apply: a dependency that does not exist is said in status; a cycle is
+/// refused with its path (none of its programs could ever start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_cycle_is_refused_and_a_missing_dependency_is_said() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let controller = Controller::start(&etcd.endpoints(), "c1").await?;
+    let api = controller.api()?;
+    let deps = |d: &[&str]| Some(d.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    api.apply(&program("web", |s| s.depends_on = deps(&["db"])), false)
+        .await?;
+    let s = api.status().await?;
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w == "program \"web\" depends on programs that do not exist: db"),
+        "{:?}",
+        s.warnings
+    );
+    api.apply(&program("db", |s| s.depends_on = deps(&["cache"])), false)
+        .await?;
+    let err = api
+        .apply(&program("cache", |s| s.depends_on = deps(&["web"])), false)
+        .await
+        .expect_err("a cycle");
+    assert_eq!(err.status(), Some(422));
+    assert!(
+        err.to_string().contains("cache -> web -> db -> cache is a cycle"),
+        "{err}"
+    );
+    assert!(api.program("cache").await.is_err(), "nothing was written");
+    // Itself, twice, and a bad name: named by field.
+    let err = api
+        .apply(
+            &program("solo", |s| s.depends_on = deps(&["solo", "x", "x", "../y"])),
+            false,
+        )
+        .await
+        .expect_err("invalid");
+    let text = err.to_string();
+    for part in [
+        "spec.depends_on[0]: a program cannot depend on itself",
+        "spec.depends_on[2]: \"x\" is listed twice",
+        "spec.depends_on[3]:",
+    ] {
+        assert!(text.contains(part), "{part}: {text}");
+    }
+    Ok(())
+}

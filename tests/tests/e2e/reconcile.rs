@@ -934,3 +934,80 @@ async fn a_broken_file_of_someone_elses_blames_nothing_of_corrals_and_changes_ap
     assert_eq!(report.statuses["web"].observed_generation, 2);
     Ok(())
 }
+
+/// `depends_on` against supervisord: the dependent starts once what it depends on is RUNNING
+/// (past its startsecs), and when both stop it stops first, however long it takes.
+#[tokio::test]
+async fn a_program_starts_after_and_stops_before_what_it_depends_on() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let marks = tempfile::tempdir()?;
+    // Each writes the time it is done stopping; web takes two seconds after SIGTERM.
+    let command = |name: &str, linger: &str| {
+        format!(
+            "/bin/sh -c 'trap \"sleep {linger}; date +%%s%%N > {}/{name}; exit 0\" TERM; while :; do sleep 0.1; done'",
+            marks.path().display()
+        )
+    };
+    let (web_cmd, db_cmd) = (command("web", "2"), command("db", "0"));
+    let web = |state: DesiredState| {
+        let c = web_cmd.clone();
+        move |s: &mut ProgramSpec| {
+            s.depends_on = Some(vec!["db".into()]);
+            s.command = c;
+            s.stopwaitsecs = Some(10);
+            s.state = state;
+        }
+    };
+    let db = |state: DesiredState| {
+        let c = db_cmd.clone();
+        move |s: &mut ProgramSpec| {
+            s.command = c;
+            s.startsecs = Some(2);
+            s.state = state;
+        }
+    };
+    let a: BTreeMap<_, _> = [
+        assignment("web", 1, web(DesiredState::Running)),
+        assignment("db", 1, db(DesiredState::Running)),
+    ]
+    .into();
+    let report = converge(&mut r, &a).await?;
+    assert!(
+        report.statuses["web"].ready && report.statuses["db"].ready,
+        "{report:#?}"
+    );
+    let (d, w) = (
+        host.client.get_process_info("db").await?,
+        host.client.get_process_info("web").await?,
+    );
+    assert!(
+        w.start >= d.start + 2,
+        "web started at {}, db at {} with startsecs 2",
+        w.start,
+        d.start
+    );
+
+    let a: BTreeMap<_, _> = [
+        assignment("web", 1, web(DesiredState::Stopped)),
+        assignment("db", 1, db(DesiredState::Stopped)),
+    ]
+    .into();
+    converge(&mut r, &a).await?;
+    let (d, w) = (
+        host.client.get_process_info("db").await?,
+        host.client.get_process_info("web").await?,
+    );
+    assert_eq!((d.state, w.state), (ProcessState::Stopped, ProcessState::Stopped));
+    let done = |name: &str| -> anyhow::Result<u128> {
+        let text = std::fs::read_to_string(marks.path().join(name)).with_context(|| format!("{name} never stopped"))?;
+        Ok(text.trim().parse()?)
+    };
+    let (db_done, web_done) = (done("db")?, done("web")?);
+    assert!(
+        db_done >= web_done,
+        "db was done stopping {} ms before web",
+        (web_done - db_done) / 1_000_000
+    );
+    Ok(())
+}
