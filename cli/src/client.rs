@@ -345,6 +345,26 @@ impl ApiClient {
         self.send(self.http.post(url).json(action)).await
     }
 
+    /// A program's kept revisions, newest first.
+    ///
+    /// # Errors
+    /// 404 when the program does not exist.
+    pub async fn revisions(&self, name: &str) -> Result<Vec<corral_proto::api::Revision>, ClientError> {
+        let url = format!("{}/revisions", self.object_url("programs", name)?);
+        self.send(self.http.get(url)).await
+    }
+
+    /// Applies a kept revision's spec again (the one before the current by default).
+    ///
+    /// # Errors
+    /// 404 when there is no such revision; 422 when it no longer validates or breaks the
+    /// policy.
+    pub async fn rollback(&self, name: &str, generation: Option<u64>) -> Result<ApplyResult<Program>, ClientError> {
+        let url = format!("{}/rollback", self.object_url("programs", name)?);
+        self.send(self.http.post(url).json(&corral_proto::api::Rollback { generation }))
+            .await
+    }
+
     /// Reads a program, changes its spec with `f`, and writes it back on the same
     /// `resourceVersion`, retrying a few times if someone else wrote in between.
     ///

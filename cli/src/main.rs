@@ -9,6 +9,7 @@ mod exit;
 mod input;
 mod offline;
 mod online;
+mod rollout;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,7 +53,7 @@ struct Cli {
 enum Command {
     /// Create or update Programs and Groups from files.
     #[command(
-        after_help = "Examples:\n  corral apply -f deploy/examples/\n  corral apply -f web.yaml --dry-run\n  corral get programs -o json --show-secrets | corral apply -f -"
+        after_help = "Examples:\n  corral apply -f deploy/examples/\n  corral apply -f web.yaml --wait\n  corral apply -f web.yaml --dry-run\n  corral get programs -o json --show-secrets | corral apply -f -"
     )]
     Apply {
         /// A YAML/JSON file, a directory of them (*.yaml, *.yml, *.json), or - for stdin. Repeatable.
@@ -61,6 +62,17 @@ enum Command {
         /// Validate and show the result without writing anything.
         #[arg(long)]
         dry_run: bool,
+        /// Follow each applied program's rollout until it is complete; exit 1 if one is
+        /// paused, stalls or is not complete within --timeout-secs.
+        #[arg(long)]
+        wait: bool,
+        /// With --wait: the longest to wait for each program.
+        #[arg(long, default_value_t = 300, requires = "wait")]
+        timeout_secs: u64,
+        /// With --wait: give up on a rollout whose hosts fail at the new generation and that
+        /// made no progress for this long.
+        #[arg(long, default_value_t = 60, requires = "wait")]
+        stall_secs: u64,
     },
     /// Show what apply would change, and which processes it would start, restart or stop.
     /// Exit 0: nothing, 1: changes, 2: invalid input.
@@ -126,6 +138,13 @@ enum Command {
     /// group's programs, with NAME:), on every host.
     #[command(after_help = "Examples:\n  corral signal HUP gunicorn\n  corral signal USR1 myapp:")]
     Signal { signal: String, name: String },
+    /// A program's rollout: follow it, list its kept revisions, go back to one, pause or
+    /// resume it.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  corral rollout status web\n  corral rollout history web\n  corral rollout undo web --to-revision 3\n  corral rollout pause web"
+    )]
+    Rollout(RolloutCommand),
     /// Set or remove a host's labels (over what its agent registered): K=V sets, K- removes.
     /// Labels place programs, so this needs an admin token.
     #[command(after_help = "Examples:\n  corral label host web1 tier=gold\n  corral label host web1 tier- zone=b")]
@@ -223,6 +242,40 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum RolloutCommand {
+    /// Follow the rollout until every host runs the current generation, ready (exit 0); exit
+    /// 1 if it is paused, stalls or takes longer than --timeout-secs.
+    #[command(after_help = "Examples:\n  corral rollout status web\n  corral rollout status web --no-wait")]
+    Status {
+        name: String,
+        /// Look once instead of following.
+        #[arg(long)]
+        no_wait: bool,
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+        /// Give up when hosts fail at the new generation and nothing moved for this long.
+        #[arg(long, default_value_t = 60)]
+        stall_secs: u64,
+    },
+    /// The kept generations (the last 10), when, by whom and what each changed.
+    #[command(after_help = "Example:\n  corral rollout history web")]
+    History { name: String },
+    /// Apply a kept generation's spec again as a new generation (default: the one before).
+    #[command(after_help = "Examples:\n  corral rollout undo web\n  corral rollout undo web --to-revision 3")]
+    Undo {
+        name: String,
+        #[arg(long)]
+        to_revision: Option<u64>,
+    },
+    /// No host moves to a newer generation until resumed (hosts already updated stay).
+    #[command(after_help = "Example:\n  corral rollout pause web")]
+    Pause { name: String },
+    /// Let a paused rollout go on.
+    #[command(after_help = "Example:\n  corral rollout resume web")]
+    Resume { name: String },
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -250,7 +303,39 @@ async fn main() -> ExitCode {
                 };
                 dev::dev(dir, apply, *port, cli.token.as_deref()).await
             }
-            Command::Apply { files, dry_run } => online::apply(&api()?, files, *dry_run).await,
+            Command::Apply {
+                files,
+                dry_run,
+                wait,
+                timeout_secs,
+                stall_secs,
+            } => {
+                let wait = wait.then_some(online::Wait {
+                    timeout: std::time::Duration::from_secs(*timeout_secs),
+                    stall: std::time::Duration::from_secs(*stall_secs),
+                });
+                online::apply(&api()?, files, *dry_run, wait).await
+            }
+            Command::Rollout(command) => match command {
+                RolloutCommand::Status {
+                    name,
+                    no_wait,
+                    timeout_secs,
+                    stall_secs,
+                } => rollout::follow(
+                    &api()?,
+                    name,
+                    !no_wait,
+                    std::time::Duration::from_secs(*timeout_secs),
+                    std::time::Duration::from_secs(*stall_secs),
+                )
+                .await
+                .map(exit::code),
+                RolloutCommand::History { name } => rollout::history(&api()?, name).await,
+                RolloutCommand::Undo { name, to_revision } => rollout::undo(&api()?, name, *to_revision).await,
+                RolloutCommand::Pause { name } => rollout::pause(&api()?, name, true).await,
+                RolloutCommand::Resume { name } => rollout::pause(&api()?, name, false).await,
+            },
             Command::Diff { files, show_secrets } => online::diff(&api()?, files, *show_secrets).await,
             Command::Get {
                 what,

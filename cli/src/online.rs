@@ -61,7 +61,7 @@ impl KindArg {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(NOTHING).set_header(header.to_vec());
     t
@@ -80,7 +80,14 @@ fn print_structured<T: Serialize>(items: &[T], single: bool, out: Output) -> any
 }
 
 /// Validates locally (early, complete errors), then applies each resource in order.
-pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::Result<ExitCode> {
+/// `apply --wait`: how long to follow each program's rollout.
+#[derive(Clone, Copy, Debug)]
+pub struct Wait {
+    pub timeout: std::time::Duration,
+    pub stall: std::time::Duration,
+}
+
+pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool, wait: Option<Wait>) -> anyhow::Result<ExitCode> {
     let docs = read_resources(files)?;
     let mut errors = docs.errors;
     errors.extend(invalid_resources(&docs.resources));
@@ -103,10 +110,14 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
     };
     let mut results = futures_util::stream::iter(programs.into_iter().map(apply_one)).buffered(APPLY_IN_FLIGHT);
     let mut worst = exit::Worst::default();
+    let mut applied_programs = Vec::new();
     let mut show = |what: String, result: Result<ApplyResult<Resource>, ClientError>| match result {
         Ok(v) => {
             let result = v.result.as_str();
             outln!("{what} {result}{}", if dry_run { " (dry run)" } else { "" });
+            if let Resource::Program(p) = &v.object {
+                applied_programs.push(p.metadata.name.clone());
+            }
         }
         Err(e) => {
             eprintln!("{what}: {e}");
@@ -123,7 +134,17 @@ pub async fn apply(api: &ApiClient, files: &[String], dry_run: bool) -> anyhow::
     if !dry_run {
         warn_applied(api, &valid).await;
     }
-    Ok(worst.code())
+    let mut code = worst.code();
+    if let (Some(w), false) = (wait, dry_run) {
+        let mut failed = false;
+        for name in &applied_programs {
+            failed |= crate::rollout::follow(api, name, true, w.timeout, w.stall).await? != exit::OK;
+        }
+        if failed {
+            code = exit::code(exit::REFUSED);
+        }
+    }
+    Ok(code)
 }
 
 /// Says what of the applied resources is probably not what was meant (a program that runs
@@ -730,6 +751,8 @@ pub async fn change(api: &ApiClient, name: &str, action: ProgramAction) -> anyho
                     ProgramAction::Stop => "stopped",
                     ProgramAction::Restart => "restarting",
                     ProgramAction::Signal { .. } => "signalled",
+                    ProgramAction::Pause => "rollout paused",
+                    ProgramAction::Resume => "rollout resumed",
                 };
                 let note = if r.result == Outcome::Unchanged {
                     " (already)"
@@ -782,11 +805,12 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
         outln!("Programs: {} declared, {} not as declared", s.programs.len(), off.len());
         for (name, p) in off {
             outln!(
-                "  {name}: {}/{} ready, {}/{} up to date",
+                "  {name}: {}/{} ready, {}/{} up to date{}",
                 p.ready,
                 p.desired,
                 p.updated,
-                p.desired
+                p.desired,
+                if p.paused { " (rollout paused)" } else { "" }
             );
             for problem in &p.problems {
                 outln!("    {problem}");

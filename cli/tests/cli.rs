@@ -271,6 +271,7 @@ fn every_command_has_examples_and_the_exit_codes_are_in_the_help() {
         "cordon",
         "uncordon",
         "drain",
+        "rollout",
     ] {
         let text = help(&[verb]);
         assert!(text.contains("Example"), "{verb} --help has no example:\n{text}");

@@ -218,6 +218,8 @@ pub fn router(state: AppState) -> Router {
             get(get_program).put(put_program).delete(delete_program),
         )
         .route("/programs/{name}/action", axum::routing::post(program_action))
+        .route("/programs/{name}/revisions", get(program_revisions))
+        .route("/programs/{name}/rollback", axum::routing::post(program_rollback))
         .route("/groups", get(list_groups).post(apply_any))
         .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/hosts", get(list_hosts))
@@ -279,7 +281,7 @@ pub fn needed_role(method: &axum::http::Method, path: &str, dry_run: bool) -> Ro
     use axum::http::Method;
     if method == Method::GET || method == Method::HEAD {
         Role::ReadOnly
-    } else if method == Method::POST && path.ends_with("/action") {
+    } else if method == Method::POST && (path.ends_with("/action") || path.ends_with("/rollback")) {
         // Actions have no dry run: `?dry_run=true` on one changes nothing here.
         Role::Operator
     } else if dry_run && {
@@ -483,6 +485,7 @@ async fn put_group(
 /// Fills each program's `status` from the agents' reports.
 async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
     let hosts = store.hosts().await?;
+    let paused = store.paused().await?;
     let readiness = host_readiness(&hosts, &store.alive().await?);
     let reports = store.reports().await?;
     for p in &mut programs {
@@ -496,7 +499,8 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
             })
             .map(|h| h.metadata.name.clone())
             .collect();
-        let view = program_status(p, &assigned, &reports, &readiness);
+        let mut view = program_status(p, &assigned, &reports, &readiness);
+        view.paused = paused.contains(&p.metadata.name);
         p.status = Some(view);
     }
     Ok(programs)
@@ -538,6 +542,19 @@ async fn program_action(
             format!("cannot read the action ({{\"action\": \"start|stop|restart|signal\", \"signal\": ...}}): {e}"),
         )
     })?;
+    if let Some(paused) = action.control() {
+        state.store.set_paused(&name, paused, &by).await?;
+        let p = get_one::<Program>(&state.store, &name).await?;
+        let mut with = with_status(&state.store, vec![p]).await?;
+        let object = with
+            .pop()
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))?;
+        return Ok(Json(ApplyResult {
+            result: Outcome::Configured,
+            dry_run: false,
+            object,
+        }));
+    }
     let marker = {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -548,6 +565,81 @@ async fn program_action(
         .store
         .update::<Program>(&name, &by, action.verb(), |p| action.apply_to(&mut p.spec, &marker))
         .await?;
+    Ok(Json(apply_result(applied, false)))
+}
+
+/// `GET /v1/programs/NAME/revisions`: the kept generations, newest first.
+async fn program_revisions(
+    State(state): State<AppState>,
+    Name(name): Name,
+) -> ApiResult<Vec<corral_proto::api::Revision>> {
+    get_one::<Program>(&state.store, &name).await?;
+    Ok(Json(state.store.revisions(&name).await?))
+}
+
+/// `POST /v1/programs/NAME/rollback`: a kept revision's spec applied again as a new
+/// generation (the one before the current by default), validated and checked against the
+/// policy as any apply; restart and signal markers stay as they are, so an undo restarts
+/// only what its spec changes.
+async fn program_rollback(
+    State(state): State<AppState>,
+    Extension(by): Extension<Author>,
+    Name(name): Name,
+    Body(body): Body,
+) -> ApiResult<ApplyResult<Program>> {
+    let want: corral_proto::api::Rollback = if body.trim().is_empty() {
+        corral_proto::api::Rollback::default()
+    } else {
+        serde_json::from_str(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the rollback ({{\"generation\": N}}): {e}"),
+            )
+        })?
+    };
+    let current = get_one::<Program>(&state.store, &name).await?;
+    let revisions = state.store.revisions(&name).await?;
+    let kept = || {
+        revisions
+            .iter()
+            .map(|r| r.generation.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let target = match want.generation {
+        Some(g) => revisions.iter().find(|r| r.generation == g).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("program {name:?} has no revision {g} (kept: {})", kept()),
+            )
+        })?,
+        None => revisions
+            .iter()
+            .find(|r| r.generation < current.metadata.generation)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "program {name:?} has no revision before {} to go back to",
+                        current.metadata.generation
+                    ),
+                )
+            })?,
+    };
+    let mut next = current.clone();
+    next.spec = target.spec.clone();
+    next.spec.restarted_at = current.spec.restarted_at.clone();
+    next.spec.signal_request = current.spec.signal_request.clone();
+    let next = validate_program(next)?.into_inner();
+    let refused = state.policy.check(&next.spec);
+    if !refused.is_empty() {
+        return Err(ValidationErrors {
+            resource: format!("Program {name:?}"),
+            errors: refused,
+        }
+        .into());
+    }
+    let applied = state.store.apply_as(next, &by, "undo").await?;
     Ok(Json(apply_result(applied, false)))
 }
 
@@ -716,6 +808,10 @@ async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetSt
     }
     let names = hosts.iter().map(|h| h.metadata.name.clone()).collect();
     let mut status = fleet_status(&programs, &assigned, &reports, &readiness);
+    let paused = store.paused().await?;
+    for p in &mut status.programs {
+        p.paused = paused.contains(&p.name);
+    }
     // What the leader could not do, and what this replica could not read itself.
     let mut health = store.health().await?;
     health.unreadable.extend(store.unreadable());
@@ -765,6 +861,8 @@ mod tests {
             (Method::POST, "/programs", true, Role::ReadOnly),
             (Method::PUT, "/hosts/h1/labels", true, Role::Admin),
             (Method::POST, "/programs/web/action", true, Role::Operator),
+            (Method::POST, "/programs/web/rollback", false, Role::Operator),
+            (Method::GET, "/programs/web/revisions", false, Role::ReadOnly),
         ] {
             assert_eq!(
                 needed_role(&method, path, dry_run),

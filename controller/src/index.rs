@@ -59,6 +59,8 @@ pub struct Index {
     pub registered: BTreeMap<String, Host>,
     /// What operators set per host.
     pub controls: BTreeMap<String, HostControl>,
+    /// Programs whose rollout is paused: no host moves to a newer generation.
+    pub paused: BTreeSet<String>,
     pub current: BTreeMap<ProgramSlot, Held>,
     pub reports: BTreeMap<ProgramSlot, Seen>,
     /// Key -> why its value cannot be read (it is left out).
@@ -100,6 +102,16 @@ impl Index {
         } else if let Some(name) = under(keys.hosts()) {
             self.upsert(key, value, |i| &mut i.registered, name.clone());
             self.refresh_host(&name, dirty);
+        } else if let Some(name) = under(keys.program_controls()) {
+            let paused = value
+                .and_then(|v| serde_json::from_slice::<corral_proto::api::ProgramControl>(v).ok())
+                .is_some_and(|c| c.paused);
+            if paused {
+                self.paused.insert(name.clone());
+            } else {
+                self.paused.remove(&name);
+            }
+            dirty.programs.insert(name);
         } else if let Some(name) = under(keys.host_controls()) {
             self.upsert(key, value, |i| &mut i.controls, name.clone());
             self.refresh_host(&name, dirty);
@@ -269,7 +281,12 @@ impl Index {
             }
         }
         let max = RolloutSpec::max_unavailable(p.spec.rollout.as_ref(), selected.len());
-        let go = max.saturating_sub(in_flight).min(behind.len());
+        // Paused: hosts that run an older generation stay on it.
+        let go = if self.paused.contains(name) {
+            0
+        } else {
+            max.saturating_sub(in_flight).min(behind.len())
+        };
         for h in &behind[..go] {
             out.put.push((((*h).clone(), name.to_string()), assignment.clone()));
         }
@@ -340,6 +357,7 @@ impl Index {
                 let mut summary = ProgramSummary {
                     name: name.clone(),
                     generation: p.metadata.generation,
+                    paused: self.paused.contains(name),
                     ..Default::default()
                 };
                 for h in self.hosts.values() {

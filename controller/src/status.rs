@@ -87,6 +87,7 @@ pub fn fleet_status(
                 desired: view.desired,
                 updated: view.updated,
                 ready: view.ready,
+                paused: false,
                 problems: view
                     .hosts
                     .iter()

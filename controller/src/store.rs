@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_etcd::Etcd;
-use corral_proto::api::{AuditEntry, Role};
+use corral_proto::api::{AuditEntry, ProgramControl, Revision, Role};
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, HostControl, Kind, Metadata, Program};
@@ -401,6 +401,14 @@ impl Store {
         self.write(incoming, dry_run, by, None).await
     }
 
+    /// [`Store::apply`], recorded in the audit as `verb` (`undo`, say).
+    ///
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn apply_as<T: Object>(&self, incoming: T, by: &Author, verb: &str) -> Result<Applied<T>, StoreError> {
+        self.write(incoming, false, by, Some(verb)).await
+    }
+
     /// [`Store::apply`], recorded as `verb` (default `create` or `apply`).
     async fn write<T: Object>(
         &self,
@@ -471,15 +479,21 @@ impl Store {
             changes: audited_changes(current.as_ref().map(|(o, _)| o), Some(&incoming)),
         };
         let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
+        let mut ops = vec![
+            TxnOp::put(key.clone(), value, None),
+            TxnOp::put(audit_key.clone(), audit_value, None),
+        ];
+        // A program's new generation is kept as a revision (for `rollout history` and
+        // `undo`), the oldest beyond `Revision::KEEP` dropped, in the same transaction.
+        let new_generation = current
+            .as_ref()
+            .is_none_or(|(old, _)| old.metadata().generation != generation);
+        if T::RESOURCE == Kind::Program && new_generation {
+            ops.extend(self.revision_ops(&name, generation, &entry, &incoming)?);
+        }
         let txn = Txn::new()
-            .when([
-                compare,
-                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([
-                TxnOp::put(key.clone(), value, None),
-                TxnOp::put(audit_key, audit_value, None),
-            ]);
+            .when([compare, Compare::create_revision(audit_key, CompareOp::Equal, 0)])
+            .and_then(ops);
         let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict(format!(
@@ -537,13 +551,133 @@ impl Store {
                 Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
                 Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
             ])
-            .and_then([TxnOp::delete(key, None), TxnOp::put(audit_key, audit_value, None)]);
+            .and_then({
+                let mut ops = vec![TxnOp::delete(key, None), TxnOp::put(audit_key, audit_value, None)];
+                if T::RESOURCE == Kind::Program {
+                    // A program made again later starts at generation 1, with no old history.
+                    ops.push(TxnOp::delete(
+                        self.keys.revisions(name),
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    ));
+                    ops.push(TxnOp::delete(self.keys.program_control(name), None));
+                }
+                ops
+            });
         let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
             return Err(StoreError::Conflict(format!(
                 "{} {name:?} was changed concurrently; retry",
                 T::KIND
             )));
+        }
+        self.audited_one();
+        Ok(())
+    }
+
+    /// Puts `generation` of program `name` as a revision and drops those older than the last
+    /// [`Revision::KEEP`].
+    fn revision_ops<T: Object>(
+        &self,
+        name: &str,
+        generation: u64,
+        entry: &AuditEntry,
+        object: &T,
+    ) -> Result<Vec<TxnOp>, StoreError> {
+        let key = self.keys.revision(name, generation);
+        let spec = serde_json::to_value(object)
+            .ok()
+            .and_then(|v| v.get("spec").cloned())
+            .unwrap_or_default();
+        let value = serde_json::to_vec(&serde_json::json!({
+            "generation": generation,
+            "at": entry.at,
+            "who": entry.who,
+            "spec": spec,
+        }))
+        .map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut ops = vec![TxnOp::put(key, value, None)];
+        if generation > Revision::KEEP {
+            ops.push(TxnOp::delete(
+                self.keys.revision(name, 0),
+                Some(
+                    etcd_client::DeleteOptions::new()
+                        .with_range(self.keys.revision(name, generation - Revision::KEEP + 1)),
+                ),
+            ));
+        }
+        Ok(ops)
+    }
+
+    /// A program's kept revisions, newest first.
+    ///
+    /// # Errors
+    /// etcd errors; an unreadable revision is skipped.
+    pub async fn revisions(&self, name: &str) -> Result<Vec<Revision>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(&self.keys.revisions(name), |_, v, _| {
+            if let Ok(r) = serde_json::from_slice::<Revision>(v) {
+                out.push(r);
+            }
+        })
+        .await?;
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every paused program.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn paused(&self) -> Result<BTreeSet<String>, StoreError> {
+        let prefix = self.keys.program_controls();
+        let raw = self.list_raw(prefix.clone()).await?;
+        Ok(self
+            .decode_all::<ProgramControl>(&prefix, raw)
+            .into_iter()
+            .filter(|(_, c, _)| c.paused)
+            .filter_map(|(k, _, _)| Some(k.strip_prefix(&prefix)?.to_string()))
+            .collect())
+    }
+
+    /// Pauses or resumes program `name`'s rollout, with its audit entry, in one transaction
+    /// conditioned on the program existing.
+    ///
+    /// # Errors
+    /// `NotFound`; etcd errors.
+    pub async fn set_paused(&self, name: &str, paused: bool, by: &Author) -> Result<(), StoreError> {
+        let key = self.keys.program_control(name);
+        let program_key = self.keys.program(name);
+        let mut c = self.etcd.client().await;
+        let micros = audit_micros();
+        let entry = AuditEntry {
+            at: rfc3339(micros),
+            who: by.name.clone(),
+            role: by.role,
+            verb: if paused { "pause" } else { "resume" }.to_string(),
+            kind: Kind::Program,
+            name: name.to_string(),
+            generation: None,
+            changes: vec!["rollout.paused".to_string()],
+        };
+        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
+        let value = serde_json::to_vec(&ProgramControl { paused }).map_err(|e| StoreError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+        let txn = Txn::new()
+            .when([
+                Compare::version(program_key, CompareOp::Greater, 0),
+                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(key, value, None), TxnOp::put(audit_key, audit_value, None)]);
+        if !self.within("txn", c.txn(txn)).await?.succeeded() {
+            return Err(StoreError::NotFound {
+                kind: "Program",
+                name: name.to_string(),
+            });
         }
         self.audited_one();
         Ok(())

@@ -73,9 +73,23 @@ pub enum ProgramAction {
     Restart,
     /// Every running process receives `signal` once.
     Signal { signal: String },
+    /// No host moves to a newer generation until resumed (not a spec change).
+    Pause,
+    /// The rollout goes on.
+    Resume,
 }
 
 impl ProgramAction {
+    /// The paused state the action sets, for the actions that change the program's control
+    /// rather than its spec.
+    pub fn control(&self) -> Option<bool> {
+        match self {
+            ProgramAction::Pause => Some(true),
+            ProgramAction::Resume => Some(false),
+            _ => None,
+        }
+    }
+
     /// The action's name, as the audit records it.
     pub fn verb(&self) -> &'static str {
         match self {
@@ -83,6 +97,8 @@ impl ProgramAction {
             ProgramAction::Stop => "stop",
             ProgramAction::Restart => "restart",
             ProgramAction::Signal { .. } => "signal",
+            ProgramAction::Pause => "pause",
+            ProgramAction::Resume => "resume",
         }
     }
 
@@ -104,6 +120,8 @@ impl ProgramAction {
                     id: marker.to_string(),
                 });
             }
+            // Not spec changes: see `ProgramAction::control`.
+            ProgramAction::Pause | ProgramAction::Resume => {}
         }
         Ok(())
     }
@@ -146,6 +164,40 @@ impl HostAction {
 
 /// `PUT /v1/hosts/NAME/labels` (admins): label -> value to set, or null to remove.
 pub type LabelChanges = std::collections::BTreeMap<String, Option<String>>;
+
+/// One generation of a program as it was applied (`GET /v1/programs/NAME/revisions`,
+/// `corral rollout history`); the last [`Revision::KEEP`] are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Revision {
+    pub generation: u64,
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// The token's name.
+    pub who: String,
+    pub spec: ProgramSpec,
+}
+
+impl Revision {
+    pub const KEEP: u64 = 10;
+}
+
+/// `POST /v1/programs/NAME/rollback`: the spec of `generation` (default: the one before the
+/// current) applied again, as a new generation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rollback {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+}
+
+/// What operators set on a program apart from its spec: a paused rollout (no host moves to a
+/// newer generation until resumed). At `<prefix>/programcontrol/<program>`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgramControl {
+    #[serde(default)]
+    pub paused: bool,
+}
 
 /// What a token may do. Each role may do what the one before it may.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -130,6 +130,9 @@ pub struct ProgramStatusView {
     /// Hosts running the current generation with every process in its desired state.
     pub ready: usize,
     pub hosts: Vec<HostProgramView>,
+    /// Its rollout is paused (`corral rollout pause`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// One line of the fleet summary.
@@ -144,6 +147,9 @@ pub struct ProgramSummary {
     /// `host: error` for each host where something is wrong.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
+    /// Its rollout is paused (`corral rollout pause`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// Programs that select no registered host: accepted (hosts may come later), but they run

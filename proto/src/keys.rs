@@ -10,6 +10,8 @@
 //! <prefix>/status/<host>/<program>       ProgramHostStatus             agent writes on change
 //! <prefix>/election/controller           leader election
 //! <prefix>/audit/<micros>                AuditEntry: who changed what  controller writes
+//! <prefix>/revisions/<program>/<gen>     Revision: a spec as applied   controller writes
+//! <prefix>/programcontrol/<program>      ProgramControl: paused        controller writes
 //! ```
 //!
 //! Names are validated (`check_name`, `check_host_name`) before they become key segments, so
@@ -90,6 +92,20 @@ impl Keys {
     }
     pub fn election(&self) -> String {
         format!("{}/election/controller", self.prefix)
+    }
+    /// A program's revisions, oldest first.
+    pub fn revisions(&self, program: &str) -> String {
+        format!("{}/revisions/{program}/", self.prefix)
+    }
+    /// Generation `generation` of `program` (zero-padded: key order is generation order).
+    pub fn revision(&self, program: &str, generation: u64) -> String {
+        format!("{}/revisions/{program}/{generation:020}", self.prefix)
+    }
+    pub fn program_controls(&self) -> String {
+        format!("{}/programcontrol/", self.prefix)
+    }
+    pub fn program_control(&self, program: &str) -> String {
+        format!("{}/programcontrol/{program}", self.prefix)
     }
     /// Every audit entry (`AuditEntry`), oldest first.
     pub fn audit(&self) -> String {

@@ -703,3 +703,133 @@ async fn a_dependency_cycle_is_refused_and_a_missing_dependency_is_said() -> any
     }
     Ok(())
 }
+
+/// Rollout control: revisions kept (bounded) with who applied them, a paused rollout moves no
+/// host until resumed, undo applies a kept revision again, and `apply --wait` / `rollout
+/// status` follow a rollout to its end or say it is paused or stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rollouts_are_kept_paused_resumed_undone_and_followed() -> anyhow::Result<()> {
+    use corral_proto::api::ProgramAction;
+    use corral_tests::corral::{OPERATOR_TOKEN, READ_ONLY_TOKEN, TOKEN, binary};
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let controller = fleet
+        .controller
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no controller"))?;
+    let (operator, reader) = (controller.api_as(OPERATOR_TOKEN)?, controller.api_as(READ_ONLY_TOKEN)?);
+    let web = |n: u64| {
+        program("web", move |s| {
+            s.command = format!("/bin/sleep {}", 3000 + n);
+            s.rollout = Some(corral_proto::resource::RolloutSpec {
+                max_unavailable: Some(corral_proto::resource::HostCount::Count(1)),
+            });
+        })
+    };
+    let at = |s: &corral_proto::fleet::FleetStatus, generation: u64| {
+        s.programs
+            .iter()
+            .any(|p| p.name == "web" && p.generation == generation && p.ready == 2 && p.updated == 2)
+    };
+    api.apply(&web(1), false).await?;
+    api.apply(&web(2), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && at(s, 2)).await?;
+    let revs = reader.revisions("web").await?;
+    assert_eq!(revs.iter().map(|r| r.generation).collect::<Vec<_>>(), [2, 1]);
+    assert_eq!(revs[1].spec.command, "/bin/sleep 3001");
+    assert!(revs.iter().all(|r| r.who == "admin"));
+
+    // Paused: a new generation reaches no host until resumed.
+    operator.act("web", &ProgramAction::Pause).await?;
+    let nodes = &fleet.nodes;
+    let pids = |n: usize| async move { nodes[n].pids().await.map(|p| p.get("web").map_or(0, |w| w.0)) };
+    let before = (pids(0).await?, pids(1).await?);
+    api.apply(&web(3), false).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!((pids(0).await?, pids(1).await?), before, "a paused rollout moved");
+    let p = api.program("web").await?;
+    let view = p.status.clone().unwrap_or_default();
+    assert!(view.paused && view.updated == 0, "{view:?}");
+    let corral = |token: &str, args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(binary("corral")?)
+            .args(["--server", &controller.url, "--token", token])
+            .args(args)
+            .output()?)
+    };
+    let o = corral(READ_ONLY_TOKEN, &["rollout", "status", "web"])?;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("web: rollout paused"),
+        "{o:?}"
+    );
+    operator.act("web", &ProgramAction::Resume).await?;
+    let o = corral(READ_ONLY_TOKEN, &["rollout", "status", "web", "--timeout-secs", "30"])?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("web: rollout complete: 2 hosts at generation 3"), "{out}");
+
+    // Undo: the spec before, as a new generation; then a chosen one.
+    forbidden_undo(&reader).await;
+    let r = operator.rollback("web", None).await?;
+    assert_eq!(
+        (r.object.metadata.generation, r.object.spec.command.as_str()),
+        (4, "/bin/sleep 3002")
+    );
+    let r = operator.rollback("web", Some(1)).await?;
+    assert_eq!(
+        (r.object.metadata.generation, r.object.spec.command.as_str()),
+        (5, "/bin/sleep 3001")
+    );
+    wait_for(&api, WAIT, |s| converged(s) && at(s, 5)).await?;
+    let h = reader.history(None, Some("web"), 3).await?;
+    assert_eq!(
+        h.iter().map(|e| (e.verb.as_str(), e.who.as_str())).collect::<Vec<_>>(),
+        [("undo", "operator"), ("undo", "operator"), ("resume", "operator")]
+    );
+    // Bounded: the last ten.
+    for n in 6..=14 {
+        api.apply(&web(n), false).await?;
+    }
+    let revs = api.revisions("web").await?;
+    assert_eq!(revs.len(), 10);
+    assert_eq!((revs[0].generation, revs[9].generation), (14, 5));
+    let err = operator.rollback("web", Some(2)).await.expect_err("pruned");
+    assert_eq!(err.status(), Some(404));
+    assert!(err.to_string().contains("no revision 2 (kept: 14, 13"), "{err}");
+
+    // apply --wait: to the end; and a change that cannot run stalls and says so.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("web.yaml");
+    let yaml = |command: &str| {
+        format!(
+            "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {{name: web}}\nspec:\n  selector: {{}}\n  command: {command}\n  startsecs: 0\n  startretries: 0\n  rollout: {{max_unavailable: 1}}\n"
+        )
+    };
+    std::fs::write(&file, yaml("/bin/sleep 4000"))?;
+    let f = file.display().to_string();
+    let o = corral(TOKEN, &["apply", "-f", &f, "--wait", "--timeout-secs", "60"])?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("rollout complete"), "{out}");
+    std::fs::write(&file, yaml("/nonexistent/server"))?;
+    let o = corral(
+        TOKEN,
+        &["apply", "-f", &f, "--wait", "--timeout-secs", "60", "--stall-secs", "3"],
+    )?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(out.contains("rollout stalled") && out.contains("failing: h"), "{out}");
+    // Only one host took the bad change (max_unavailable 1); the other still runs the last
+    // good one.
+    let running: usize = [pids(0).await.is_ok_and(|p| p > 0), pids(1).await.is_ok_and(|p| p > 0)]
+        .into_iter()
+        .map(usize::from)
+        .sum();
+    assert_eq!(running, 1, "the bad change went past its first batch");
+    Ok(())
+}
+
+async fn forbidden_undo(reader: &ApiClient) {
+    let e = reader.rollback("web", None).await.expect_err("read-only");
+    assert_eq!(e.status(), Some(403), "{e}");
+}
