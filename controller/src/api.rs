@@ -24,42 +24,48 @@ use crate::store::{Applied, Author, Object, Store, StoreError};
 use crate::tokens::Token;
 use corral_proto::fleet::FleetStatus;
 
-/// A program or group name from the request path, refused with 400 unless it is a valid name
-/// (names become etcd key segments and file names: `..`, `/` or `?` never get that far).
+/// The `{name}` path segment, refused with 400 unless `check` accepts it (names become etcd
+/// key segments and file names: `..`, `/` or `?` never get that far).
+async fn checked_name<S: Send + Sync>(
+    parts: &mut axum::http::request::Parts,
+    state: &S,
+    check: fn(&str) -> Result<(), String>,
+    what: &str,
+) -> Result<String, ApiError> {
+    let Path(name) = Path::<String>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
+    check(&name).map_err(|why| ApiError {
+        status: StatusCode::BAD_REQUEST,
+        message: format!("invalid {what} in the request path"),
+        details: vec![format!("metadata.name: {why}")],
+    })?;
+    Ok(name)
+}
+
+/// A program or group name from the request path.
 pub struct Name(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for Name {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Name, ApiError> {
-        let Path(name) = Path::<String>::from_request_parts(parts, state)
+        checked_name(parts, state, corral_proto::validate::check_name, "name")
             .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        corral_proto::validate::check_name(&name).map_err(|why| ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: "invalid name in the request path".to_string(),
-            details: vec![format!("metadata.name: {why}")],
-        })?;
-        Ok(Name(name))
+            .map(Name)
     }
 }
 
-/// A host name from the request path, refused with 400 unless it is a valid host name.
+/// A host name from the request path.
 pub struct HostName(pub String);
 
 impl<S: Send + Sync> FromRequestParts<S> for HostName {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<HostName, ApiError> {
-        let Path(name) = Path::<String>::from_request_parts(parts, state)
+        checked_name(parts, state, corral_proto::validate::check_host_name, "host name")
             .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-        corral_proto::validate::check_host_name(&name).map_err(|why| ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: "invalid host name in the request path".to_string(),
-            details: vec![format!("metadata.name: {why}")],
-        })?;
-        Ok(HostName(name))
+            .map(HostName)
     }
 }
 
