@@ -653,7 +653,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
 /// Starts the real controller binary against `etcd_endpoint` (its token file in `dir`) and
 /// waits until its API answers. Killed when the child is dropped.
 async fn spawn_controller(etcd_endpoint: &str, dir: &Path) -> anyhow::Result<(tokio::process::Child, ApiClient)> {
-    std::fs::write(dir.join("tokens"), "bench-token\n")?;
+    std::fs::write(dir.join("tokens"), "bench-token bench admin\n")?;
     std::fs::set_permissions(dir.join("tokens"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let port = corral_tests::free_port()?;
     let child = tokio::process::Command::new(sibling("corral-controller")?)

@@ -200,7 +200,7 @@ impl World {
         let etcd = EtcdCluster::start(3).await?;
         let dir = tempfile::tempdir()?;
         let tokens = dir.path().join("tokens");
-        std::fs::write(&tokens, format!("{TOKEN}\n"))?;
+        std::fs::write(&tokens, format!("{TOKEN} chaos admin\n"))?;
         std::fs::set_permissions(&tokens, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let ports = vec![crate::free_port()?, crate::free_port()?];
         let mut world = World {

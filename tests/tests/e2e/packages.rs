@@ -94,7 +94,7 @@ async fn debian_packages_hold_what_a_host_needs_and_start_as_their_units_say() -
     let sd = Supervisord::start(Options::default()).await?;
     let state = tempfile::tempdir()?;
     let token = state.path().join("tokens");
-    std::fs::write(&token, "pkg-token\n")?;
+    std::fs::write(&token, "pkg-token ops admin\n")?;
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o640))?;
     let port = corral_tests::free_port()?;
     let start = |name: &str, overrides: &[(&str, String)]| -> anyhow::Result<std::process::Child> {
