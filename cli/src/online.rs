@@ -480,7 +480,11 @@ pub async fn get(
                 let v = status_view(p);
                 let mut row = vec![
                     p.metadata.name.clone(),
-                    state_str(p.spec.state).to_string(),
+                    if v.paused {
+                        format!("{} (rollout paused)", state_str(p.spec.state))
+                    } else {
+                        state_str(p.spec.state).to_string()
+                    },
                     v.desired.to_string(),
                     v.updated.to_string(),
                     v.ready.to_string(),
@@ -618,6 +622,12 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
             outln!("Name:        {}", p.metadata.name);
             outln!("Generation:  {}", p.metadata.generation);
             outln!("State:       {}", state_str(p.spec.state));
+            if v.paused {
+                outln!(
+                    "Rollout:     paused: no host moves to generation {} until `corral rollout resume {name}`",
+                    p.metadata.generation
+                );
+            }
             outln!("Placement:   {}", placement(&p));
             outln!(
                 "Hosts:       {} desired, {} up to date, {} ready",

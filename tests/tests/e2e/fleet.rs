@@ -762,6 +762,14 @@ async fn rollouts_are_kept_paused_resumed_undone_and_followed() -> anyhow::Resul
         String::from_utf8_lossy(&o.stdout).contains("web: rollout paused"),
         "{o:?}"
     );
+    for (args, says) in [
+        (&["get", "programs"][..], "running (rollout paused)"),
+        (&["describe", "program", "web"][..], "Rollout:     paused"),
+        (&["status"][..], "(rollout paused)"),
+    ] {
+        let o = corral(READ_ONLY_TOKEN, args)?;
+        assert!(String::from_utf8_lossy(&o.stdout).contains(says), "{args:?}: {o:?}");
+    }
     operator.act("web", &ProgramAction::Resume).await?;
     let o = corral(READ_ONLY_TOKEN, &["rollout", "status", "web", "--timeout-secs", "30"])?;
     let out = String::from_utf8_lossy(&o.stdout);
