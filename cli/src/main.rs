@@ -170,20 +170,22 @@ enum Command {
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
     },
-    /// Who changed what: every apply, delete, start, stop, restart and signal, newest first,
-    /// with the token's name and role and the fields that changed (never their values).
+    /// Who changed what, newest first: every apply, delete, start, stop, restart, signal,
+    /// rollout pause, resume and undo, host label, cordon, uncordon and drain, with the token's
+    /// name and role and the fields that changed (never their values).
     #[command(
         after_help = "Examples:\n  corral history\n  corral history web --limit 10\n  corral history web1 --kind host -o json"
     )]
     History {
-        /// Only this program's or group's changes.
+        /// Only the changes of what has this name (a program, a group or, with --kind host, a
+        /// host).
         name: Option<String>,
         /// Only programs, groups or hosts.
         #[arg(long)]
         kind: Option<online::HistoryKind>,
-        /// How many entries, newest first.
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
+        /// How many entries, newest first (1 to 10000).
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u16).range(1..=10000))]
+        limit: u16,
         /// yaml or json: the entries as objects.
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
@@ -399,7 +401,7 @@ async fn main() -> ExitCode {
                 kind,
                 limit,
                 output,
-            } => online::history(&api()?, *kind, name.as_deref(), *limit, *output).await,
+            } => online::history(&api()?, *kind, name.as_deref(), usize::from(*limit), *output).await,
             Command::Version => online::version(&api()?).await,
             Command::Completion { shell } => {
                 use clap::CommandFactory as _;

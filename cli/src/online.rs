@@ -165,13 +165,34 @@ async fn warn_applied(api: &ApiClient, applied: &[Resource]) {
         warnings.extend(corral_proto::fleet::runs_nowhere(&programs, &hosts));
     }
     let mut known: std::collections::BTreeSet<String> = programs.iter().map(|p| p.metadata.name.clone()).collect();
-    // The stored programs only when a group names one the file does not hold.
-    if groups.iter().flat_map(|g| &g.spec.programs).any(|p| !known.contains(p))
+    // The stored programs only when a group or a depends_on names one the file does not hold.
+    let named = groups
+        .iter()
+        .flat_map(|g| &g.spec.programs)
+        .chain(programs.iter().flat_map(|p| p.spec.depends_on.iter().flatten()));
+    let mut stored_programs = Vec::new();
+    if named.clone().any(|p| !known.contains(p))
         && let Ok(stored) = api.programs().await
     {
-        known.extend(stored.into_iter().map(|p| p.metadata.name));
+        known.extend(stored.iter().map(|p| p.metadata.name.clone()));
+        stored_programs = stored;
     }
     warnings.extend(corral_proto::fleet::missing_members(&groups, &known));
+    // A depends_on that names no program: it starts without waiting (likely a typo).
+    let all: Vec<Program> = programs
+        .iter()
+        .cloned()
+        .chain(
+            stored_programs
+                .into_iter()
+                .filter(|s| !programs.iter().any(|p| p.metadata.name == s.metadata.name)),
+        )
+        .collect();
+    warnings.extend(corral_proto::fleet::missing_dependencies(&all).into_iter().filter(|w| {
+        programs
+            .iter()
+            .any(|p| w.starts_with(&format!("program {:?} ", p.metadata.name)))
+    }));
     for w in warnings {
         eprintln!("warning: {w}");
     }
@@ -196,6 +217,21 @@ fn invalid_resources(resources: &[(String, Resource)]) -> Vec<String> {
         if let Err(e) = checked {
             errors.push(format!("{source}: {e}"));
         }
+    }
+    // A dependency cycle among the programs given (the controller refuses one that closes a
+    // cycle with what it stores; within one file, say it before anything is sent).
+    let deps: BTreeMap<String, Vec<String>> = resources
+        .iter()
+        .filter_map(|(_, r)| match r {
+            Resource::Program(p) => Some((p.metadata.name.clone(), p.spec.depends_on.clone().unwrap_or_default())),
+            _ => None,
+        })
+        .collect();
+    if let Some(cycle) = corral_proto::fleet::dependency_cycle(&deps) {
+        errors.push(format!(
+            "spec.depends_on: {} is a cycle: none of them could ever start",
+            cycle.join(" -> ")
+        ));
     }
     errors
 }
@@ -401,11 +437,15 @@ pub async fn label(api: &ApiClient, kind: LabelKind, name: &str, labels: &[Strin
     let LabelKind::Host = kind;
     let mut changes = corral_proto::api::LabelChanges::new();
     for l in labels {
-        match (l.split_once('='), l.strip_suffix('-')) {
-            (Some((k, v)), _) => changes.insert(k.to_string(), Some(v.to_string())),
-            (None, Some(k)) => changes.insert(k.to_string(), None),
+        let (k, v) = match (l.split_once('='), l.strip_suffix('-')) {
+            (Some((k, v)), _) => (k, Some(v.to_string())),
+            (None, Some(k)) => (k, None),
             (None, None) => anyhow::bail!("{l:?}: K=V sets a label, K- removes it"),
         };
+        anyhow::ensure!(
+            changes.insert(k.to_string(), v).is_none(),
+            "label {k:?} is given twice: set or remove each label once"
+        );
     }
     let h = api.label_host(name, &changes).await?;
     let now: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -802,6 +842,9 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
             }
         }
         outln!("Hosts: {}/{} ready", s.hosts_ready, s.hosts);
+        for (h, how) in &s.unschedulable {
+            outln!("  {h}: {how} (corral uncordon {h})");
+        }
         for h in &s.not_ready_hosts {
             let why = s.not_ready_reasons.get(h).map_or("agent not reporting", String::as_str);
             outln!("  {h}: NotReady ({why})");

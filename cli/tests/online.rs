@@ -130,6 +130,34 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
     assert!(corral(s, &["label", "host", "h1", "tier-"]).status.success());
     let bad = corral(s, &["label", "host", "h1", "tier"]);
     assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
+    // A cycle within one file is refused before anything is sent; a typo in depends_on warned.
+    let cyc = dir.path().join("cycle.yaml");
+    let doc = |name: &str, dep: &str| {
+        format!(
+            "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {{name: {name}}}\nspec: {{selector: {{}}, command: /bin/sleep 9, depends_on: [{dep}]}}\n"
+        )
+    };
+    std::fs::write(&cyc, format!("{}---\n{}", doc("ping", "pong"), doc("pong", "ping")))?;
+    let o = corral(s, &["apply", "-f", &cyc.display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
+    assert!(text(&o).1.contains("ping -> pong -> ping is a cycle"), "{:?}", text(&o));
+    assert_eq!(
+        corral(s, &["get", "program", "ping"]).status.code(),
+        Some(1),
+        "nothing was sent"
+    );
+    std::fs::write(&cyc, doc("typo", "celery-wroker"))?;
+    let o = corral(s, &["apply", "-f", &cyc.display().to_string()]);
+    assert!(
+        text(&o)
+            .1
+            .contains("warning: program \"typo\" depends on programs that do not exist: celery-wroker"),
+        "{:?}",
+        text(&o)
+    );
+    assert!(corral(s, &["delete", "program", "typo"]).status.success());
+    assert_eq!(corral(s, &["label", "host", "h1", "k=1", "k-"]).status.code(), Some(2));
+    assert_eq!(corral(s, &["history", "--limit", "0"]).status.code(), Some(2));
     let (out, _) = text(&corral(s, &["history", "h1", "--kind", "host"]));
     assert!(
         out.contains("uncordon") && out.contains("cordon") && out.contains("label"),

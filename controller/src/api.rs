@@ -302,6 +302,22 @@ pub fn needed_role(method: &axum::http::Method, path: &str, dry_run: bool) -> Ro
     }
 }
 
+/// What a refused request would have done, for the 403's message.
+fn refused_what(path: &str) -> &'static str {
+    let path = path.strip_prefix("/v1").unwrap_or(path);
+    if path.starts_with("/hosts/") && path.ends_with("/labels") {
+        "label hosts"
+    } else if path.starts_with("/hosts/") {
+        "cordon, uncordon or drain hosts"
+    } else if path.ends_with("/rollback") {
+        "undo rollouts"
+    } else if path.ends_with("/action") {
+        "start, stop, restart, signal, pause or resume programs"
+    } else {
+        "apply or delete specs"
+    }
+}
+
 /// Finds the bearer token's owner, refuses what its role may not do (403, naming the role
 /// needed), and hands the owner to the handler (the audit records it).
 async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
@@ -323,11 +339,7 @@ async fn auth(State(state): State<AppState>, mut req: Request, next: Next) -> Re
     let dry_run = Query::<DryRun>::try_from_uri(req.uri()).is_ok_and(|q| q.dry_run);
     let needed = needed_role(req.method(), req.uri().path(), dry_run);
     if token.role < needed {
-        let what = if needed == Role::Operator {
-            "start, stop, restart or signal programs"
-        } else {
-            "apply or delete specs"
-        };
+        let what = refused_what(req.uri().path());
         return ApiError::new(
             StatusCode::FORBIDDEN,
             format!(
@@ -395,23 +407,7 @@ async fn apply_resource(
     let value = match r {
         Resource::Program(p) => {
             let p = validate_program(p)?.into_inner();
-            let mut refused = state.policy.check(&p.spec);
-            if p.spec.depends_on.as_ref().is_some_and(|d| !d.is_empty()) {
-                let mut graph: BTreeMap<String, Vec<String>> = state
-                    .store
-                    .list::<Program>()
-                    .await?
-                    .into_iter()
-                    .map(|o| (o.metadata.name, o.spec.depends_on.unwrap_or_default()))
-                    .collect();
-                graph.insert(p.metadata.name.clone(), p.spec.depends_on.clone().unwrap_or_default());
-                if let Some(cycle) = corral_proto::fleet::dependency_cycle(&graph) {
-                    refused.push(corral_proto::FieldError {
-                        path: "spec.depends_on".into(),
-                        message: format!("{} is a cycle: none of them could ever start", cycle.join(" -> ")),
-                    });
-                }
-            }
+            let refused = state.policy.check(&p.spec);
             if !refused.is_empty() {
                 return Err(ValidationErrors {
                     resource: format!("Program {:?}", p.metadata.name),
@@ -419,7 +415,11 @@ async fn apply_resource(
                 }
                 .into());
             }
-            serde_json::to_value(apply_result(state.store.apply(p, dry_run, by).await?, dry_run))
+            if p.spec.depends_on.as_ref().is_none_or(Vec::is_empty) {
+                serde_json::to_value(apply_result(state.store.apply(p, dry_run, by).await?, dry_run))
+            } else {
+                serde_json::to_value(apply_result(apply_ordered(state, p, dry_run, by).await?, dry_run))
+            }
         }
         Resource::Group(g) => {
             let g = validate_group(g)?.into_inner();
@@ -434,6 +434,39 @@ async fn apply_resource(
         }
     };
     value.map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Applies a program with `depends_on`, refusing one that would close a dependency cycle
+/// through it. The check and the write are one decision: the write goes through only if no
+/// program changed since the programs were read (two programs of a cycle applied at once
+/// cannot both pass), and is tried again on a fresh read otherwise.
+async fn apply_ordered(state: &AppState, p: Program, dry_run: bool, by: &Author) -> Result<Applied<Program>, ApiError> {
+    let mut attempt = 0u32;
+    loop {
+        let (stored, read) = state.store.list_at::<Program>().await?;
+        let mut graph: BTreeMap<String, Vec<String>> = stored
+            .into_iter()
+            .map(|o| (o.metadata.name, o.spec.depends_on.unwrap_or_default()))
+            .collect();
+        graph.insert(p.metadata.name.clone(), p.spec.depends_on.clone().unwrap_or_default());
+        if let Some(cycle) = corral_proto::fleet::dependency_cycle_through(&graph, &p.metadata.name) {
+            return Err(ValidationErrors {
+                resource: format!("Program {:?}", p.metadata.name),
+                errors: vec![corral_proto::FieldError {
+                    path: "spec.depends_on".into(),
+                    message: format!("{} is a cycle: none of them could ever start", cycle.join(" -> ")),
+                }],
+            }
+            .into());
+        }
+        match state.store.apply_unchanged_since(p.clone(), dry_run, by, read).await {
+            Err(StoreError::Conflict(_)) if attempt < 20 => {
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(u64::from(attempt) * 5)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
 }
 
 async fn apply_any(
@@ -813,7 +846,16 @@ async fn fleet(store: &Store, policy: &crate::policy::Policy) -> Result<(FleetSt
         );
     }
     let names = hosts.iter().map(|h| h.metadata.name.clone()).collect();
+    let unschedulable = hosts
+        .iter()
+        .filter(|h| h.spec.cordoned || h.spec.drained)
+        .map(|h| {
+            let how = if h.spec.drained { "drained" } else { "cordoned" };
+            (h.metadata.name.clone(), how.to_string())
+        })
+        .collect();
     let mut status = fleet_status(&programs, &assigned, &reports, &readiness);
+    status.unschedulable = unschedulable;
     let paused = store.paused().await?;
     for p in &mut status.programs {
         p.paused = paused.contains(&p.name);
@@ -875,6 +917,18 @@ mod tests {
                 role,
                 "{method} {path} dry_run={dry_run}"
             );
+        }
+        for (path, what) in [
+            ("/hosts/h1/labels", "label hosts"),
+            ("/v1/hosts/h1/action", "cordon, uncordon or drain hosts"),
+            ("/programs/web/rollback", "undo rollouts"),
+            (
+                "/programs/web/action",
+                "start, stop, restart, signal, pause or resume programs",
+            ),
+            ("/programs", "apply or delete specs"),
+        ] {
+            assert_eq!(refused_what(path), what);
         }
     }
 }

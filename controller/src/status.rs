@@ -131,6 +131,7 @@ pub fn fleet_of(readiness: &Readiness, programs: Vec<ProgramSummary>) -> FleetSt
         not_ready_reasons,
         control_plane: Vec::new(),
         warnings: Vec::new(),
+        unschedulable: Default::default(),
         programs,
     }
 }

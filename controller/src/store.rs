@@ -374,7 +374,7 @@ impl Store {
             })?;
             f(&mut current).map_err(StoreError::Invalid)?;
             // `get` sets the resource version it read: `apply` writes only on that one.
-            match self.write(current, false, by, Some(verb)).await {
+            match self.write(current, false, by, Some(verb), None).await {
                 Err(StoreError::Conflict(_)) if attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
@@ -398,7 +398,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Conflict`] for a stale `resourceVersion` or a concurrent write.
     pub async fn apply<T: Object>(&self, incoming: T, dry_run: bool, by: &Author) -> Result<Applied<T>, StoreError> {
-        self.write(incoming, dry_run, by, None).await
+        self.write(incoming, dry_run, by, None, None).await
     }
 
     /// [`Store::apply`], recorded in the audit as `verb` (`undo`, say).
@@ -406,16 +406,55 @@ impl Store {
     /// # Errors
     /// As [`Store::apply`].
     pub async fn apply_as<T: Object>(&self, incoming: T, by: &Author, verb: &str) -> Result<Applied<T>, StoreError> {
-        self.write(incoming, false, by, Some(verb)).await
+        self.write(incoming, false, by, Some(verb), None).await
     }
 
     /// [`Store::apply`], recorded as `verb` (default `create` or `apply`).
+    /// [`Store::apply`], written only if no object of its kind changed since revision `read`
+    /// (a decision taken over all of them, such as a dependency cycle check, still holds);
+    /// [`StoreError::Conflict`] otherwise.
+    ///
+    /// # Errors
+    /// As [`Store::apply`].
+    pub async fn apply_unchanged_since<T: Object>(
+        &self,
+        incoming: T,
+        dry_run: bool,
+        by: &Author,
+        read: i64,
+    ) -> Result<Applied<T>, StoreError> {
+        let guard = Compare::mod_revision(T::prefix(&self.keys), CompareOp::Less, read + 1).with_prefix();
+        self.write(incoming, dry_run, by, None, Some(guard)).await
+    }
+
+    /// Every object of a kind, and the revision they were read at.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn list_at<T: Object>(&self) -> Result<(Vec<T>, i64), StoreError> {
+        let prefix = T::prefix(&self.keys);
+        let mut raw = Vec::new();
+        let rev = self
+            .scan(&prefix, |k, v, r| raw.push((k.to_string(), v.to_vec(), r)))
+            .await?;
+        let objects = self
+            .decode_all::<T>(&prefix, raw)
+            .into_iter()
+            .map(|(_, mut o, r)| {
+                o.metadata_mut().resource_version = Some(r.to_string());
+                o
+            })
+            .collect();
+        Ok((objects, rev))
+    }
+
     async fn write<T: Object>(
         &self,
         mut incoming: T,
         dry_run: bool,
         by: &Author,
         verb: Option<&str>,
+        guard: Option<Compare>,
     ) -> Result<Applied<T>, StoreError> {
         let name = incoming.metadata().name.clone();
         let key = T::key(&self.keys, &name);
@@ -492,7 +531,12 @@ impl Store {
             ops.extend(self.revision_ops(&name, generation, &entry, &incoming)?);
         }
         let txn = Txn::new()
-            .when([compare, Compare::create_revision(audit_key, CompareOp::Equal, 0)])
+            .when(
+                [compare, Compare::create_revision(audit_key, CompareOp::Equal, 0)]
+                    .into_iter()
+                    .chain(guard)
+                    .collect::<Vec<_>>(),
+            )
             .and_then(ops);
         let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
@@ -842,10 +886,12 @@ impl Store {
             let mut new = old.clone();
             f(&mut new);
             let effective = new.effective(&registered);
-            if new == old {
+            let before = old.effective(&registered);
+            // Nothing that placement sees changes (removing a label the host does not have,
+            // cordoning a cordoned host): nothing written, nothing audited.
+            if new == old || effective == before {
                 return Ok(effective);
             }
-            let before = old.effective(&registered);
             let view = |h: &Host| {
                 serde_json::json!({
                     "metadata": {"labels": h.metadata.labels},

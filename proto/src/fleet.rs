@@ -175,6 +175,25 @@ pub fn runs_nowhere(programs: &[Program], hosts: &[Host]) -> Vec<String> {
                 p.metadata.name
             )
         })
+        .chain(programs.iter().filter_map(|p| {
+            let selected: Vec<&str> = hosts
+                .iter()
+                .filter(|h| p.selects(h))
+                .map(|h| h.metadata.name.as_str())
+                .collect();
+            let all_closed = !selected.is_empty()
+                && hosts
+                    .iter()
+                    .filter(|h| p.selects(h))
+                    .all(|h| h.spec.cordoned || h.spec.drained);
+            all_closed.then(|| {
+                format!(
+                    "program {:?} selects only cordoned or drained hosts ({}): nothing new is placed there (corral uncordon)",
+                    p.metadata.name,
+                    selected.join(", ")
+                )
+            })
+        }))
         .collect()
 }
 
@@ -266,6 +285,29 @@ pub fn dependency_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<Stri
     deps.keys().find_map(|n| visit(n, deps, &mut marks, &mut Vec::new()))
 }
 
+/// A cycle in `depends_on` that goes through `start` (`start -> ... -> start`), or `None`:
+/// what applying `start` would close (a cycle elsewhere is not `start`'s to answer for).
+pub fn dependency_cycle_through(deps: &BTreeMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
+    fn walk(
+        n: &str,
+        start: &str,
+        deps: &BTreeMap<String, Vec<String>>,
+        seen: &mut std::collections::BTreeSet<String>,
+        path: &mut Vec<String>,
+    ) -> bool {
+        for d in deps.get(n).into_iter().flatten() {
+            path.push(d.clone());
+            if d == start || (seen.insert(d.clone()) && walk(d, start, deps, seen, path)) {
+                return true;
+            }
+            path.pop();
+        }
+        false
+    }
+    let mut path = vec![start.to_string()];
+    walk(start, start, deps, &mut std::collections::BTreeSet::new(), &mut path).then_some(path)
+}
+
 /// `GET /v1/status`: what in the fleet is not as declared.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -282,6 +324,9 @@ pub struct FleetStatus {
     /// Why each of them is not ready.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub not_ready_reasons: std::collections::BTreeMap<String, String>,
+    /// Hosts operators took out of placement: host -> `cordoned` or `drained`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub unschedulable: std::collections::BTreeMap<String, String>,
     pub programs: Vec<ProgramSummary>,
 }
 
@@ -387,5 +432,23 @@ mod tests {
         );
         // A dependency that is not declared ends a path.
         assert_eq!(dependency_cycle(&deps(&[("a", &["ghost"])])), None);
+        // Through one program only: a cycle elsewhere is not its to answer for.
+        let g = deps(&[
+            ("a", &["b"]),
+            ("b", &["a"]),
+            ("solo", &["db"]),
+            ("c", &["d", "e"]),
+            ("d", &["x"]),
+            ("e", &["c"]),
+        ]);
+        assert_eq!(dependency_cycle_through(&g, "solo"), None);
+        assert_eq!(
+            dependency_cycle_through(&g, "c"),
+            Some(vec!["c".into(), "e".into(), "c".into()])
+        );
+        assert_eq!(
+            dependency_cycle_through(&g, "a"),
+            Some(vec!["a".into(), "b".into(), "a".into()])
+        );
     }
 }

@@ -638,6 +638,47 @@ async fn hosts_are_labeled_cordoned_drained_and_uncordoned() -> anyhow::Result<(
             .is_err_and(|e| e.to_string().contains("labels.bad key!"))
     );
 
+    // A change that changes nothing is neither written nor audited; a refusal names what.
+    let before = reader.history(None, None, 100).await?.len();
+    api.label_host("h2", &[("nosuchkey".to_string(), None)].into()).await?;
+    operator.host_action("h2", HostAction::Uncordon).await?;
+    assert_eq!(reader.history(None, None, 100).await?.len(), before);
+    let e = operator
+        .label_host("h2", &[("x".to_string(), Some("y".to_string()))].into())
+        .await
+        .expect_err("operator");
+    assert!(
+        e.to_string().contains("may not label hosts (that needs role admin)"),
+        "{e}"
+    );
+    let e = reader
+        .host_action("h2", HostAction::Drain)
+        .await
+        .expect_err("read-only");
+    assert!(e.to_string().contains("may not cordon, uncordon or drain hosts"), "{e}");
+    // A program that selects only cordoned hosts is said to run nowhere; status lists them.
+    operator.host_action("h2", HostAction::Cordon).await?;
+    api.apply(
+        &program("pinned", |s| {
+            s.selector = None;
+            s.hosts = Some(vec!["h2".into()]);
+        }),
+        false,
+    )
+    .await?;
+    let s = api.status().await?;
+    assert!(
+        s.warnings
+            .iter()
+            .any(|w| w.contains("\"pinned\" selects only cordoned or drained hosts (h2)")),
+        "{:?}",
+        s.warnings
+    );
+    assert_eq!(s.unschedulable.get("h2").map(String::as_str), Some("cordoned"));
+    operator.host_action("h2", HostAction::Uncordon).await?;
+    api.delete(corral_proto::resource::Kind::Program, "pinned", false)
+        .await?;
+
     // Who did it.
     let h = reader
         .history(Some(corral_proto::resource::Kind::Host), Some("h2"), 10)
@@ -645,9 +686,15 @@ async fn hosts_are_labeled_cordoned_drained_and_uncordoned() -> anyhow::Result<(
     let seen: Vec<(&str, &str)> = h.iter().map(|e| (e.verb.as_str(), e.who.as_str())).collect();
     assert_eq!(
         seen,
-        [("uncordon", "operator"), ("drain", "operator"), ("cordon", "operator")]
+        [
+            ("uncordon", "operator"),
+            ("cordon", "operator"),
+            ("uncordon", "operator"),
+            ("drain", "operator"),
+            ("cordon", "operator")
+        ]
     );
-    assert_eq!(h[1].changes, ["spec.drained"]);
+    assert_eq!(h[3].changes, ["spec.drained"]);
     let h = reader
         .history(Some(corral_proto::resource::Kind::Host), Some("h1"), 10)
         .await?;
@@ -685,6 +732,34 @@ async fn a_dependency_cycle_is_refused_and_a_missing_dependency_is_said() -> any
         "{err}"
     );
     assert!(api.program("cache").await.is_err(), "nothing was written");
+    // The two halves of a cycle applied at the same moment: one of them is refused.
+    for round in 0..5 {
+        let (a, b) = (format!("ca{round}"), format!("cb{round}"));
+        let (pa, pb) = (
+            program(&a, |s| s.depends_on = deps(&[&b])),
+            program(&b, |s| s.depends_on = deps(&[&a])),
+        );
+        let (ra, rb) = tokio::join!(api.apply(&pa, false), api.apply(&pb, false));
+        let refused = [&ra, &rb]
+            .iter()
+            .filter(|r| r.as_ref().is_err_and(|e| e.status() == Some(422)))
+            .count();
+        assert_eq!(
+            (refused, ra.is_ok() || rb.is_ok()),
+            (1, true),
+            "round {round}: {ra:?} {rb:?}"
+        );
+    }
+    // A cycle stored by other means (an older version) is not another program's to answer for.
+    let mut c = etcd.client().await?;
+    let keys = corral_proto::keys::Keys::default();
+    for (n, d) in [("x", "y"), ("y", "x")] {
+        let mut p = corral_tests::specs::program_object(n, |s| s.depends_on = deps(&[d]));
+        p.metadata.generation = 1;
+        c.put(keys.program(n), serde_json::to_vec(&p)?, None).await?;
+    }
+    api.apply(&program("solo2", |s| s.depends_on = deps(&["db"])), false)
+        .await?;
     // Itself, twice, and a bad name: named by field.
     let err = api
         .apply(
