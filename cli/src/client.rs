@@ -192,13 +192,18 @@ impl ApiClient {
     /// so `..`, `/` or `?` never reach a URL) and escaped all the same.
     fn object_url(&self, collection: &str, name: &str) -> Result<String, ClientError> {
         corral_proto::validate::check_name(name).map_err(ClientError::Invalid)?;
+        Ok(self.segments_url(&["v1", collection, name])?.to_string())
+    }
+
+    /// The server's URL with `segments` appended, each escaped as one path segment.
+    fn segments_url(&self, segments: &[&str]) -> Result<reqwest::Url, ClientError> {
         let mut url =
             reqwest::Url::parse(&self.base).map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
         url.path_segments_mut()
             .map_err(|()| ClientError::Invalid(format!("{} cannot be a base URL", self.base)))?
             .pop_if_empty()
-            .extend(["v1", collection, name]);
-        Ok(url.to_string())
+            .extend(segments);
+        Ok(url)
     }
 
     fn collection(kind: Kind) -> &'static str {
@@ -282,22 +287,15 @@ impl ApiClient {
             Some(Kind::Host) => query.push(("kind", "host".into())),
             None => {}
         }
-        let mut url = reqwest::Url::parse(&self.url("/history"))
-            .map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
+        let mut url = self.segments_url(&["v1", "history"])?;
         url.query_pairs_mut().extend_pairs(&query);
         self.send(self.http.get(url)).await
     }
 
     /// `/v1/hosts/<name>/<what>`, the host name checked and escaped.
-    fn host_url(&self, name: &str, what: &str) -> Result<String, ClientError> {
+    fn host_url(&self, name: &str, what: &str) -> Result<reqwest::Url, ClientError> {
         corral_proto::validate::check_host_name(name).map_err(ClientError::Invalid)?;
-        let mut url =
-            reqwest::Url::parse(&self.base).map_err(|e| ClientError::Invalid(format!("{}: {e}", self.base)))?;
-        url.path_segments_mut()
-            .map_err(|()| ClientError::Invalid(format!("{} cannot be a base URL", self.base)))?
-            .pop_if_empty()
-            .extend(["v1", "hosts", name, what]);
-        Ok(url.to_string())
+        self.segments_url(&["v1", "hosts", name, what])
     }
 
     /// Cordons, uncordons or drains a host; returns it as placement now sees it.

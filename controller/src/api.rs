@@ -559,12 +559,17 @@ async fn get_one<T: Object>(store: &Store, name: &str) -> Result<T, ApiError> {
     })
 }
 
-async fn get_program(State(state): State<AppState>, Name(name): Name) -> ApiResult<Program> {
-    let p = get_one::<Program>(&state.store, &name).await?;
-    let mut with = with_status(&state.store, vec![p]).await?;
-    with.pop()
-        .map(Json)
+/// One program with its `status` filled in.
+async fn program_with_status(store: &Store, name: &str) -> Result<Program, ApiError> {
+    let p = get_one::<Program>(store, name).await?;
+    with_status(store, vec![p])
+        .await?
+        .pop()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))
+}
+
+async fn get_program(State(state): State<AppState>, Name(name): Name) -> ApiResult<Program> {
+    Ok(Json(program_with_status(&state.store, &name).await?))
 }
 
 /// `POST /v1/programs/NAME/action`: start, stop, restart or signal, as one atomic change of
@@ -583,15 +588,10 @@ async fn program_action(
     })?;
     if let Some(paused) = action.control() {
         state.store.set_paused(&name, paused, &by).await?;
-        let p = get_one::<Program>(&state.store, &name).await?;
-        let mut with = with_status(&state.store, vec![p]).await?;
-        let object = with
-            .pop()
-            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))?;
         return Ok(Json(ApplyResult {
             result: Outcome::Configured,
             dry_run: false,
-            object,
+            object: program_with_status(&state.store, &name).await?,
         }));
     }
     let marker = {
@@ -719,13 +719,23 @@ async fn delete_group(
 }
 
 /// The host as `GET /v1/hosts` shows it (readiness filled in).
-async fn host_view(store: &Store, mut host: Host) -> Result<Host, ApiError> {
-    let readiness = host_readiness(std::slice::from_ref(&host), &store.alive().await?);
-    let status = host.status.get_or_insert_with(Default::default);
-    let why = readiness.get(&host.metadata.name).cloned().flatten();
-    status.ready = why.is_none();
-    status.reason = why;
+async fn host_view(store: &Store, host: Host) -> Result<Host, ApiError> {
+    let mut hosts = [host];
+    with_readiness(store, &mut hosts).await?;
+    let [host] = hosts;
     Ok(host)
+}
+
+/// Fills each host's readiness and its reason.
+async fn with_readiness(store: &Store, hosts: &mut [Host]) -> Result<(), ApiError> {
+    let readiness = host_readiness(hosts, &store.alive().await?);
+    for h in hosts {
+        let status = h.status.get_or_insert_with(Default::default);
+        let why = readiness.get(&h.metadata.name).cloned().flatten();
+        status.ready = why.is_none();
+        status.reason = why;
+    }
+    Ok(())
 }
 
 /// `POST /v1/hosts/NAME/action`: cordon, uncordon or drain (operators).
@@ -772,13 +782,7 @@ async fn host_labels(
 
 async fn list_hosts(State(state): State<AppState>) -> ApiResult<Vec<Host>> {
     let mut hosts = state.store.hosts().await?;
-    let readiness = host_readiness(&hosts, &state.store.alive().await?);
-    for h in &mut hosts {
-        let status = h.status.get_or_insert_with(Default::default);
-        let why = readiness.get(&h.metadata.name).cloned().flatten();
-        status.ready = why.is_none();
-        status.reason = why;
-    }
+    with_readiness(&state.store, &mut hosts).await?;
     Ok(Json(hosts))
 }
 

@@ -105,6 +105,24 @@ pub struct Author {
     pub role: Role,
 }
 
+/// An audit entry ready to go into a write's transaction.
+struct Audit {
+    entry: AuditEntry,
+    key: String,
+    value: Vec<u8>,
+}
+
+impl Audit {
+    /// The entry's key must be new (two writes in one microsecond cannot share it).
+    fn is_new(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, 0)
+    }
+
+    fn put(&self) -> TxnOp {
+        TxnOp::put(self.key.clone(), self.value.clone(), None)
+    }
+}
+
 /// Audit entries kept; older ones are removed (a few MB in etcd at most).
 pub const AUDIT_KEEP: usize = 10_000;
 
@@ -113,7 +131,7 @@ const PRUNE_EVERY: u64 = 64;
 
 /// What an audit entry says changed: paths of spec and labels fields (for a new object, the
 /// fields it sets).
-fn audited_changes<T: Object>(old: Option<&T>, new: Option<&T>) -> Vec<String> {
+fn audited_changes<T: Serialize>(old: Option<&T>, new: Option<&T>) -> Vec<String> {
     let view = |o: Option<&T>| {
         let v = o.and_then(|o| serde_json::to_value(o).ok()).unwrap_or_default();
         serde_json::json!({
@@ -188,6 +206,13 @@ pub struct Fence {
 /// What a batch of assignment writes did not do, per slot, and why (etcd refused it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WriteFailures(pub BTreeMap<Slot, String>);
+
+fn encode<T: Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Corrupt {
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
 
 fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(value).map_err(|e| StoreError::Corrupt {
@@ -293,10 +318,7 @@ impl Store {
     /// etcd errors.
     pub async fn put_health(&self, health: &ControlPlaneHealth) -> Result<(), StoreError> {
         let mut c = self.etcd.client().await;
-        let v = serde_json::to_vec(health).map_err(|e| StoreError::Corrupt {
-            key: self.keys.controller_health(),
-            reason: e.to_string(),
-        })?;
+        let v = encode(&self.keys.controller_health(), health)?;
         self.within("put health", c.put(self.keys.controller_health(), v, None))
             .await?;
         Ok(())
@@ -327,16 +349,7 @@ impl Store {
     /// # Errors
     /// etcd errors.
     pub async fn list<T: Object>(&self) -> Result<Vec<T>, StoreError> {
-        let prefix = T::prefix(&self.keys);
-        let raw = self.list_raw(prefix.clone()).await?;
-        Ok(self
-            .decode_all::<T>(&prefix, raw)
-            .into_iter()
-            .map(|(_, mut o, rev)| {
-                o.metadata_mut().resource_version = Some(rev.to_string());
-                o
-            })
-            .collect())
+        Ok(self.list_at().await?.0)
     }
 
     /// One object, with `resourceVersion` set.
@@ -500,43 +513,25 @@ impl Store {
                 changed,
             });
         }
-        let value = serde_json::to_vec(&incoming).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
-        let micros = audit_micros();
-        let entry = AuditEntry {
-            at: rfc3339(micros),
-            who: by.name.clone(),
-            role: by.role,
-            verb: verb
-                .unwrap_or(if current.is_none() { "create" } else { "apply" })
-                .to_string(),
-            kind: T::RESOURCE,
-            name: name.clone(),
-            generation: Some(generation),
-            changes: audited_changes(current.as_ref().map(|(o, _)| o), Some(&incoming)),
-        };
-        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
-        let mut ops = vec![
-            TxnOp::put(key.clone(), value, None),
-            TxnOp::put(audit_key.clone(), audit_value, None),
-        ];
+        let value = encode(&key, &incoming)?;
+        let audit = self.audit(
+            by,
+            verb.unwrap_or(if current.is_none() { "create" } else { "apply" }),
+            (T::RESOURCE, &name),
+            Some(generation),
+            audited_changes(current.as_ref().map(|(o, _)| o), Some(&incoming)),
+        )?;
+        let mut ops = vec![TxnOp::put(key.clone(), value, None), audit.put()];
         // A program's new generation is kept as a revision (for `rollout history` and
         // `undo`), the oldest beyond `Revision::KEEP` dropped, in the same transaction.
         let new_generation = current
             .as_ref()
             .is_none_or(|(old, _)| old.metadata().generation != generation);
         if T::RESOURCE == Kind::Program && new_generation {
-            ops.extend(self.revision_ops(&name, generation, &entry, &incoming)?);
+            ops.extend(self.revision_ops(&name, generation, &audit.entry, &incoming)?);
         }
         let txn = Txn::new()
-            .when(
-                [compare, Compare::create_revision(audit_key, CompareOp::Equal, 0)]
-                    .into_iter()
-                    .chain(guard)
-                    .collect::<Vec<_>>(),
-            )
+            .when([compare, audit.is_new()].into_iter().chain(guard).collect::<Vec<_>>())
             .and_then(ops);
         let resp = self.within("txn", c.txn(txn)).await?;
         if !resp.succeeded() {
@@ -578,25 +573,14 @@ impl Store {
                 name: name.to_string(),
             });
         };
-        let micros = audit_micros();
-        let entry = AuditEntry {
-            at: rfc3339(micros),
-            who: by.name.clone(),
-            role: by.role,
-            verb: "delete".to_string(),
-            kind: T::RESOURCE,
-            name: name.to_string(),
-            generation: None,
-            changes: Vec::new(),
-        };
-        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
+        let audit = self.audit(by, "delete", (T::RESOURCE, name), None, Vec::new())?;
         let txn = Txn::new()
             .when([
                 Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
-                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
+                audit.is_new(),
             ])
             .and_then({
-                let mut ops = vec![TxnOp::delete(key, None), TxnOp::put(audit_key, audit_value, None)];
+                let mut ops = vec![TxnOp::delete(key, None), audit.put()];
                 if T::RESOURCE == Kind::Program {
                     // A program made again later starts at generation 1, with no old history.
                     ops.push(TxnOp::delete(
@@ -632,16 +616,15 @@ impl Store {
             .ok()
             .and_then(|v| v.get("spec").cloned())
             .unwrap_or_default();
-        let value = serde_json::to_vec(&serde_json::json!({
-            "generation": generation,
-            "at": entry.at,
-            "who": entry.who,
-            "spec": spec,
-        }))
-        .map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        let value = encode(
+            &key,
+            &serde_json::json!({
+                "generation": generation,
+                "at": entry.at,
+                "who": entry.who,
+                "spec": spec,
+            }),
+        )?;
         let mut ops = vec![TxnOp::put(key, value, None)];
         if generation > Revision::KEEP {
             ops.push(TxnOp::delete(
@@ -695,28 +678,18 @@ impl Store {
         let key = self.keys.program_control(name);
         let program_key = self.keys.program(name);
         let mut c = self.etcd.client().await;
-        let micros = audit_micros();
-        let entry = AuditEntry {
-            at: rfc3339(micros),
-            who: by.name.clone(),
-            role: by.role,
-            verb: if paused { "pause" } else { "resume" }.to_string(),
-            kind: Kind::Program,
-            name: name.to_string(),
-            generation: None,
-            changes: vec!["rollout.paused".to_string()],
-        };
-        let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
-        let value = serde_json::to_vec(&ProgramControl { paused }).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        let verb = if paused { "pause" } else { "resume" };
+        let audit = self.audit(
+            by,
+            verb,
+            (Kind::Program, name),
+            None,
+            vec!["rollout.paused".to_string()],
+        )?;
+        let value = encode(&key, &ProgramControl { paused })?;
         let txn = Txn::new()
-            .when([
-                Compare::version(program_key, CompareOp::Greater, 0),
-                Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
-            ])
-            .and_then([TxnOp::put(key, value, None), TxnOp::put(audit_key, audit_value, None)]);
+            .when([Compare::version(program_key, CompareOp::Greater, 0), audit.is_new()])
+            .and_then([TxnOp::put(key, value, None), audit.put()]);
         if !self.within("txn", c.txn(txn)).await?.succeeded() {
             return Err(StoreError::NotFound {
                 kind: "Program",
@@ -727,13 +700,30 @@ impl Store {
         Ok(())
     }
 
-    fn audit_op(&self, micros: u64, entry: &AuditEntry) -> Result<(String, Vec<u8>), StoreError> {
+    /// The audit entry of a write by `by` now, and its key and value (a key no write has
+    /// used: the transaction checks it is new).
+    fn audit(
+        &self,
+        by: &Author,
+        verb: &str,
+        (kind, name): (Kind, &str),
+        generation: Option<u64>,
+        changes: Vec<String>,
+    ) -> Result<Audit, StoreError> {
+        let micros = audit_micros();
+        let entry = AuditEntry {
+            at: rfc3339(micros),
+            who: by.name.clone(),
+            role: by.role,
+            verb: verb.to_string(),
+            kind,
+            name: name.to_string(),
+            generation,
+            changes,
+        };
         let key = self.keys.audit_entry(micros);
-        let value = serde_json::to_vec(entry).map_err(|e| StoreError::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
-        Ok((key, value))
+        let value = encode(&key, &entry)?;
+        Ok(Audit { entry, key, value })
     }
 
     /// Counts an audited write; every [`PRUNE_EVERY`]th removes entries beyond
@@ -892,37 +882,12 @@ impl Store {
             if new == old || effective == before {
                 return Ok(effective);
             }
-            let view = |h: &Host| {
-                serde_json::json!({
-                    "metadata": {"labels": h.metadata.labels},
-                    "spec": h.spec,
-                })
-            };
-            let micros = audit_micros();
-            let entry = AuditEntry {
-                at: rfc3339(micros),
-                who: by.name.clone(),
-                role: by.role,
-                verb: verb.to_string(),
-                kind: Kind::Host,
-                name: name.to_string(),
-                generation: None,
-                changes: corral_proto::api::changed_fields(&view(&before), &view(&effective)),
-            };
-            let (audit_key, audit_value) = self.audit_op(micros, &entry)?;
-            let value = serde_json::to_vec(&new).map_err(|e| StoreError::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })?;
+            let changes = audited_changes(Some(&before), Some(&effective));
+            let audit = self.audit(by, verb, (Kind::Host, name), None, changes)?;
+            let value = encode(&key, &new)?;
             let txn = Txn::new()
-                .when([
-                    compare,
-                    Compare::create_revision(audit_key.clone(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(key.clone(), value, None),
-                    TxnOp::put(audit_key, audit_value, None),
-                ]);
+                .when([compare, audit.is_new()])
+                .and_then([TxnOp::put(key.clone(), value, None), audit.put()]);
             if self.within("txn", c.txn(txn)).await?.succeeded() {
                 self.audited_one();
                 return Ok(effective);

@@ -249,40 +249,7 @@ pub fn missing_dependencies(programs: &[Program]) -> Vec<String> {
 /// A cycle in `depends_on` (program -> what it depends on), as the names around it with the
 /// first repeated at the end (`a -> b -> a`), or `None`.
 pub fn dependency_cycle(deps: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
-    #[derive(Clone, Copy, PartialEq)]
-    enum Mark {
-        Open,
-        Done,
-    }
-    fn visit(
-        n: &str,
-        deps: &BTreeMap<String, Vec<String>>,
-        marks: &mut BTreeMap<String, Mark>,
-        path: &mut Vec<String>,
-    ) -> Option<Vec<String>> {
-        match marks.get(n) {
-            Some(Mark::Done) => return None,
-            Some(Mark::Open) => {
-                let from = path.iter().position(|p| p == n).unwrap_or(0);
-                let mut cycle = path[from..].to_vec();
-                cycle.push(n.to_string());
-                return Some(cycle);
-            }
-            None => {}
-        }
-        marks.insert(n.to_string(), Mark::Open);
-        path.push(n.to_string());
-        for d in deps.get(n).into_iter().flatten() {
-            if let Some(c) = visit(d, deps, marks, path) {
-                return Some(c);
-            }
-        }
-        path.pop();
-        marks.insert(n.to_string(), Mark::Done);
-        None
-    }
-    let mut marks = BTreeMap::new();
-    deps.keys().find_map(|n| visit(n, deps, &mut marks, &mut Vec::new()))
+    deps.keys().find_map(|n| dependency_cycle_through(deps, n))
 }
 
 /// A cycle in `depends_on` that goes through `start` (`start -> ... -> start`), or `None`:

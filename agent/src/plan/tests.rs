@@ -333,7 +333,7 @@ impl World {
         }
     }
 
-    fn plan(&self, observed: &Observed, memory: &mut Memory, now_ms: i64) -> Vec<Action> {
+    fn run(&self, observed: &Observed, memory: &mut Memory, now_ms: i64) -> RuntimePlan {
         let input = RuntimeInput {
             desired: &self.desired,
             loaded: &self.loaded,
@@ -346,6 +346,10 @@ impl World {
             now_ms,
         };
         plan_runtime(&input, memory)
+    }
+
+    fn plan(&self, observed: &Observed, memory: &mut Memory, now_ms: i64) -> Vec<Action> {
+        self.run(observed, memory, now_ms)
             .actions
             .into_iter()
             .map(|(a, _)| a)
@@ -927,23 +931,6 @@ fn depends_on_db(s: &mut ProgramSpec) {
     s.depends_on = Some(vec!["db".into()]);
 }
 
-impl World {
-    fn waiting(&self, observed: &Observed, memory: &mut Memory) -> BTreeMap<String, String> {
-        let input = RuntimeInput {
-            desired: &self.desired,
-            loaded: &self.loaded,
-            pending: &self.pending,
-            observed,
-            applied: Applied {
-                markers: &self.markers,
-                signals: &self.signals,
-            },
-            now_ms: 0,
-        };
-        plan_runtime(&input, memory).waiting
-    }
-}
-
 #[test]
 fn a_program_starts_only_once_what_it_depends_on_runs_here() {
     use Action::*;
@@ -953,7 +940,7 @@ fn a_program_starts_only_once_what_it_depends_on_runs_here() {
     let obs = observed(&[("db", Stopped), ("web", Stopped)]);
     assert_eq!(w.plan(&obs, &mut m, 0), [Start("db".into())]);
     assert_eq!(
-        w.waiting(&obs, &mut m).get("web").map(String::as_str),
+        w.run(&obs, &mut m, 0).waiting.get("web").map(String::as_str),
         Some("waiting for db to be RUNNING (depends_on)")
     );
     for db in [Starting, Backoff, Fatal] {
