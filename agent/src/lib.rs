@@ -3,6 +3,7 @@
 pub mod confdir;
 pub mod envfiles;
 pub mod etcd;
+pub mod health;
 pub mod metrics;
 pub mod plan;
 pub mod procfs;

@@ -72,6 +72,7 @@ pub struct AgentMetrics {
     process_start_time: Family<ProcessLabels, Gauge>,
     process_restarts: Family<ProcessLabels, Counter>,
     process_unexpected_exits: Family<ProcessLabels, Counter>,
+    process_healthy: Family<ProcessLabels, Gauge>,
     program_desired_running: Family<ProgramLabels, Gauge>,
     program_desired_generation: Family<ProgramLabels, Gauge>,
     program_applied_generation: Family<ProgramLabels, Gauge>,
@@ -107,6 +108,7 @@ impl AgentMetrics {
             process_start_time: Family::default(),
             process_restarts: Family::default(),
             process_unexpected_exits: Family::default(),
+            process_healthy: Family::default(),
             program_desired_running: Family::default(),
             program_desired_generation: Family::default(),
             program_applied_generation: Family::default(),
@@ -139,6 +141,11 @@ impl AgentMetrics {
             "corral_process_unexpected_exits",
             "Times the process ended while it should run, without Corral stopping it",
             m.process_unexpected_exits.clone(),
+        );
+        registry.register(
+            "corral_process_healthy",
+            "1 if the process passes its health check, 0 if it fails it (spec.health); absent without a check or before a verdict",
+            m.process_healthy.clone(),
         );
         registry.register(
             "corral_program_desired_running",
@@ -253,6 +260,20 @@ impl AgentMetrics {
             self.program_refused
                 .get_or_create(&l)
                 .set(i64::from(report.refused.contains(name)));
+            for proc in &s.processes {
+                let l = ProcessLabels {
+                    program: name.clone(),
+                    process: proc.name.clone(),
+                };
+                match proc.health.as_str() {
+                    "healthy" => self.process_healthy.get_or_create(&l).set(1),
+                    "unhealthy" => self.process_healthy.get_or_create(&l).set(0),
+                    _ => {
+                        self.process_healthy.remove(&l);
+                        0
+                    }
+                };
+            }
         }
 
         // Processes of managed programs only, labelled by program and group:process.
@@ -276,6 +297,7 @@ impl AgentMetrics {
             self.process_start_time.remove(&l);
             self.process_restarts.remove(&l);
             self.process_unexpected_exits.remove(&l);
+            self.process_healthy.remove(&l);
             for s in STATES {
                 self.process_state.remove(&StateLabels {
                     program: l.program.clone(),

@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use corral_proto::fleet::{Assignment, ProcessStatus, ProgramHostStatus};
 use corral_proto::render;
-use corral_proto::resource::{CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Metadata};
+use corral_proto::resource::{CrashLoop, CrashLoopSpec, DesiredState, Group, GroupSpec, Health, Metadata};
+
+pub use crate::health::{Probe, Probes};
 use corral_proto::{Valid, validate_group, validate_program};
 
 /// One program as this host must run it, already rendered.
@@ -53,6 +55,10 @@ pub struct DesiredProgram {
     pub crash: CrashLoop,
     /// Programs that must be RUNNING here before this one starts (`spec.depends_on`).
     pub depends_on: Vec<String>,
+    /// Its health check (`spec.health`).
+    pub health: Option<Health>,
+    /// supervisord's `user` (an exec health check runs as it).
+    pub user: Option<String>,
 }
 
 /// A native `[group:x]` this host renders: its priority and its members assigned here.
@@ -225,6 +231,8 @@ pub fn desired_with(
                 stopwaitsecs: program.spec.stopwaitsecs.unwrap_or(10).max(0) as u64,
                 depends_on: program.spec.depends_on.clone().unwrap_or_default(),
                 crash: CrashLoopSpec::resolve(program.spec.crash_loop.as_ref()),
+                health: program.spec.health.as_ref().and_then(|h| h.resolve()),
+                user: program.spec.user.clone(),
             },
         );
     }
@@ -642,6 +650,8 @@ pub enum Correction {
     ProcessRestarted,
     ProcessSignalled,
     CrashLoopRestart,
+    /// A RUNNING process that failed its health check, restarted.
+    HealthRestart,
     /// A process left running by a supervisord that died, stopped.
     OrphanStopped,
 }
@@ -656,6 +666,7 @@ impl Correction {
             Correction::ProcessRestarted => "process_restarted",
             Correction::ProcessSignalled => "process_signalled",
             Correction::CrashLoopRestart => "crash_loop_restart",
+            Correction::HealthRestart => "health_restart",
             Correction::OrphanStopped => "orphan_stopped",
         }
     }
@@ -669,6 +680,9 @@ pub struct Crash {
     /// Unix ms of the next start, once it is FATAL and waiting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_retry_ms: Option<i64>,
+    /// Why its health check failed, when that is what restarted it last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_failure: Option<String>,
 }
 
 /// The delay before crash-loop start number `attempts + 1`.
@@ -711,6 +725,8 @@ pub struct RuntimeInput<'a> {
     pub pending: &'a BTreeMap<String, GroupChange>,
     pub observed: &'a Observed,
     pub applied: Applied<'a>,
+    /// Health checks' verdicts.
+    pub probes: &'a Probes,
     pub now_ms: i64,
 }
 
@@ -723,18 +739,32 @@ pub struct RuntimePlan {
     pub waiting: BTreeMap<String, String>,
 }
 
-/// Whether every process of every dependency of `p` placed here is RUNNING; else the first
-/// that is not.
+/// The verdict of `p`'s health check on process `ns` as it runs now (`None`: no check, or no
+/// verdict yet on this pid).
+pub fn verdict(p: &DesiredProgram, ns: &str, proc: &Proc, probes: &Probes) -> Option<bool> {
+    p.health.as_ref()?;
+    probes.get(ns).filter(|pr| pr.pid == proc.pid)?.healthy
+}
+
+/// RUNNING, and healthy when the program has a check.
+pub fn runs_healthy(p: &DesiredProgram, ns: &str, proc: &Proc, probes: &Probes) -> bool {
+    proc.state == ProcState::Running && (p.health.is_none() || verdict(p, ns, proc, probes) == Some(true))
+}
+
+/// Whether every process of every dependency of `p` placed here is RUNNING (and healthy, if
+/// it has a check); else the first that is not.
 fn dependencies_running<'a>(p: &'a DesiredProgram, input: &RuntimeInput<'_>) -> Result<(), &'a str> {
     for d in &p.depends_on {
         let Some(dp) = input.desired.programs.get(d) else {
             continue; // not placed here: not waited for
         };
         let running = !dp.namespecs.is_empty()
-            && dp
-                .namespecs
-                .iter()
-                .all(|ns| input.observed.get(ns).is_some_and(|pr| pr.state == ProcState::Running));
+            && dp.namespecs.iter().all(|ns| {
+                input
+                    .observed
+                    .get(ns)
+                    .is_some_and(|pr| runs_healthy(dp, ns, pr, input.probes))
+            });
         if !running {
             return Err(d);
         }
@@ -857,7 +887,37 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                     memory.stopping.entry(ns.clone()).or_insert(now);
                     Some((Action::Stop(ns.clone()), Correction::ProcessRestarted))
                 }
+                DesiredState::Running
+                    if s == ProcState::Running
+                        && p.health.as_ref().is_some_and(|h| h.restart)
+                        && verdict(p, ns, proc, input.probes) == Some(false) =>
+                {
+                    // Liveness: stopped now, started again at once the first time, then
+                    // after the crash-loop delay (doubling).
+                    let crash = memory.crash.entry(ns.clone()).or_default();
+                    crash.next_retry_ms = match crash.attempts {
+                        0 => None,
+                        n => Some(now + crash_delay(&p.crash, n - 1).as_millis() as i64),
+                    };
+                    crash.attempts += 1;
+                    crash.health_failure = input.probes.get(ns).map(|pr| pr.error.clone());
+                    memory.stopping.entry(ns.clone()).or_insert(now);
+                    Some((Action::Stop(ns.clone()), Correction::HealthRestart))
+                }
+                DesiredState::Running
+                    if s == ProcState::Stopped
+                        && memory
+                            .crash
+                            .get(ns)
+                            .and_then(|c| c.next_retry_ms)
+                            .is_some_and(|at| now < at) =>
+                {
+                    None // stopped for failing its health check: its delay is not over
+                }
                 DesiredState::Running if s == ProcState::Stopped || (marker_moved && !s.is_active()) => {
+                    if let Some(c) = memory.crash.get_mut(ns) {
+                        c.next_retry_ms = None;
+                    }
                     Some((Action::Start(ns.clone()), Correction::ProcessStarted))
                 }
                 DesiredState::Running if s == ProcState::Fatal && p.crash.restart => {
@@ -902,8 +962,10 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
             }
             let action = match action {
                 Some((Action::Start(_), _)) if let Err(d) = dependencies_running(p, input) => {
-                    plan.waiting
-                        .insert(p.name.clone(), format!("waiting for {d} to be RUNNING (depends_on)"));
+                    plan.waiting.insert(
+                        p.name.clone(),
+                        format!("waiting for {d} to be RUNNING and healthy (depends_on)"),
+                    );
                     None
                 }
                 other => other,
@@ -920,7 +982,9 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
         .desired
         .programs
         .values()
-        .filter(|p| p.state == DesiredState::Running && p.crash.restart)
+        .filter(|p| {
+            p.state == DesiredState::Running && (p.crash.restart || p.health.as_ref().is_some_and(|h| h.restart))
+        })
         .flat_map(|p| p.namespecs.iter())
         .collect();
     memory.crash.retain(|ns, _| wanted.contains(ns));
@@ -1007,12 +1071,12 @@ pub fn group_of(namespec: &str) -> &str {
     namespec.split_once(':').map_or(namespec, |(g, _)| g)
 }
 
-/// Whether every process of `p` is in its desired state: RUNNING (past startsecs) when it
-/// must run, not running when it must not.
-pub fn is_ready(p: &DesiredProgram, observed: &Observed) -> bool {
+/// Whether every process of `p` is in its desired state: RUNNING (past startsecs, and
+/// healthy when it has a check) when it must run, not running when it must not.
+pub fn is_ready(p: &DesiredProgram, observed: &Observed, probes: &Probes) -> bool {
     p.namespecs.iter().all(|ns| {
         observed.get(ns).is_some_and(|proc| match p.state {
-            DesiredState::Running => proc.state == ProcState::Running,
+            DesiredState::Running => runs_healthy(p, ns, proc, probes),
             DesiredState::Stopped => !proc.state.is_active(),
         })
     })
@@ -1036,6 +1100,8 @@ pub struct StatusInput<'a> {
     pub memory: &'a Memory,
     /// `group:process` -> last lines of its stderr, for failing processes.
     pub stderr_tails: &'a HashMap<String, String>,
+    /// Health checks' verdicts.
+    pub probes: &'a Probes,
 }
 
 /// The status of every desired (or invalid) program on this host.
@@ -1070,6 +1136,16 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                     } else {
                         String::new()
                     },
+                    health: match verdict(p, ns, i, input.probes) {
+                        _ if p.health.is_none() || i.state != ProcState::Running => String::new(),
+                        Some(true) => "healthy".to_string(),
+                        Some(false) => "unhealthy".to_string(),
+                        None => "pending".to_string(),
+                    },
+                    health_error: match verdict(p, ns, i, input.probes) {
+                        Some(false) => input.probes.get(ns).map(|pr| pr.error.clone()).unwrap_or_default(),
+                        _ => crash.and_then(|c| c.health_failure.clone()).unwrap_or_default(),
+                    },
                 }
             })
             .collect();
@@ -1082,7 +1158,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                 observed_generation: input.generations.get(&p.name).copied().unwrap_or(0),
                 desired_state: p.state,
                 processes,
-                ready: error.is_none() && is_ready(p, input.observed),
+                ready: error.is_none() && is_ready(p, input.observed, input.probes),
                 error,
             },
         );

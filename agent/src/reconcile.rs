@@ -122,6 +122,8 @@ pub struct Reconciler {
     /// The managed files as they were when trying them out showed that supervisord's refusal
     /// is about none of them.
     not_ours: Option<BTreeMap<String, String>>,
+    /// Runs the health checks of what runs.
+    prober: crate::health::Prober,
 }
 
 impl Reconciler {
@@ -161,7 +163,13 @@ impl Reconciler {
             tails: HashMap::new(),
             host_error: None,
             not_ours: None,
+            prober: crate::health::Prober::new(),
         })
+    }
+
+    /// Notified when a health check's verdict changes (a pass should look).
+    pub fn health_changed(&self) -> std::sync::Arc<tokio::sync::Notify> {
+        self.prober.changed()
     }
 
     /// Makes the next pass call `reloadConfig` (to catch runtime config drift).
@@ -300,7 +308,8 @@ impl Reconciler {
             }
         }
 
-        // 3. Groups and processes.
+        // 3. Groups and processes (and what their health checks say).
+        let probes = self.prober.snapshot();
         let infos = self.client.get_all_process_info().await?;
         let observed = observe(&infos);
         self.stop_orphans(&infos, &observed, desired, now, &mut report);
@@ -329,6 +338,7 @@ impl Reconciler {
                 markers: &self.state.applied_markers,
                 signals: &self.state.applied_signals,
             },
+            probes: &probes,
             now_ms: now,
         };
         let runtime = plan::plan_runtime(&input, &mut self.memory);
@@ -472,7 +482,10 @@ impl Reconciler {
             generations: &self.state.applied_generations,
             memory: &self.memory,
             stderr_tails: &tails,
+            probes: &probes,
         });
+        // Checked from now on: what runs after this pass's actions.
+        self.prober.sync(crate::health::targets(desired, &observed));
         report.recheck_after = plan::next_look(
             desired,
             &observed,

@@ -177,6 +177,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
     let mut env_reader = crate::envfiles::EnvFileReader::default();
     let mut history = ProcessHistory::default();
     let mut recheck: Option<Duration> = None;
+    let health_changed = reconciler.health_changed();
     loop {
         // No waiting for bursts to settle: a burst of conf dir events (the agent's own writes
         // among them) leaves one stored wake-up, so at most one more pass, which costs less
@@ -185,6 +186,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             _ = shutdown.cancelled() => break,
             r = desired_rx.changed() => { if r.is_err() { break; } }
             _ = trigger.notified() => {}
+            _ = health_changed.notified() => {}
             _ = tick.tick() => {}
             _ = tokio::time::sleep(recheck.unwrap_or(Duration::from_secs(3600))), if recheck.is_some() => {}
         }

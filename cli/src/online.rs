@@ -511,7 +511,7 @@ pub async fn get(
                 return Ok(ExitCode::SUCCESS);
             }
             let wide = out == Some(Output::Wide);
-            let mut header = vec!["NAME", "STATE", "DESIRED", "UPDATED", "READY", "GENERATION"];
+            let mut header = vec!["NAME", "STATE", "DESIRED", "UPDATED", "READY", "HEALTHY", "GENERATION"];
             if wide {
                 header.extend(["PLACEMENT", "COMMAND"]);
             }
@@ -528,6 +528,7 @@ pub async fn get(
                     v.desired.to_string(),
                     v.updated.to_string(),
                     v.ready.to_string(),
+                    healthy_of(p.spec.health.is_some(), &v),
                     p.metadata.generation.to_string(),
                 ];
                 if wide {
@@ -639,7 +640,10 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 let procs: Vec<String> = view
                     .processes
                     .iter()
-                    .map(|pr| format!("{} {}", pr.name, pr.state))
+                    .map(|pr| match pr.health.as_str() {
+                        "" => format!("{} {}", pr.name, pr.state),
+                        h => format!("{} {} ({h})", pr.name, pr.state),
+                    })
                     .collect();
                 t.add_row(vec![
                     p.metadata.name.clone(),
@@ -686,6 +690,7 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 "READY",
                 "PROCESS",
                 "STATE",
+                "HEALTH",
                 "PID",
                 "UPTIME",
             ]);
@@ -706,6 +711,7 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                         h.ready.to_string(),
                         pr.map(|p| p.name.clone()).unwrap_or_default(),
                         pr.map(|p| p.state.clone()).unwrap_or_default(),
+                        pr.map(|p| p.health.clone()).unwrap_or_default(),
                         pr.filter(|p| p.pid > 0).map(|p| p.pid.to_string()).unwrap_or_default(),
                         pr.filter(|p| p.pid > 0 && p.started_at > 0)
                             .map(|p| format!("{}s", now - p.started_at))
@@ -729,7 +735,11 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 .hosts
                 .iter()
                 .flat_map(|h| h.processes.iter().map(move |p| (h.host.as_str(), p)))
-                .filter(|(_, p)| matches!(p.state.as_str(), "FATAL" | "BACKOFF" | "EXITED") || p.crash_restarts > 0)
+                .filter(|(_, p)| {
+                    matches!(p.state.as_str(), "FATAL" | "BACKOFF" | "EXITED")
+                        || p.crash_restarts > 0
+                        || p.health == "unhealthy"
+                })
                 .collect();
             if !failing.is_empty() {
                 outln!("Failing processes:");
@@ -874,6 +884,21 @@ pub async fn status(api: &ApiClient, out: Option<Output>) -> anyhow::Result<Exit
 }
 
 /// One line on a failing process, with when the crash-loop policy starts it next.
+/// `get programs`' HEALTHY column: processes passing their check of those checked (`-`
+/// without a check).
+fn healthy_of(checked: bool, v: &ProgramStatusView) -> String {
+    if !checked {
+        return "-".to_string();
+    }
+    let procs = v
+        .hosts
+        .iter()
+        .flat_map(|h| h.processes.iter())
+        .filter(|p| !p.health.is_empty());
+    let (healthy, all) = procs.fold((0, 0), |(h, a), p| (h + usize::from(p.health == "healthy"), a + 1));
+    format!("{healthy}/{all}")
+}
+
 fn process_problem(p: &corral_proto::fleet::ProcessStatus, now: i64) -> String {
     let mut line = p.summary();
     if p.next_retry_at > 0 {

@@ -142,31 +142,43 @@ impl Policy {
         }
         if let Some(prefixes) = &self.commands {
             let executable = spec.command.split_whitespace().next().unwrap_or_default();
-            let allowed = prefixes.iter().any(|p| {
-                if p.ends_with('/') {
-                    executable.starts_with(p.as_str())
-                } else {
-                    executable == p
+            let mut executables = vec![("spec.command", executable)];
+            // An exec health check runs on the host too (as the program's user, or root).
+            if let Some(exe) = spec
+                .health
+                .as_ref()
+                .and_then(|h| h.exec.as_ref())
+                .and_then(|x| x.command.first())
+            {
+                executables.push(("spec.health.exec.command[0]", exe.as_str()));
+            }
+            for (field, executable) in executables {
+                let allowed = prefixes.iter().any(|p| {
+                    if p.ends_with('/') {
+                        executable.starts_with(p.as_str())
+                    } else {
+                        executable == p
+                    }
+                });
+                if has_unsafe_expansion(executable) || executable.contains(['\'', '"', '\\']) {
+                    refuse(
+                        field,
+                        format!("the executable {executable:?} uses quoting or an expansion; name it plainly"),
+                    );
+                } else if !executable.starts_with('/') || executable.split('/').any(|c| c == "..") {
+                    refuse(
+                        field,
+                        format!("the executable {executable:?} is not a plain absolute path"),
+                    );
+                } else if !allowed {
+                    refuse(
+                        field,
+                        format!(
+                            "the executable {executable:?} is not allowed; allowed: {}",
+                            prefixes.join(", ")
+                        ),
+                    );
                 }
-            });
-            if has_unsafe_expansion(executable) || executable.contains(['\'', '"', '\\']) {
-                refuse(
-                    "spec.command",
-                    format!("the executable {executable:?} uses quoting or an expansion; name it plainly"),
-                );
-            } else if !executable.starts_with('/') || executable.split('/').any(|c| c == "..") {
-                refuse(
-                    "spec.command",
-                    format!("the executable {executable:?} is not a plain absolute path"),
-                );
-            } else if !allowed {
-                refuse(
-                    "spec.command",
-                    format!(
-                        "the executable {executable:?} is not allowed; allowed: {}",
-                        prefixes.join(", ")
-                    ),
-                );
             }
         }
         if let (Some(dirs), Some(file)) = (&self.environment_files, &spec.environment_file)
@@ -285,6 +297,19 @@ mod tests {
             "spec.environment_file",
             "outside",
         );
+        // An exec health check runs on the host as well: the same rule.
+        let check = |exe: &str| {
+            spec(|s| {
+                s.health = Some(corral_proto::resource::HealthSpec {
+                    exec: Some(corral_proto::resource::ExecCheck {
+                        command: vec![exe.into(), "-c".into(), "id".into()],
+                    }),
+                    ..Default::default()
+                })
+            })
+        };
+        refused(&p, check("/bin/sh"), "spec.health.exec.command[0]", "not allowed");
+        assert!(p.check(&check("/srv/app/bin/check")).is_empty());
     }
 
     #[test]

@@ -45,7 +45,8 @@ pub struct ProcessStatus {
     /// supervisord's description (`pid 123, uptime 0:01:02`, `Exited too quickly`, ...).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub description: String,
-    /// How many times Corral's crash-loop policy has started it again since it last stayed up.
+    /// How many times Corral's crash-loop policy has started it again (after FATAL, or after
+    /// failing its health check) since it last stayed up.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub crash_restarts: u32,
     /// Unix time of the crash-loop policy's next start, while it waits (FATAL).
@@ -54,6 +55,14 @@ pub struct ProcessStatus {
     /// The last lines of its stderr log, while it is failing (FATAL, BACKOFF, EXITED).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stderr_tail: String,
+    /// Its health check's verdict while it runs: `healthy`, `unhealthy` or `pending` (no
+    /// verdict yet); empty without a check (`spec.health`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health: String,
+    /// Why its last check failed, while it is unhealthy; else why its check last restarted it
+    /// (until it has stayed up for the crash-loop policy's `reset_after_secs`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub health_error: String,
 }
 
 impl ProcessStatus {
@@ -70,6 +79,15 @@ impl ProcessStatus {
         }
         if !self.spawn_error.is_empty() && !self.description.contains(&self.spawn_error) {
             parts.push(format!("spawn error: {}", self.spawn_error));
+        }
+        match self.health.as_str() {
+            "" => {}
+            "unhealthy" if !self.health_error.is_empty() => parts.push(format!("unhealthy: {}", self.health_error)),
+            "pending" => parts.push("health check pending".to_string()),
+            h => parts.push(h.to_string()),
+        }
+        if self.health != "unhealthy" && !self.health_error.is_empty() {
+            parts.push(format!("restarted after failing its check: {}", self.health_error));
         }
         match self.crash_restarts {
             0 => {}

@@ -335,6 +335,130 @@ impl CrashLoopSpec {
     }
 }
 
+/// A health check the agent runs against each RUNNING process of a program (`spec.health`):
+/// exactly one of `http`, `tcp` or `exec`. A process is healthy once a check passes and
+/// unhealthy after `failure_threshold` failures in a row. Readiness waits for healthy (so a
+/// rollout's next batch and a dependent's start wait for it); with `restart` (the default) an
+/// unhealthy process is restarted, the first time at once and then after the crash-loop
+/// delay (`spec.crash_loop`). Checks reach the process on the host's loopback only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// GET `http://127.0.0.1:PORT/PATH`; healthy when the status is `expect_status` (default:
+    /// any 2xx or 3xx). Redirects are not followed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheck>,
+    /// A TCP connection to `127.0.0.1:PORT` is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheck>,
+    /// A command (no shell) exits 0, run as the program's `user` with `CORRAL_PROGRAM`,
+    /// `CORRAL_PROCESS` and `CORRAL_PID` in its environment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<ExecCheck>,
+    /// Seconds between checks. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub period_secs: Option<i64>,
+    /// A check that takes longer fails. Default 2, at most `period_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<i64>,
+    /// Failures in a row that make a process unhealthy. Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_threshold: Option<i64>,
+    /// Seconds after a process starts before its first check. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_delay_secs: Option<i64>,
+    /// Restart an unhealthy process (liveness). Default true; false only holds back
+    /// readiness.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheck {
+    pub port: i64,
+    /// Default `/`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_status: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheck {
+    pub port: i64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecCheck {
+    /// The executable (an absolute path) and its arguments.
+    pub command: Vec<String>,
+}
+
+/// What a health check does, resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Check {
+    Http {
+        port: u16,
+        path: String,
+        expect_status: Option<u16>,
+    },
+    Tcp {
+        port: u16,
+    },
+    Exec {
+        command: Vec<String>,
+    },
+}
+
+/// A (validated) health check with its defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Health {
+    pub check: Check,
+    pub period_secs: u64,
+    pub timeout_secs: u64,
+    pub failure_threshold: u32,
+    pub initial_delay_secs: u64,
+    pub restart: bool,
+}
+
+impl HealthSpec {
+    pub const DEFAULT_PERIOD_SECS: u64 = 10;
+    pub const DEFAULT_TIMEOUT_SECS: u64 = 2;
+    pub const DEFAULT_FAILURE_THRESHOLD: u32 = 3;
+
+    /// The check a validated spec asks for; `None` when it names no check.
+    pub fn resolve(&self) -> Option<Health> {
+        let port = |p: i64| u16::try_from(p).unwrap_or(0);
+        let check = match (&self.http, &self.tcp, &self.exec) {
+            (Some(h), _, _) => Check::Http {
+                port: port(h.port),
+                path: h.path.clone().unwrap_or_else(|| "/".to_string()),
+                expect_status: h.expect_status.and_then(|s| u16::try_from(s).ok()),
+            },
+            (None, Some(t), _) => Check::Tcp { port: port(t.port) },
+            (None, None, Some(x)) => Check::Exec {
+                command: x.command.clone(),
+            },
+            (None, None, None) => return None,
+        };
+        let secs = |v: Option<i64>, default: u64| v.map_or(default, |v| v.max(0) as u64);
+        let period = secs(self.period_secs, Self::DEFAULT_PERIOD_SECS).max(1);
+        Some(Health {
+            check,
+            period_secs: period,
+            timeout_secs: secs(self.timeout_secs, Self::DEFAULT_TIMEOUT_SECS).clamp(1, period),
+            failure_threshold: self.failure_threshold.map_or(Self::DEFAULT_FAILURE_THRESHOLD, |n| {
+                u32::try_from(n).unwrap_or(1).max(1)
+            }),
+            initial_delay_secs: secs(self.initial_delay_secs, 0),
+            restart: self.restart.unwrap_or(true),
+        })
+    }
+}
+
 macro_rules! program_spec {
     ($( $(#[$doc:meta])* $field:ident : $ty:ty ),* $(,)?) => {
         /// `Program.spec`: placement, desired state and every supervisord 4.2 `[program:x]`
@@ -374,6 +498,9 @@ macro_rules! program_spec {
             /// this one stops first. A dependency not placed on the host is not waited for.
             #[serde(default, skip_serializing_if = "Option::is_none")]
             pub depends_on: Option<Vec<String>>,
+            /// A health check run on the host against each process; see `HealthSpec`.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub health: Option<HealthSpec>,
             /// supervisord `command` (required).
             pub command: String,
             $( $(#[$doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*

@@ -574,6 +574,9 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
             }
         }
     }
+    if let Some(h) = &s.health {
+        health(&mut e, h);
+    }
     if let Some(dir) = &s.directory {
         path_value(&mut e, "spec.directory", dir, Scope::Process);
     }
@@ -681,6 +684,79 @@ pub fn validate_host(h: Host) -> Result<Valid<Host>, ValidationErrors> {
     e.finish(resource, h)
 }
 
+/// `spec.health`: one check, sane timings; nothing reaches an INI file, but the agent runs
+/// it as root (exec) or on the host's loopback (http, tcp).
+fn health(e: &mut Errors, h: &crate::resource::HealthSpec) {
+    let checks = [h.http.is_some(), h.tcp.is_some(), h.exec.is_some()]
+        .iter()
+        .filter(|c| **c)
+        .count();
+    if checks != 1 {
+        e.add(
+            "spec.health",
+            format!("names {checks} checks; give exactly one of http, tcp or exec"),
+        );
+    }
+    if let Some(c) = &h.http {
+        e.range("spec.health.http.port", Some(c.port), 1, 65_535);
+        e.range("spec.health.http.expect_status", c.expect_status, 100, 599);
+        if let Some(path) = &c.path {
+            let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
+            if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(allowed) {
+                e.add(
+                    "spec.health.http.path",
+                    format!("{path:?} is not a URL path (it starts with /, at most 1024 characters of a URL, no spaces or #)"),
+                );
+            }
+        }
+    }
+    if let Some(c) = &h.tcp {
+        e.range("spec.health.tcp.port", Some(c.port), 1, 65_535);
+    }
+    if let Some(c) = &h.exec {
+        if c.command.is_empty() || c.command.len() > 64 {
+            e.add(
+                "spec.health.exec.command",
+                format!(
+                    "has {} words; give the executable and at most 63 arguments",
+                    c.command.len()
+                ),
+            );
+        }
+        if let Some(exe) = c.command.first()
+            && (!exe.starts_with('/') || exe.split('/').any(|c| c == ".."))
+        {
+            e.add(
+                "spec.health.exec.command[0]",
+                format!("{exe:?} is not an absolute path to an executable (no .. components)"),
+            );
+        }
+        for (i, arg) in c.command.iter().enumerate() {
+            if arg.len() > 4096 || arg.chars().any(|c| c.is_control()) {
+                e.add(
+                    format!("spec.health.exec.command[{i}]"),
+                    "must be at most 4096 characters without control characters",
+                );
+            }
+        }
+    }
+    e.range("spec.health.period_secs", h.period_secs, 1, 3600);
+    e.range("spec.health.timeout_secs", h.timeout_secs, 1, 3600);
+    e.range("spec.health.failure_threshold", h.failure_threshold, 1, 100);
+    e.range("spec.health.initial_delay_secs", h.initial_delay_secs, 0, 3600);
+    let period = h
+        .period_secs
+        .unwrap_or(crate::resource::HealthSpec::DEFAULT_PERIOD_SECS as i64);
+    if let Some(t) = h.timeout_secs
+        && t > period
+    {
+        e.add(
+            "spec.health.timeout_secs",
+            format!("{t} is longer than period_secs ({period})"),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -745,6 +821,121 @@ mod tests {
             s.exitcodes = Some(vec![0, 2]);
             s.command = "/bin/sh -c 'exec worker --name \"a b\";true' 50%%".into();
         }));
+    }
+
+    #[test]
+    fn a_health_check_is_one_check_with_sane_timings() {
+        use crate::resource::{Check, ExecCheck, HealthSpec, HttpCheck, TcpCheck};
+        let http = |path: &str| HealthSpec {
+            http: Some(HttpCheck {
+                port: 8080,
+                path: Some(path.into()),
+                expect_status: Some(204),
+            }),
+            ..Default::default()
+        };
+        accepted(program(|s| s.health = Some(http("/healthz?deep=1"))));
+        let resolved = http("/h").resolve().expect("a check");
+        assert_eq!(
+            resolved.check,
+            Check::Http {
+                port: 8080,
+                path: "/h".into(),
+                expect_status: Some(204)
+            }
+        );
+        assert_eq!(
+            (
+                resolved.period_secs,
+                resolved.timeout_secs,
+                resolved.failure_threshold,
+                resolved.restart
+            ),
+            (10, 2, 3, true)
+        );
+        refused(
+            program(|s| s.health = Some(http("healthz"))),
+            "spec.health.http.path",
+            "URL path",
+        );
+        refused(
+            program(|s| s.health = Some(http("/a b"))),
+            "spec.health.http.path",
+            "URL path",
+        );
+        refused(
+            program(|s| s.health = Some(http("/a\r\nHost: x"))),
+            "spec.health.http.path",
+            "URL path",
+        );
+        refused(
+            program(|s| s.health = Some(HealthSpec::default())),
+            "spec.health",
+            "names 0 checks",
+        );
+        let two = HealthSpec {
+            tcp: Some(TcpCheck { port: 1 }),
+            exec: Some(ExecCheck {
+                command: vec!["/bin/true".into()],
+            }),
+            ..Default::default()
+        };
+        refused(program(|s| s.health = Some(two)), "spec.health", "names 2 checks");
+        let tcp = |port, period, timeout| HealthSpec {
+            tcp: Some(TcpCheck { port }),
+            period_secs: period,
+            timeout_secs: timeout,
+            ..Default::default()
+        };
+        refused(
+            program(|s| s.health = Some(tcp(0, None, None))),
+            "spec.health.tcp.port",
+            "out of range",
+        );
+        refused(
+            program(|s| s.health = Some(tcp(70_000, None, None))),
+            "spec.health.tcp.port",
+            "out of range",
+        );
+        refused(
+            program(|s| s.health = Some(tcp(80, Some(5), Some(6)))),
+            "spec.health.timeout_secs",
+            "longer than period_secs (5)",
+        );
+        refused(
+            program(|s| s.health = Some(tcp(80, Some(0), None))),
+            "spec.health.period_secs",
+            "out of range",
+        );
+        let exec = |command: Vec<&str>| HealthSpec {
+            exec: Some(ExecCheck {
+                command: command.into_iter().map(String::from).collect(),
+            }),
+            ..Default::default()
+        };
+        accepted(program(|s| {
+            s.health = Some(exec(vec!["/usr/bin/curl", "-fs", "http://127.0.0.1/"]))
+        }));
+        refused(
+            program(|s| s.health = Some(exec(vec![]))),
+            "spec.health.exec.command",
+            "has 0 words",
+        );
+        refused(
+            program(|s| s.health = Some(exec(vec!["curl"]))),
+            "spec.health.exec.command[0]",
+            "absolute path",
+        );
+        refused(
+            program(|s| s.health = Some(exec(vec!["/srv/../bin/sh"]))),
+            "spec.health.exec.command[0]",
+            "absolute path",
+        );
+        refused(
+            program(|s| s.health = Some(exec(vec!["/bin/echo", "a\nb"]))),
+            "spec.health.exec.command[1]",
+            "control",
+        );
     }
 
     #[test]

@@ -318,6 +318,7 @@ struct World {
     pending: BTreeMap<String, GroupChange>,
     markers: BTreeMap<String, Option<String>>,
     signals: BTreeMap<String, Option<String>>,
+    probes: Probes,
 }
 
 impl World {
@@ -330,6 +331,7 @@ impl World {
             pending: BTreeMap::new(),
             markers: BTreeMap::new(),
             signals: BTreeMap::new(),
+            probes: Probes::new(),
         }
     }
 
@@ -343,6 +345,7 @@ impl World {
                 markers: &self.markers,
                 signals: &self.signals,
             },
+            probes: &self.probes,
             now_ms,
         };
         plan_runtime(&input, memory)
@@ -557,6 +560,7 @@ fn stops_are_polled_often_at_first_then_less() {
         Crash {
             attempts: 0,
             next_retry_ms: Some(10_000),
+            health_failure: None,
         },
     );
     assert_eq!(
@@ -600,9 +604,10 @@ fn readiness_needs_every_process_in_its_desired_state() {
     use ProcState::*;
     let d = desired(&assignments(vec![assignment("w", two_workers)]), "h1");
     let p = &d.programs["w"];
-    assert!(is_ready(p, &observed(&[("w_0", Running), ("w_1", Running)])));
-    assert!(!is_ready(p, &observed(&[("w_0", Running), ("w_1", Starting)])));
-    assert!(!is_ready(p, &observed(&[("w_0", Running)])));
+    let none = Probes::new();
+    assert!(is_ready(p, &observed(&[("w_0", Running), ("w_1", Running)]), &none));
+    assert!(!is_ready(p, &observed(&[("w_0", Running), ("w_1", Starting)]), &none));
+    assert!(!is_ready(p, &observed(&[("w_0", Running)]), &none));
 }
 
 #[test]
@@ -619,6 +624,7 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
             Crash {
                 attempts: 2,
                 next_retry_ms: Some(41_500),
+                health_failure: None,
             },
         )]
         .into(),
@@ -637,6 +643,7 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
         generations: &[("w".to_string(), 3)].into(),
         memory: &memory,
         stderr_tails: &tails,
+        probes: &Probes::new(),
     });
     let w = &s["w"];
     assert!(!w.ready);
@@ -667,6 +674,7 @@ fn a_running_process_reports_the_same_status_every_pass() {
             generations: &BTreeMap::new(),
             memory: &Memory::default(),
             stderr_tails: &HashMap::new(),
+            probes: &Probes::new(),
         })
     };
     // Otherwise every pass would rewrite every status in etcd.
@@ -797,6 +805,7 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
         errors: &errors,
         generations: &generations,
         stderr_tails: &tails,
+        probes: &Probes::new(),
     });
     for name in ["garbage", "inject", "web", "grouped"] {
         assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
@@ -941,7 +950,7 @@ fn a_program_starts_only_once_what_it_depends_on_runs_here() {
     assert_eq!(w.plan(&obs, &mut m, 0), [Start("db".into())]);
     assert_eq!(
         w.run(&obs, &mut m, 0).waiting.get("web").map(String::as_str),
-        Some("waiting for db to be RUNNING (depends_on)")
+        Some("waiting for db to be RUNNING and healthy (depends_on)")
     );
     for db in [Starting, Backoff, Fatal] {
         let obs = observed(&[("db", db), ("web", Stopped)]);
@@ -999,4 +1008,163 @@ fn a_program_stops_before_what_it_depends_on_when_both_stop_or_leave() {
     let w = World::new(vec![assignment("db", stopped), assignment("web", depends_on_db)]);
     let obs = observed(&[("db", Running), ("web", Running)]);
     assert_eq!(w.plan(&obs, &mut Memory::default(), 0), [Stop("db".into())]);
+}
+
+fn checked(s: &mut ProgramSpec) {
+    s.health = Some(corral_proto::resource::HealthSpec {
+        tcp: Some(corral_proto::resource::TcpCheck { port: 8080 }),
+        ..Default::default()
+    });
+}
+
+fn probe(pid: i64, healthy: Option<bool>) -> Probe {
+    Probe {
+        pid,
+        healthy,
+        failures: if healthy == Some(false) { 3 } else { 0 },
+        error: if healthy == Some(false) {
+            "tcp 127.0.0.1:8080: connection refused".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+#[test]
+fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs() {
+    let d = desired(&assignments(vec![assignment("web", checked)]), "h1");
+    let p = &d.programs["web"];
+    let obs = observed(&[("web", ProcState::Running)]);
+    let probes = |pr: Probe| -> Probes { [("web".to_string(), pr)].into() };
+    assert!(!is_ready(p, &obs, &Probes::new()), "not checked yet");
+    assert!(!is_ready(p, &obs, &probes(probe(42, None))), "no verdict yet");
+    assert!(is_ready(p, &obs, &probes(probe(42, Some(true)))));
+    assert!(
+        !is_ready(p, &obs, &probes(probe(41, Some(true)))),
+        "a verdict on an older pid"
+    );
+    assert!(!is_ready(p, &obs, &probes(probe(42, Some(false)))));
+    let status = |probes: &Probes| {
+        statuses(&StatusInput {
+            host: "h1",
+            desired: &d,
+            observed: &obs,
+            errors: &BTreeMap::new(),
+            generations: &BTreeMap::new(),
+            memory: &Memory::default(),
+            stderr_tails: &HashMap::new(),
+            probes,
+        })["web"]
+            .processes[0]
+            .clone()
+    };
+    let sick = status(&probes(probe(42, Some(false))));
+    assert_eq!(
+        (sick.health.as_str(), sick.health_error.as_str()),
+        ("unhealthy", "tcp 127.0.0.1:8080: connection refused")
+    );
+    assert!(
+        sick.summary().contains("unhealthy: tcp 127.0.0.1:8080"),
+        "{}",
+        sick.summary()
+    );
+    assert_eq!(status(&probes(probe(42, Some(true)))).health, "healthy");
+    assert_eq!(status(&probes(probe(42, None))).health, "pending");
+    // A program without a check says nothing of health.
+    let plain = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
+    let s = statuses(&StatusInput {
+        host: "h1",
+        desired: &plain,
+        observed: &obs,
+        errors: &BTreeMap::new(),
+        generations: &BTreeMap::new(),
+        memory: &Memory::default(),
+        stderr_tails: &HashMap::new(),
+        probes: &Probes::new(),
+    });
+    assert_eq!(s["web"].processes[0].health, "");
+    assert!(s["web"].ready);
+}
+
+#[test]
+fn an_unhealthy_process_is_restarted_at_once_then_after_the_crash_loop_delay() {
+    use Action::*;
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("web", checked)]);
+    let mut m = Memory::default();
+    w.probes = [("web".to_string(), probe(42, Some(true)))].into();
+    assert_eq!(
+        w.plan(&observed(&[("web", Running)]), &mut m, 0),
+        [],
+        "healthy: left alone"
+    );
+    w.probes = [("web".to_string(), probe(42, Some(false)))].into();
+    let plan = w.run(&observed(&[("web", Running)]), &mut m, 1_000);
+    assert_eq!(plan.actions, [(Stop("web".into()), Correction::HealthRestart)]);
+    assert_eq!(m.crash["web"].attempts, 1);
+    // Still STOPPING: asked once only.
+    assert_eq!(w.plan(&observed(&[("web", Stopping)]), &mut m, 1_100), []);
+    // Stopped: started again at once, the first time.
+    assert_eq!(
+        w.plan(&observed(&[("web", Stopped)]), &mut m, 1_200),
+        [Start("web".into())]
+    );
+    // Its new pid fails too: stopped, and this time started only after the initial delay.
+    let mut obs = observed(&[("web", Running)]);
+    if let Some(p) = obs.get_mut("web") {
+        p.pid = 43;
+    }
+    assert_eq!(w.plan(&obs, &mut m, 5_000), [], "the verdict was on the old pid");
+    w.probes = [("web".to_string(), probe(43, Some(false)))].into();
+    assert_eq!(w.plan(&obs, &mut m, 6_000), [Stop("web".into())]);
+    assert_eq!(m.crash["web"].next_retry_ms, Some(16_000));
+    assert_eq!(w.plan(&observed(&[("web", Stopped)]), &mut m, 15_999), []);
+    let next = next_look(
+        &w.desired,
+        &observed(&[("web", Stopped)]),
+        &mut m,
+        std::iter::empty(),
+        15_000,
+    );
+    assert_eq!(
+        next,
+        Some(Duration::from_secs(1)),
+        "the agent looks again when it is due"
+    );
+    assert_eq!(
+        w.plan(&observed(&[("web", Stopped)]), &mut m, 16_000),
+        [Start("web".into())]
+    );
+    assert_eq!(m.crash["web"].attempts, 2);
+}
+
+#[test]
+fn a_check_without_restart_only_holds_back_readiness() {
+    let mut w = World::new(vec![assignment("web", |s| {
+        checked(s);
+        if let Some(h) = &mut s.health {
+            h.restart = Some(false);
+        }
+    })]);
+    w.probes = [("web".to_string(), probe(42, Some(false)))].into();
+    let mut m = Memory::default();
+    assert_eq!(w.plan(&observed(&[("web", ProcState::Running)]), &mut m, 0), []);
+    assert!(!is_ready(
+        &w.desired.programs["web"],
+        &observed(&[("web", ProcState::Running)]),
+        &w.probes
+    ));
+}
+
+#[test]
+fn a_dependent_waits_for_its_dependency_to_be_healthy() {
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("db", checked), assignment("web", depends_on_db)]);
+    let mut m = Memory::default();
+    let obs = observed(&[("db", Running), ("web", Stopped)]);
+    let plan = w.run(&obs, &mut m, 0);
+    assert!(plan.actions.is_empty(), "{plan:?}");
+    assert!(plan.waiting["web"].contains("waiting for db"));
+    w.probes = [("db".to_string(), probe(42, Some(true)))].into();
+    assert_eq!(w.plan(&obs, &mut m, 10), [Action::Start("web".into())]);
 }

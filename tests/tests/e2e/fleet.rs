@@ -916,3 +916,72 @@ async fn forbidden_undo(reader: &ApiClient) {
     let e = reader.rollback("web", None).await.expect_err("read-only");
     assert_eq!(e.status(), Some(403), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rollout_waits_for_healthy_not_just_running() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let dir = tempfile::tempdir()?;
+    let (ok, later) = (dir.path().join("ok"), dir.path().join("later"));
+    std::fs::write(&ok, "")?;
+    // The check of each version looks for its own file: version 2's is not there yet.
+    let web = |version: &str, file: &std::path::Path| {
+        let (version, file) = (version.to_string(), file.display().to_string());
+        program("web", move |s| {
+            s.command = format!("/bin/sleep 100{version}");
+            s.startsecs = Some(0);
+            s.rollout = Some(corral_proto::resource::RolloutSpec {
+                max_unavailable: Some(corral_proto::HostCount::Count(1)),
+            });
+            s.health = Some(corral_proto::resource::HealthSpec {
+                exec: Some(corral_proto::resource::ExecCheck {
+                    command: vec!["/usr/bin/test".into(), "-e".into(), file],
+                }),
+                period_secs: Some(1),
+                failure_threshold: Some(1),
+                restart: Some(false),
+                ..Default::default()
+            });
+        })
+    };
+    api.apply(&web("1", &ok), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
+    let h2_before = fleet.nodes[1].pids().await?["web"];
+
+    api.apply(&web("2", &later), false).await?;
+    let status = wait_for(&api, WAIT, |s| {
+        s.programs[0].updated == 1 && s.programs[0].problems.iter().any(|p| p.contains("unhealthy"))
+    })
+    .await?;
+    assert_eq!(
+        status.programs[0].ready, 0,
+        "ready counts hosts at the new generation: {status:#?}"
+    );
+    // The updated host runs version 2 (RUNNING) but is not healthy: the rollout waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let p = api.program("web").await?;
+    let view = p.status.expect("status");
+    assert_eq!(view.updated, 1, "{view:#?}");
+    assert_eq!(
+        fleet.nodes[1].pids().await?["web"],
+        h2_before,
+        "the next host was updated"
+    );
+    let sick = view
+        .hosts
+        .iter()
+        .find(|h| h.observed_generation == 2)
+        .and_then(|h| h.processes.first())
+        .expect("the updated host's process");
+    assert_eq!((sick.state.as_str(), sick.health.as_str()), ("RUNNING", "unhealthy"));
+    assert!(sick.health_error.contains("/usr/bin/test: exit status 1"), "{sick:#?}");
+
+    // Once it is healthy the rollout goes on and finishes.
+    std::fs::write(&later, "")?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].updated == 2 && s.programs[0].ready == 2
+    })
+    .await?;
+    assert_ne!(fleet.nodes[1].pids().await?["web"].0, h2_before.0);
+    Ok(())
+}

@@ -41,8 +41,26 @@ async fn agent_and_controller_export_desired_vs_observed() -> anyhow::Result<()>
         false,
     )
     .await?;
+    // Health checks: one that passes, one that fails (and only holds back readiness).
+    for (name, exe) in [("checked", "/bin/true"), ("sick", "/bin/false")] {
+        api.apply(
+            &program(name, |s| {
+                s.health = Some(corral_proto::resource::HealthSpec {
+                    exec: Some(corral_proto::resource::ExecCheck {
+                        command: vec![exe.into()],
+                    }),
+                    period_secs: Some(1),
+                    failure_threshold: Some(1),
+                    restart: Some(false),
+                    ..Default::default()
+                });
+            }),
+            false,
+        )
+        .await?;
+    }
     wait_for(&api, Duration::from_secs(30), |s| {
-        s.programs.len() == 2 && s.programs.iter().all(|p| p.updated == 1)
+        s.programs.len() == 4 && s.programs.iter().all(|p| p.updated == 1)
     })
     .await?;
 
@@ -50,7 +68,10 @@ async fn agent_and_controller_export_desired_vs_observed() -> anyhow::Result<()>
     let deadline = Instant::now() + Duration::from_secs(30);
     let body = loop {
         let body = scrape(&agent_url).await?;
-        if value(&body, "corral_process_restarts_total{program=\"crashy\"").is_some_and(|v| v >= 2.0) {
+        if value(&body, "corral_process_restarts_total{program=\"crashy\"").is_some_and(|v| v >= 2.0)
+            && body.contains("corral_process_healthy{program=\"sick\"")
+            && body.contains("corral_process_healthy{program=\"checked\"")
+        {
             break body;
         }
         anyhow::ensure!(Instant::now() < deadline, "restarts never counted:\n{body}");
@@ -80,6 +101,20 @@ async fn agent_and_controller_export_desired_vs_observed() -> anyhow::Result<()>
         "{body}"
     );
     assert_eq!(
+        value(&body, "corral_process_healthy{program=\"checked\",process=\"checked\"}"),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(
+        value(&body, "corral_process_healthy{program=\"sick\",process=\"sick\"}"),
+        Some(0.0),
+        "{body}"
+    );
+    assert!(
+        !body.contains("corral_process_healthy{program=\"good\""),
+        "no check, no series"
+    );
+    assert_eq!(
         value(&body, "corral_process_restarts_total{program=\"good\""),
         Some(0.0)
     );
@@ -93,7 +128,7 @@ async fn agent_and_controller_export_desired_vs_observed() -> anyhow::Result<()>
     );
     assert_eq!(value(&body, "corral_supervisord_up"), Some(1.0));
     assert_eq!(value(&body, "corral_etcd_connected"), Some(1.0));
-    assert_eq!(value(&body, "corral_desired_programs"), Some(2.0));
+    assert_eq!(value(&body, "corral_desired_programs"), Some(4.0));
     assert!(value(&body, "corral_reconcile_total{result=\"ok\"}").is_some_and(|v| v >= 1.0));
     assert!(body.contains("corral_reconcile_duration_seconds_bucket"));
     assert!(body.contains("corral_agent_info{version="));

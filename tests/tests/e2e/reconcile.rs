@@ -1011,3 +1011,195 @@ async fn a_program_starts_after_and_stops_before_what_it_depends_on() -> anyhow:
     );
     Ok(())
 }
+
+/// Runs passes as the agent's loop does (a recheck, or the next verdict of a health check,
+/// or `resync`) until `done` holds for a report, or `within` passes. Every report is kept.
+async fn pass_until(
+    r: &mut Reconciler,
+    a: &BTreeMap<String, Assignment>,
+    within: Duration,
+    done: impl Fn(&PassReport) -> bool,
+) -> anyhow::Result<Vec<PassReport>> {
+    let d = desired(a, "h1");
+    let end = std::time::Instant::now() + within;
+    let changed = r.health_changed();
+    let mut reports = Vec::new();
+    loop {
+        let report = r.pass(&d).await?;
+        let finished = done(&report);
+        let wait = report
+            .recheck_after
+            .unwrap_or(Duration::from_millis(500))
+            .min(Duration::from_millis(500));
+        reports.push(report);
+        if finished {
+            return Ok(reports);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < end,
+            "not reached within {within:?}: {:#?}",
+            reports.last().map(|r| &r.statuses)
+        );
+        tokio::select! {
+            _ = changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+fn process<'a>(r: &'a PassReport, program: &str) -> Option<&'a corral_proto::fleet::ProcessStatus> {
+    r.statuses.get(program)?.processes.first()
+}
+
+#[tokio::test]
+async fn health_checks_gate_readiness_and_an_unhealthy_process_is_restarted_with_backoff() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let docroot = host.state_dir.path().join("www");
+    std::fs::create_dir_all(&docroot)?;
+    std::fs::write(docroot.join("ok"), "fine")?;
+    let port = corral_tests::free_port()?;
+    let closed = corral_tests::free_port()?;
+    let flag = host.state_dir.path().join("flag");
+    let check = |f: &dyn Fn(&mut corral_proto::resource::HealthSpec)| {
+        let mut h = corral_proto::resource::HealthSpec {
+            period_secs: Some(1),
+            timeout_secs: Some(1),
+            failure_threshold: Some(2),
+            ..Default::default()
+        };
+        f(&mut h);
+        h
+    };
+    let web = {
+        let docroot = docroot.display().to_string();
+        let health = check(&|h| {
+            h.http = Some(corral_proto::resource::HttpCheck {
+                port: i64::from(port),
+                path: Some("/ok".into()),
+                expect_status: None,
+            })
+        });
+        assignment("web", 1, move |s| {
+            s.command = format!("/usr/bin/python3 -m http.server {port} --bind 127.0.0.1 --directory {docroot}");
+            s.startsecs = Some(0);
+            s.health = Some(health);
+            s.crash_loop = Some(corral_proto::CrashLoopSpec {
+                initial_delay_secs: Some(3),
+                ..Default::default()
+            });
+        })
+    };
+    // Nothing listens there: RUNNING, never ready, and (restart: false) left running.
+    let deaf = assignment("deaf", 1, |s| {
+        s.command = "/bin/sleep 1000".into();
+        s.startsecs = Some(0);
+        s.health = Some(check(&|h| {
+            h.tcp = Some(corral_proto::resource::TcpCheck {
+                port: i64::from(closed),
+            });
+            h.restart = Some(false);
+        }));
+    });
+    // An exec check sees its process's pid; one that hangs is killed at its timeout.
+    let execd = {
+        let script = format!(
+            "test \"$CORRAL_PID\" -gt 1 && test \"$CORRAL_PROGRAM\" = execd && test -e {}",
+            flag.display()
+        );
+        assignment("execd", 1, move |s| {
+            s.command = "/bin/sleep 1001".into();
+            s.startsecs = Some(0);
+            s.health = Some(check(&|h| {
+                h.exec = Some(corral_proto::resource::ExecCheck {
+                    command: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+                });
+                h.restart = Some(false);
+            }));
+        })
+    };
+    let hangs = assignment("hangs", 1, |s| {
+        s.command = "/bin/sleep 1002".into();
+        s.startsecs = Some(0);
+        s.health = Some(check(&|h| {
+            h.exec = Some(corral_proto::resource::ExecCheck {
+                command: vec!["/bin/sleep".into(), "7.123".into()],
+            });
+            h.restart = Some(false);
+        }));
+    });
+    std::fs::write(&flag, "")?;
+    let a: BTreeMap<_, _> = [web, deaf, execd, hangs].into();
+
+    let reports = pass_until(&mut r, &a, Duration::from_secs(15), |rep| {
+        rep.statuses["web"].ready
+            && rep.statuses["execd"].ready
+            && process(rep, "hangs").is_some_and(|p| p.health == "unhealthy")
+    })
+    .await?;
+    // RUNNING is not ready until the check has passed.
+    assert!(
+        reports.iter().any(|rep| {
+            process(rep, "web").is_some_and(|p| p.state == "RUNNING" && p.health == "pending")
+                && !rep.statuses["web"].ready
+        }),
+        "web was never seen RUNNING with its check pending"
+    );
+    let last = reports.last().context("no pass")?;
+    let deaf = &last.statuses["deaf"];
+    assert!(!deaf.ready && deaf.processes[0].state == "RUNNING", "{deaf:#?}");
+    assert_eq!(deaf.processes[0].health, "unhealthy");
+    assert_eq!(
+        deaf.processes[0].health_error,
+        format!("tcp 127.0.0.1:{closed}: connection refused")
+    );
+    let hung = process(last, "hangs").context("hangs")?;
+    assert_eq!(hung.health_error, "no answer within 1s");
+    assert_eq!(process(last, "web").map(|p| p.health.as_str()), Some("healthy"));
+    // The hung check was killed at its timeout, not left behind.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let leftover = std::fs::read_dir("/proc")?
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| c.windows(5).any(|w| w == b"7.123"))
+        .count();
+    assert!(leftover <= 1, "{leftover} hung checks still run");
+
+    // The file goes: 404 twice, then a liveness restart at once.
+    let pid = host.pids().await?["web"];
+    std::fs::remove_file(docroot.join("ok"))?;
+    let reports = pass_until(&mut r, &a, Duration::from_secs(15), |rep| {
+        rep.corrections.contains(&Correction::HealthRestart)
+    })
+    .await?;
+    let sick = process(reports.last().context("no pass")?, "web").context("web")?;
+    assert_eq!(sick.crash_restarts, 1);
+    assert!(
+        sick.health_error.contains("status 404, expected 2xx or 3xx"),
+        "{sick:#?}"
+    );
+    assert!(
+        sick.summary().contains("restarted after failing its check: GET"),
+        "{}",
+        sick.summary()
+    );
+    assert!(!reports.last().context("no pass")?.statuses["web"].ready);
+    // It fails again after its restart: this time its next start waits for the delay.
+    let reports = pass_until(&mut r, &a, Duration::from_secs(20), |rep| {
+        process(rep, "web").is_some_and(|p| p.state == "STOPPED" && p.crash_restarts == 2)
+    })
+    .await?;
+    let waiting_since = std::time::Instant::now();
+    assert_ne!(host.pids().await?["web"], pid, "restarted: a new pid");
+    let _ = reports;
+    std::fs::write(docroot.join("ok"), "fine")?;
+    pass_until(&mut r, &a, Duration::from_secs(15), |rep| rep.statuses["web"].ready).await?;
+    assert!(
+        waiting_since.elapsed() >= Duration::from_millis(2000),
+        "the second restart waited only {:?}",
+        waiting_since.elapsed()
+    );
+    // Nothing else was touched: the checks that fail without restart left their processes.
+    let after = host.pids().await?;
+    assert!(after["deaf"] > 0 && after["hangs"] > 0);
+    Ok(())
+}
