@@ -70,7 +70,6 @@ async fn within<T>(what: &'static str, f: impl Future<Output = Result<T, etcd_cl
 }
 
 /// What a session exchanges with the rest of the agent.
-#[derive(Debug)]
 pub struct Channels {
     /// Every new view of the assignments goes here.
     pub desired: watch::Sender<Assignments>,
@@ -80,6 +79,8 @@ pub struct Channels {
     pub health: watch::Receiver<Health>,
     /// Whether a session is up.
     pub connected: watch::Sender<bool>,
+    /// The session's connection while it is up, for the other users of etcd (log requests).
+    pub client: watch::Sender<Option<etcd_client::Client>>,
 }
 
 /// Runs one session until an error or `shutdown`.
@@ -98,6 +99,7 @@ pub async fn session(
         statuses,
         health,
         connected,
+        client: shared,
     } = channels;
     // One member at a time; the next session starts with the member after this one, so a
     // dead member is left behind.
@@ -162,6 +164,7 @@ pub async fn session(
     )
     .await?;
     connected.send_replace(true);
+    shared.send_replace(Some(client.clone()));
     tracing::info!(host = %cfg.host, programs = current.assignments.len(), unreadable = current.unreadable.len(), revision, "etcd session started");
 
     // Reported statuses: what etcd holds for this host, so only changes are written.

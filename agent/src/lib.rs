@@ -4,6 +4,7 @@ pub mod confdir;
 pub mod envfiles;
 pub mod etcd;
 pub mod health;
+pub mod logs;
 pub mod metrics;
 pub mod plan;
 pub mod procfs;

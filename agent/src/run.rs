@@ -133,6 +133,17 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
         });
     }
 
+    // Log requests, answered on the etcd sessions' connection.
+    let (etcd_client_tx, etcd_client_rx) = watch::channel(None);
+    tracker.spawn(crate::logs::serve(
+        cfg.etcd.keys.clone(),
+        cfg.etcd.host.clone(),
+        etcd_client_rx,
+        desired_rx.clone(),
+        client.clone(),
+        shutdown.clone(),
+    ));
+
     // etcd sessions, retried with backoff.
     {
         let cfg = cfg.etcd.clone();
@@ -143,6 +154,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
             statuses: status_rx,
             health: health_rx,
             connected: connected_tx,
+            client: etcd_client_tx,
         };
         tracker.spawn(async move {
             let mut pause = Duration::from_millis(500);
@@ -155,6 +167,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), St
                     Err(e) => tracing::warn!(error = %e, "etcd session ended; keeping the last known state"),
                 }
                 channels.connected.send_replace(false);
+                channels.client.send_replace(None);
                 if started.elapsed() > Duration::from_secs(30) {
                     pause = Duration::from_millis(500);
                 }

@@ -363,6 +363,19 @@ impl ApiClient {
             .await
     }
 
+    /// The logs of a program's processes, read by the agents of its hosts.
+    ///
+    /// # Errors
+    /// 404 when the program (or it on `query.host`) does not exist; 422 for a bad query.
+    pub async fn logs(
+        &self,
+        name: &str,
+        query: &corral_proto::logs::LogsQuery,
+    ) -> Result<corral_proto::logs::Logs, ClientError> {
+        let url = format!("{}/logs", self.object_url("programs", name)?);
+        self.send(self.http.post(url).json(query)).await
+    }
+
     /// Reads a program, changes its spec with `f`, and writes it back on the same
     /// `resourceVersion`, retrying a few times if someone else wrote in between.
     ///

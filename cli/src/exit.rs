@@ -43,6 +43,11 @@ impl Worst {
         self.0 = self.0.max(of_client(e));
     }
 
+    /// Something was refused (not found, could not be done), the rest done.
+    pub fn refused(&mut self) {
+        self.0 = self.0.max(REFUSED);
+    }
+
     pub fn code(self) -> ExitCode {
         ExitCode::from(self.0)
     }

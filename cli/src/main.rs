@@ -7,6 +7,7 @@ mod output;
 mod dev;
 mod exit;
 mod input;
+mod logs;
 mod offline;
 mod online;
 mod rollout;
@@ -189,6 +190,28 @@ enum Command {
         /// yaml or json: the entries as objects.
         #[arg(short = 'o', long = "output")]
         output: Option<Output>,
+    },
+    /// supervisord's log of every process of a program (or of each program of `GROUP:`) on
+    /// every host it runs on, each line prefixed with its host and process. Read by each
+    /// host's agent, asked through the controller: any token may read logs.
+    #[command(
+        after_help = "Examples:\n  corral logs web\n  corral logs web --host web1 -f\n  corral logs myapp: --stderr --tail 10000"
+    )]
+    Logs {
+        /// A program, or GROUP: for each of its programs.
+        name: String,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Keep printing what is written, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the last bytes of each process's log (1 to 65536).
+        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        tail: u32,
+        /// The stderr log instead of stdout (with redirect_stderr, stderr is in stdout's).
+        #[arg(long)]
+        stderr: bool,
     },
     /// This client's version and the controller's.
     #[command(after_help = "Example:\n  corral version")]
@@ -402,6 +425,25 @@ async fn main() -> ExitCode {
                 limit,
                 output,
             } => online::history(&api()?, *kind, name.as_deref(), usize::from(*limit), *output).await,
+            Command::Logs {
+                name,
+                host,
+                follow,
+                tail,
+                stderr,
+            } => {
+                logs::logs(
+                    &api()?,
+                    logs::Options {
+                        name,
+                        host: host.as_deref(),
+                        follow: *follow,
+                        tail_bytes: *tail,
+                        stderr: *stderr,
+                    },
+                )
+                .await
+            }
             Command::Version => online::version(&api()?).await,
             Command::Completion { shell } => {
                 use clap::CommandFactory as _;

@@ -93,6 +93,12 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
 
     let (out, _) = text(&corral(s, &["get", "programs"]));
     assert!(out.contains("celery-worker") && out.contains("gunicorn"), "{out}");
+    // gunicorn has a health check (1 of 1 processes passing); the others have none.
+    let gunicorn = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("gunicorn"))
+        .unwrap_or_default();
+    assert!(out.contains("HEALTHY") && gunicorn.contains(" 1/1 "), "{out}");
     let o = corral(s, &["get", "programs", "gunicorn", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout)?;
     assert_eq!(v["status"]["ready"], 1);
@@ -260,6 +266,31 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
     assert!(out.contains("| cannot-open-db"), "{out}");
     let (status, _) = text(&corral(s, &["status"]));
     assert!(status.contains("crashy FATAL"), "{status}");
+    // Logs, read by the host's agent: each line with its host and process.
+    let (out, err) = text(&corral(s, &["logs", "crashy", "--stderr"]));
+    assert!(out.lines().any(|l| l == "h1 crashy | cannot-open-db"), "{out}{err}");
+    let (out, _) = text(&corral(s, &["logs", "celery-worker", "--tail", "100"]));
+    assert!(
+        out.contains("h1 celery-worker_00 | worker 0 ready") && out.contains("h1 celery-worker_01 | worker 1 ready"),
+        "{out}"
+    );
+    let o = corral(s, &["logs", "nosuch"]);
+    assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
+    // -f prints what there is, then follows until interrupted.
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_corral"))
+        .args(["--server", s, "--token", TOKEN, "logs", "crashy", "--stderr", "-f"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = follow.stdout.take().context("stdout")?;
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).map(|_| line)
+    });
+    let first = tokio::time::timeout(Duration::from_secs(10), first).await???;
+    assert_eq!(first, "h1 crashy | cannot-open-db\n");
+    assert!(follow.try_wait()?.is_none(), "-f ended on its own");
+    follow.kill()?;
+    follow.wait()?;
     assert!(corral(s, &["delete", "program", "crashy"]).status.success());
 
     // delete -f removes everything the file declares, from supervisord too.

@@ -70,6 +70,9 @@ pub fn host_grants(keys: &Keys, host: &str) -> Result<Identity, String> {
             grant(keys.host(host), false, Access::ReadWrite),
             grant(keys.alive(host), false, Access::ReadWrite),
             grant(keys.host_status(host), true, Access::ReadWrite),
+            // `corral logs`: the controller's requests for this host, and the agent's replies.
+            grant(keys.log_requests(host), true, Access::Read),
+            grant(keys.log_replies(host), true, Access::ReadWrite),
         ],
     })
 }
@@ -245,11 +248,13 @@ mod tests {
                 "readwrite /corral/hosts/web-1",
                 "readwrite /corral/alive/web-1",
                 "readwrite /corral/status/web-1/*",
+                "read /corral/logs/web-1/requests/*",
+                "readwrite /corral/logs/web-1/replies/*",
             ]
         );
-        // A prefix ends in '/', so host "web-1" cannot reach "web-10".
+        // A prefix ends in '/' after the host, so host "web-1" cannot reach "web-10".
         for g in id.grants.iter().filter(|g| g.prefix) {
-            assert!(g.key.ends_with("web-1/"), "{g}");
+            assert!(g.key.ends_with('/') && g.key.contains("/web-1/"), "{g}");
         }
         // Nothing outside what an agent writes, and never a spec or another host's key.
         for g in &id.grants {

@@ -226,6 +226,7 @@ pub fn router(state: AppState) -> Router {
         .route("/programs/{name}/action", axum::routing::post(program_action))
         .route("/programs/{name}/revisions", get(program_revisions))
         .route("/programs/{name}/rollback", axum::routing::post(program_rollback))
+        .route("/programs/{name}/logs", axum::routing::post(program_logs))
         .route("/groups", get(list_groups).post(apply_any))
         .route("/groups/{name}", get(get_group).put(put_group).delete(delete_group))
         .route("/hosts", get(list_hosts))
@@ -285,7 +286,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// (start, stop, restart, signal) for operators, applying and deleting specs for admins.
 pub fn needed_role(method: &axum::http::Method, path: &str, dry_run: bool) -> Role {
     use axum::http::Method;
-    if method == Method::GET || method == Method::HEAD {
+    if method == Method::GET || method == Method::HEAD || (method == Method::POST && path.ends_with("/logs")) {
+        // Reading logs writes nothing but its own short-lived requests.
         Role::ReadOnly
     } else if method == Method::POST && (path.ends_with("/action") || path.ends_with("/rollback")) {
         // Actions have no dry run: `?dry_run=true` on one changes nothing here.
@@ -614,6 +616,39 @@ async fn program_revisions(
 ) -> ApiResult<Vec<corral_proto::api::Revision>> {
     get_one::<Program>(&state.store, &name).await?;
     Ok(Json(state.store.revisions(&name).await?))
+}
+
+/// `POST /v1/programs/NAME/logs` (`LogsQuery` -> `Logs`): the logs of the program's
+/// processes on each host it is assigned to (or on `host`), read by their agents.
+async fn program_logs(
+    State(state): State<AppState>,
+    Name(name): Name,
+    Body(body): Body,
+) -> ApiResult<corral_proto::logs::Logs> {
+    let query: corral_proto::logs::LogsQuery = serde_json::from_str(&body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the logs query ({{\"bytes\": N, \"stream\": \"stdout|stderr\", \"host\": ...}}): {e}"),
+        )
+    })?;
+    query
+        .check()
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let p = program_with_status(&state.store, &name).await?;
+    let mut hosts: Vec<String> = p
+        .status
+        .map(|s| s.hosts.into_iter().map(|h| h.host).collect())
+        .unwrap_or_default();
+    if let Some(h) = &query.host {
+        if !hosts.contains(h) {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("program {name:?} is not assigned to host {h:?}"),
+            ));
+        }
+        hosts = vec![h.clone()];
+    }
+    Ok(Json(state.store.logs(&name, &hosts, &query).await?))
 }
 
 /// `POST /v1/programs/NAME/rollback`: a kept revision's spec applied again as a new

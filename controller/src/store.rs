@@ -9,6 +9,7 @@ use corral_etcd::Etcd;
 use corral_proto::api::{AuditEntry, ProgramControl, Revision, Role};
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
+use corral_proto::logs::{LogReply, LogRequest, Logs, LogsQuery};
 use corral_proto::resource::{Group, Host, HostControl, Kind, Metadata, Program};
 use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use serde::Serialize;
@@ -186,6 +187,9 @@ pub struct Store {
 }
 
 pub use corral_etcd::PAGE;
+
+/// How long a log read waits for the agents' replies.
+pub const LOG_WAIT: Duration = Duration::from_secs(5);
 
 /// Operations per assignment transaction, below etcd's default `--max-txn-ops` (128); with
 /// specs of at most 32 KiB, below its 1.5 MiB request limit too.
@@ -651,6 +655,119 @@ impl Store {
         })
         .await?;
         out.reverse();
+        Ok(out)
+    }
+
+    /// Reads `program`'s logs on `hosts` through their agents: one `LogRequest` per host
+    /// (leased, so a request no one answers goes away), then the replies that arrive within
+    /// [`LOG_WAIT`]; a host that does not answer in time is named in `errors`. Requests and
+    /// replies are deleted once read.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn logs(&self, program: &str, hosts: &[String], query: &LogsQuery) -> Result<Logs, StoreError> {
+        use std::hash::BuildHasher as _;
+        let mut out = Logs::default();
+        if hosts.is_empty() {
+            return Ok(out);
+        }
+        let mut c = self.etcd.client().await;
+        let micros = audit_micros();
+        let id = format!(
+            "{micros}-{:016x}",
+            std::collections::hash_map::RandomState::new().hash_one(micros)
+        );
+        let lease = self.within("lease grant", c.lease_grant(60, None)).await?.id();
+        let ops: Vec<TxnOp> = hosts
+            .iter()
+            .map(|h| {
+                let request = LogRequest {
+                    program: program.to_string(),
+                    stream: query.stream,
+                    bytes: query.bytes,
+                    offsets: query.offsets.get(h).cloned().unwrap_or_default(),
+                };
+                let value = serde_json::to_vec(&request).unwrap_or_default();
+                TxnOp::put(
+                    self.keys.log_request(h, &id),
+                    value,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+            })
+            .collect();
+        let mut first = None;
+        for chunk in ops.chunks(TXN_OPS) {
+            let resp = self
+                .within("log requests", c.txn(Txn::new().and_then(chunk.to_vec())))
+                .await?;
+            first.get_or_insert(resp.header().map_or(0, |h| h.revision()));
+        }
+        let from = first.unwrap_or(0);
+        let mut waiting: BTreeMap<String, String> =
+            hosts.iter().map(|h| (self.keys.log_reply(h, &id), h.clone())).collect();
+        let mut stream = self
+            .within(
+                "watch log replies",
+                corral_etcd::watch(
+                    &c,
+                    self.keys.all_logs(),
+                    Some(etcd_client::WatchOptions::new().with_prefix().with_start_revision(from)),
+                ),
+            )
+            .await?;
+        let deadline = tokio::time::Instant::now() + LOG_WAIT;
+        while !waiting.is_empty() {
+            let msg = match tokio::time::timeout_at(deadline, stream.message()).await {
+                Err(_) => break,
+                Ok(m) => m?,
+            };
+            let Some(resp) = msg else { break };
+            for ev in resp.events() {
+                let (etcd_client::EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) else {
+                    continue;
+                };
+                let Some(host) = kv.key_str().ok().and_then(|k| waiting.remove(k)) else {
+                    continue;
+                };
+                match serde_json::from_slice::<LogReply>(kv.value()) {
+                    Ok(reply) => {
+                        out.chunks.extend(reply.chunks.into_iter().map(|mut ch| {
+                            ch.host = host.clone();
+                            ch
+                        }));
+                        if let Some(e) = reply.error {
+                            out.errors.insert(host, e);
+                        }
+                    }
+                    Err(e) => {
+                        out.errors
+                            .insert(host, format!("its agent's reply does not parse: {e}"));
+                    }
+                }
+            }
+        }
+        for host in waiting.into_values() {
+            out.errors.insert(
+                host,
+                format!(
+                    "no answer from its agent within {}s (is it connected to etcd?)",
+                    LOG_WAIT.as_secs()
+                ),
+            );
+        }
+        // Requests go with their lease; replies are deleted (their own lease would take 60 s).
+        let _ = self.within("revoke log requests", c.lease_revoke(lease)).await;
+        let deletes: Vec<TxnOp> = hosts
+            .iter()
+            .map(|h| TxnOp::delete(self.keys.log_reply(h, &id), None))
+            .collect();
+        for chunk in deletes.chunks(TXN_OPS) {
+            let _ = self
+                .within("delete log replies", c.txn(Txn::new().and_then(chunk.to_vec())))
+                .await;
+        }
+        out.chunks
+            .sort_by(|a, b| (&a.host, &a.process).cmp(&(&b.host, &b.process)));
         Ok(out)
     }
 

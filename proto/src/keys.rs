@@ -116,6 +116,24 @@ impl Keys {
     pub fn audit_entry(&self, micros: u64) -> String {
         format!("{}/audit/{micros:020}", self.prefix)
     }
+    /// Every host's log requests and replies.
+    pub fn all_logs(&self) -> String {
+        format!("{}/logs/", self.prefix)
+    }
+    /// The log requests a host's agent watches (only the controller writes them).
+    pub fn log_requests(&self, host: &str) -> String {
+        format!("{}/logs/{host}/requests/", self.prefix)
+    }
+    pub fn log_request(&self, host: &str, id: &str) -> String {
+        format!("{}{id}", self.log_requests(host))
+    }
+    /// Where a host's agent answers.
+    pub fn log_replies(&self, host: &str) -> String {
+        format!("{}/logs/{host}/replies/", self.prefix)
+    }
+    pub fn log_reply(&self, host: &str, id: &str) -> String {
+        format!("{}{id}", self.log_replies(host))
+    }
     /// The leading controller's account of what it could not do (`ControlPlaneHealth`).
     pub fn controller_health(&self) -> String {
         format!("{}/controller/health", self.prefix)

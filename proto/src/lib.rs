@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod import;
 pub mod ini;
 pub mod keys;
+pub mod logs;
 pub mod render;
 pub mod resource;
 pub mod signal;

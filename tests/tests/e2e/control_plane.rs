@@ -60,6 +60,7 @@ async fn reads_larger_than_a_grpc_message_are_paged() -> anyhow::Result<()> {
         statuses,
         health,
         connected,
+        client: tokio::sync::watch::channel(None).0,
     };
     let cfg = corral_agent::etcd::EtcdConfig {
         etcd: corral_etcd::EtcdOptions::plain(&etcd.endpoints()),

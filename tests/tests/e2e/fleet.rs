@@ -4,6 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use corral_agent::supervisor::ProcessState;
 use corral_cli::client::ApiClient;
 use corral_proto::resource::{DesiredState, Group, GroupSpec, Metadata, Resource};
@@ -983,5 +985,110 @@ async fn a_rollout_waits_for_healthy_not_just_running() -> anyhow::Result<()> {
     })
     .await?;
     assert_ne!(fleet.nodes[1].pids().await?["web"].0, h2_before.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow::Result<()> {
+    let mut fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    api.apply(
+        &program("talker", |s| {
+            s.command = "/bin/sh -c 'echo hello-out; echo hello-err >&2; i=0; while :; do i=$((i+1)); echo tick-$i; sleep 0.2; done'".into();
+            s.startsecs = Some(0);
+        }),
+        false,
+    )
+    .await?;
+    api.apply(
+        &program("quiet", |s| {
+            s.command = "/bin/sh -c 'echo secret-of-quiet; exec sleep 1000'".into();
+            s.startsecs = Some(0);
+        }),
+        false,
+    )
+    .await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs.iter().all(|p| p.ready == 2)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let query = |bytes, stream| corral_proto::logs::LogsQuery {
+        bytes,
+        stream,
+        ..Default::default()
+    };
+    use corral_proto::logs::LogStream::{Stderr, Stdout};
+
+    // Every host, each process named; read with a read-only token.
+    let reader = fleet
+        .controller
+        .as_ref()
+        .context("controller")?
+        .api_as(corral_tests::corral::READ_ONLY_TOKEN)?;
+    let logs = reader.logs("talker", &query(4096, Stdout)).await?;
+    assert!(logs.errors.is_empty(), "{logs:#?}");
+    let hosts: Vec<&str> = logs.chunks.iter().map(|c| c.host.as_str()).collect();
+    assert_eq!(hosts, ["h1", "h2"]);
+    for c in &logs.chunks {
+        assert_eq!(c.process, "talker");
+        assert!(c.text.starts_with("hello-out\ntick-1\n"), "{c:#?}");
+        assert!(!c.text.contains("secret-of-quiet") && !c.text.contains("hello-err"));
+    }
+    let err = api.logs("talker", &query(4096, Stderr)).await?;
+    assert!(err.chunks.iter().all(|c| c.text == "hello-err\n"), "{err:#?}");
+    // The last bytes only.
+    let tail = api.logs("talker", &query(8, Stdout)).await?;
+    assert!(tail.chunks.iter().all(|c| c.text.len() <= 8 && c.overflow), "{tail:#?}");
+
+    // Following: from where the last answer ended, only what is new.
+    let mut next = query(4096, Stdout);
+    for c in &logs.chunks {
+        next.offsets
+            .entry(c.host.clone())
+            .or_default()
+            .insert(c.process.clone(), c.offset);
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let more = api.logs("talker", &next).await?;
+    for c in &more.chunks {
+        assert!(c.text.starts_with("tick-") && !c.text.contains("hello-out"), "{c:#?}");
+        assert!(c.offset > next.offsets[&c.host]["talker"]);
+    }
+
+    // One host, and a host it does not run on.
+    let one = api
+        .logs(
+            "talker",
+            &corral_proto::logs::LogsQuery {
+                host: Some("h2".into()),
+                ..query(100, Stdout)
+            },
+        )
+        .await?;
+    assert_eq!(one.chunks.iter().map(|c| c.host.as_str()).collect::<Vec<_>>(), ["h2"]);
+    let nowhere = api
+        .logs(
+            "talker",
+            &corral_proto::logs::LogsQuery {
+                host: Some("h9".into()),
+                ..query(100, Stdout)
+            },
+        )
+        .await;
+    assert_eq!(nowhere.map(|_| ()).map_err(|e| e.status()), Err(Some(404)));
+    let bad = api.logs("talker", &query(0, Stdout)).await;
+    assert_eq!(bad.map(|_| ()).map_err(|e| e.status()), Err(Some(422)));
+
+    // A host whose agent is away is named; the others still answer.
+    if let Some(a) = fleet.nodes[1].agent.take() {
+        a.stop().await;
+    }
+    let partial = api.logs("talker", &query(100, Stdout)).await?;
+    assert_eq!(
+        partial.chunks.iter().map(|c| c.host.as_str()).collect::<Vec<_>>(),
+        ["h1"]
+    );
+    assert!(
+        partial.errors["h2"].contains("no answer from its agent"),
+        "{partial:#?}"
+    );
     Ok(())
 }

@@ -141,6 +141,21 @@ async fn a_host_can_touch_only_its_own_keys_and_corral_works_under_least_privile
     })
     .await?;
     assert!(sd2.client().await?.get_process_info("web").await?.pid > 0);
+    // Logs are asked and answered under least privilege too.
+    let logs = api
+        .logs(
+            "web",
+            &corral_proto::logs::LogsQuery {
+                bytes: 100,
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert!(logs.errors.is_empty(), "{logs:#?}");
+    assert_eq!(
+        logs.chunks.iter().map(|c| c.host.as_str()).collect::<Vec<_>>(),
+        ["h1", "h2"]
+    );
 
     // h1's credentials, as a thief would use them.
     let mut h1 = client_as(&etcd, "corral-agent-h1", &pw("h1")).await?;
@@ -191,6 +206,20 @@ async fn a_host_can_touch_only_its_own_keys_and_corral_works_under_least_privile
         h1.get("/corral/programs/", Some(GetOptions::new().with_prefix())).await,
     );
     denied("write outside the prefix", h1.put("/other", "x", None).await);
+    denied(
+        "ask another host for logs",
+        h1.put("/corral/logs/h2/requests/x", br#"{"program":"web"}"#.to_vec(), None)
+            .await,
+    );
+    denied(
+        "ask itself for logs (only the controller may)",
+        h1.put("/corral/logs/h1/requests/x", br#"{"program":"web"}"#.to_vec(), None)
+            .await,
+    );
+    denied(
+        "answer for another host",
+        h1.put("/corral/logs/h2/replies/x", "{}", None).await,
+    );
     // What it may do: read its own assignments, write its own status.
     let own = h1
         .get("/corral/assignments/h1/", Some(GetOptions::new().with_prefix()))
