@@ -1102,13 +1102,15 @@ pub struct StatusInput<'a> {
     pub stderr_tails: &'a HashMap<String, String>,
     /// Health checks' verdicts.
     pub probes: &'a Probes,
+    /// Programs whose current file supervisord refused.
+    pub refused: &'a BTreeSet<String>,
 }
 
 /// The status of every desired (or invalid) program on this host.
 pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> {
     let mut out = BTreeMap::new();
     for p in input.desired.programs.values() {
-        let processes = p
+        let processes: Vec<ProcessStatus> = p
             .namespecs
             .iter()
             .filter_map(|ns| Some((ns, input.observed.get(ns)?)))
@@ -1150,16 +1152,26 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
             })
             .collect();
         let error = input.errors.get(&p.name).cloned();
+        let observed_generation = input.generations.get(&p.name).copied().unwrap_or(0);
+        // What this generation did here (a rollout's auto_revert acts on it): supervisord
+        // refused its file, or it runs and a process gave up or fails its check.
+        let failed = input.refused.contains(&p.name)
+            || (observed_generation == p.generation
+                && p.state == DesiredState::Running
+                && processes
+                    .iter()
+                    .any(|pr: &ProcessStatus| pr.state == "FATAL" || pr.health == "unhealthy"));
         out.insert(
             p.name.clone(),
             ProgramHostStatus {
                 host: input.host.to_string(),
                 program: p.name.clone(),
-                observed_generation: input.generations.get(&p.name).copied().unwrap_or(0),
+                observed_generation,
                 desired_state: p.state,
                 processes,
                 ready: error.is_none() && is_ready(p, input.observed, input.probes),
                 error,
+                failed_generation: if failed { p.generation } else { 0 },
             },
         );
     }
@@ -1174,6 +1186,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                 processes: Vec::new(),
                 ready: false,
                 error: Some(why.clone()),
+                failed_generation: 0,
             },
         );
     }

@@ -483,6 +483,7 @@ impl Reconciler {
             memory: &self.memory,
             stderr_tails: &tails,
             probes: &probes,
+            refused: &report.refused,
         });
         // Checked from now on: what runs after this pass's actions.
         self.prober.sync(crate::health::targets(desired, &observed));

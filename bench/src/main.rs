@@ -142,6 +142,7 @@ fn realistic(name: &str, version: &str) -> Resource {
         s.stdout_logfile_maxbytes = Some(corral_proto::ByteSize(50 << 20));
         s.rollout = Some(corral_proto::RolloutSpec {
             max_unavailable: Some(corral_proto::HostCount::Percent(100)),
+            auto_revert: None,
         });
     })
 }
@@ -362,6 +363,7 @@ async fn latency(hosts: usize, reps: usize) -> anyhow::Result<()> {
     let unpaced = |s: &mut ProgramSpec| {
         s.rollout = Some(corral_proto::RolloutSpec {
             max_unavailable: Some(corral_proto::HostCount::Percent(100)),
+            auto_revert: None,
         })
     };
 
@@ -876,6 +878,7 @@ async fn fanout(hosts: usize) -> anyhow::Result<()> {
                     s.command = format!("/bin/sleep {}", 200000 + generation);
                     s.rollout = Some(corral_proto::RolloutSpec {
                         max_unavailable: Some(corral_proto::HostCount::Percent(100)),
+                        auto_revert: None,
                     });
                 }),
                 false,

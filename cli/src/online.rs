@@ -672,6 +672,20 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                     p.metadata.generation
                 );
             }
+            if let Some(r) = &v.reverted {
+                outln!(
+                    "Reverted:    generation {} failed on {} at {}: the spec of generation {} was put back (generation {})",
+                    r.failed_generation,
+                    r.host,
+                    r.at,
+                    r.to_generation,
+                    if r.revert_generation > 0 {
+                        r.revert_generation.to_string()
+                    } else {
+                        "none: it could not be made".to_string()
+                    }
+                );
+            }
             outln!("Placement:   {}", placement(&p));
             outln!(
                 "Hosts:       {} desired, {} up to date, {} ready",

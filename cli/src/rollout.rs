@@ -21,6 +21,8 @@ pub enum State {
     Progressing,
     /// `corral rollout pause`: no host moves on until resumed.
     Paused,
+    /// The generation followed failed and `spec.rollout.auto_revert` put back an older spec.
+    Reverted(corral_proto::api::AutoRevert),
 }
 
 /// One look at a rollout: its state, its numbers, and the hosts failing at the current
@@ -35,15 +37,21 @@ pub struct Look {
     pub failing: Vec<String>,
 }
 
-/// Decides a rollout's state from the program as the API shows it.
-pub fn state_of(p: &Program) -> Look {
+/// Decides a rollout's state from the program as the API shows it, following generation
+/// `following` (or a later one): one that was automatically reverted is over.
+pub fn state_of(p: &Program, following: u64) -> Look {
     let view = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
     let complete = view.updated == view.desired && view.ready == view.desired;
-    let state = match (complete, view.paused) {
-        (true, _) => State::Complete,
-        (false, true) => State::Paused,
-        (false, false) => State::Progressing,
+    let reverted = view
+        .reverted
+        .clone()
+        .filter(|r| r.failed_generation >= following && r.revert_generation > 0);
+    let state = match (reverted, complete, view.paused) {
+        (Some(r), _, _) => State::Reverted(r),
+        (None, true, _) => State::Complete,
+        (None, false, true) => State::Paused,
+        (None, false, false) => State::Progressing,
     };
     let failing = view
         .hosts
@@ -95,8 +103,11 @@ pub async fn follow(api: &ApiClient, name: &str, wait: bool, timeout: Duration, 
     let started = Instant::now();
     let mut last: Option<Look> = None;
     let mut progress_at = Instant::now();
+    let mut following = None;
     loop {
-        let look = state_of(&api.program(name).await?);
+        let program = api.program(name).await?;
+        let following = *following.get_or_insert(program.metadata.generation);
+        let look = state_of(&program, following);
         let moved = last
             .as_ref()
             .is_none_or(|l| (l.generation, l.updated, l.ready) != (look.generation, look.updated, look.ready));
@@ -129,6 +140,15 @@ pub async fn follow(api: &ApiClient, name: &str, wait: bool, timeout: Duration, 
                         look.desired, look.generation
                     ),
                     exit::OK,
+                ));
+            }
+            State::Reverted(r) => {
+                return Ok(end(
+                    format!(
+                        "{name}: generation {} failed on {}: reverted automatically to the spec of generation {} (now generation {})",
+                        r.failed_generation, r.host, r.to_generation, r.revert_generation
+                    ),
+                    exit::REFUSED,
                 ));
             }
             State::Paused => {
@@ -259,28 +279,55 @@ mod tests {
             ready,
             hosts,
             paused,
+            ..Default::default()
         };
-        assert_eq!(state_of(&program(2, view(3, 3, false, vec![]))).state, State::Complete);
-        assert_eq!(state_of(&program(2, view(3, 3, true, vec![]))).state, State::Complete);
-        assert_eq!(state_of(&program(2, view(1, 1, true, vec![]))).state, State::Paused);
-        let l = state_of(&program(
-            2,
-            view(
+        assert_eq!(
+            state_of(&program(2, view(3, 3, false, vec![])), 2).state,
+            State::Complete
+        );
+        assert_eq!(
+            state_of(&program(2, view(3, 3, true, vec![])), 2).state,
+            State::Complete
+        );
+        assert_eq!(state_of(&program(2, view(1, 1, true, vec![])), 2).state, State::Paused);
+        let l = state_of(
+            &program(
                 2,
-                1,
-                false,
-                vec![
-                    host("h1", 2, true, None),
-                    host("h2", 2, false, Some("FATAL: exited too quickly")),
-                    host("h3", 1, false, Some("an old error")),
-                ],
+                view(
+                    2,
+                    1,
+                    false,
+                    vec![
+                        host("h1", 2, true, None),
+                        host("h2", 2, false, Some("FATAL: exited too quickly")),
+                        host("h3", 1, false, Some("an old error")),
+                    ],
+                ),
             ),
-        ));
+            2,
+        );
         assert_eq!(l.state, State::Progressing);
         assert_eq!(l.failing, ["h2: FATAL: exited too quickly"]);
         assert_eq!((l.updated, l.ready, l.desired), (2, 1, 3));
         // Placed nowhere: nothing to wait for.
         let none = ProgramStatusView::default();
-        assert_eq!(state_of(&program(1, none)).state, State::Complete);
+        assert_eq!(state_of(&program(1, none), 1).state, State::Complete);
+        // Generation 2 followed, failed, and reverted as generation 3, which is complete:
+        // the rollout followed is over, and not a success.
+        let revert = corral_proto::api::AutoRevert {
+            failed_generation: 2,
+            host: "h2".into(),
+            to_generation: 1,
+            revert_generation: 3,
+            at: String::new(),
+        };
+        let mut reverted = view(3, 3, false, vec![]);
+        reverted.reverted = Some(revert.clone());
+        assert_eq!(
+            state_of(&program(3, reverted.clone()), 2).state,
+            State::Reverted(revert)
+        );
+        // Following generation 3 (the revert itself, or later) it is just complete.
+        assert_eq!(state_of(&program(3, reverted), 3).state, State::Complete);
     }
 }

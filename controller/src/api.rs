@@ -527,6 +527,7 @@ async fn put_group(
 async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
     let hosts = store.hosts().await?;
     let paused = store.paused().await?;
+    let rollouts = store.rollout_states().await?;
     let readiness = host_readiness(&hosts, &store.alive().await?);
     let reports = store.reports().await?;
     for p in &mut programs {
@@ -542,6 +543,10 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
             .collect();
         let mut view = program_status(p, &assigned, &reports, &readiness);
         view.paused = paused.contains(&p.metadata.name);
+        if let Some(r) = rollouts.get(&p.metadata.name) {
+            view.last_good = r.last_good;
+            view.reverted = r.reverted.clone();
+        }
         p.status = Some(view);
     }
     Ok(programs)

@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 
+use corral_proto::api::RolloutState;
 use corral_proto::fleet::{Assignment, FleetStatus, NativeGroup, ProgramHostStatus, ProgramSummary};
 use corral_proto::keys::Keys;
 use corral_proto::resource::{Group, Host, HostControl, Program, RolloutSpec};
 
-use crate::placement::AssignmentWrites;
+use crate::placement::{AssignmentWrites, RolloutDecision};
 use crate::status::{fleet_of, host_readiness};
 
 /// What etcd holds for one assignment.
@@ -29,6 +30,8 @@ pub struct Held {
 pub struct Seen {
     pub generation: u64,
     pub ready: bool,
+    /// The generation that failed on the host (`ProgramHostStatus::failed_generation`).
+    pub failed: u64,
 }
 
 /// `(program, host)`: the index's key order, so a program's slots are one range.
@@ -61,6 +64,9 @@ pub struct Index {
     pub controls: BTreeMap<String, HostControl>,
     /// Programs whose rollout is paused: no host moves to a newer generation.
     pub paused: BTreeSet<String>,
+    /// What the leader recorded of each program's rollouts (last good generation, last
+    /// automatic revert).
+    pub rollout_states: BTreeMap<String, RolloutState>,
     pub current: BTreeMap<ProgramSlot, Held>,
     pub reports: BTreeMap<ProgramSlot, Seen>,
     /// Key -> why its value cannot be read (it is left out).
@@ -69,6 +75,19 @@ pub struct Index {
     pub waiting: BTreeSet<String>,
     /// Hosts whose agent holds its liveness lease.
     pub alive: BTreeSet<String>,
+}
+
+/// The generation an automatic revert of `failed` goes back to: the last that ran, ready,
+/// everywhere; none when there is no such generation, when `failed` is itself a revert (a
+/// revert that fails is not reverted again: the rollout stops there), or when `failed` was
+/// already reverted (the revert is on its way).
+pub fn revert_to(failed: u64, state: Option<&RolloutState>) -> Option<u64> {
+    let state = state?;
+    let good = state.last_good.filter(|g| *g < failed)?;
+    match &state.reverted {
+        Some(r) if r.revert_generation == failed || r.failed_generation == failed => None,
+        _ => Some(good),
+    }
 }
 
 /// The digest of an assignment as the controller writes it.
@@ -111,6 +130,9 @@ impl Index {
             } else {
                 self.paused.remove(&name);
             }
+            dirty.programs.insert(name);
+        } else if let Some(name) = under(keys.rollout_states()) {
+            self.upsert(key, value, |i| &mut i.rollout_states, name.clone());
             dirty.programs.insert(name);
         } else if let Some(name) = under(keys.host_controls()) {
             self.upsert(key, value, |i| &mut i.controls, name.clone());
@@ -159,8 +181,18 @@ impl Index {
                         Seen {
                             generation: r.observed_generation,
                             ready: r.ready,
+                            failed: r.failed_generation,
                         },
                     );
+                    // A failure of the current generation may revert it; its completion is
+                    // recorded.
+                    if let Some(prog) = self.programs.get(p)
+                        && (r.failed_generation == prog.metadata.generation
+                            || (r.ready && r.observed_generation == prog.metadata.generation))
+                        && self.rollout_states.get(p).and_then(|s| s.last_good) != Some(prog.metadata.generation)
+                    {
+                        dirty.programs.insert(p.to_string());
+                    }
                 }
                 _ => {
                     self.reports.remove(&slot);
@@ -266,19 +298,49 @@ impl Index {
             .collect();
         let mut behind = Vec::new();
         let mut in_flight = 0;
+        let mut written = false;
+        let mut failing: Option<&String> = None;
         for h in &selected {
             match held.get(*h) {
-                None => out.put.push((((*h).clone(), name.to_string()), assignment.clone())),
+                None => {
+                    written = true;
+                    out.put.push((((*h).clone(), name.to_string()), assignment.clone()));
+                }
                 Some(cur) if cur.generation < want.generation => behind.push(*h),
-                Some(cur) if **cur != want => out.put.push((((*h).clone(), name.to_string()), assignment.clone())),
+                Some(cur) if **cur != want => {
+                    written = true;
+                    out.put.push((((*h).clone(), name.to_string()), assignment.clone()));
+                }
                 Some(_) => {
-                    let ready = self
-                        .reports
-                        .get(&(name.to_string(), (*h).clone()))
-                        .is_some_and(|r| r.generation >= want.generation && r.ready);
+                    let seen = self.reports.get(&(name.to_string(), (*h).clone()));
+                    let ready = seen.is_some_and(|r| r.generation >= want.generation && r.ready);
                     in_flight += usize::from(!ready);
+                    if seen.is_some_and(|r| r.failed == want.generation) {
+                        failing = failing.or(Some(*h));
+                    }
                 }
             }
+        }
+        let state = self.rollout_states.get(name);
+        if !written && behind.is_empty() && in_flight == 0 && !selected.is_empty() {
+            if state.and_then(|s| s.last_good) < Some(want.generation) {
+                out.rollouts.push(RolloutDecision::Completed {
+                    program: name.to_string(),
+                    generation: want.generation,
+                });
+            }
+        } else if let Some(host) = failing
+            && p.spec.rollout.as_ref().and_then(|r| r.auto_revert) == Some(true)
+            && let Some(to) = revert_to(want.generation, state)
+        {
+            out.rollouts.push(RolloutDecision::Revert {
+                program: name.to_string(),
+                failed: want.generation,
+                to,
+                host: host.clone(),
+            });
+            // Nothing more of the failed generation goes out meanwhile.
+            return false;
         }
         let max = RolloutSpec::max_unavailable(p.spec.rollout.as_ref(), selected.len());
         // Paused: hosts that run an older generation stay on it.
@@ -457,6 +519,7 @@ mod tests {
                 desired_state: Default::default(),
                 processes: vec![],
                 ready: true,
+                failed_generation: 0,
                 error: None,
             };
             put(&mut i, keys().status(h, p), json(&report));
@@ -507,6 +570,7 @@ mod tests {
                 desired_state: Default::default(),
                 processes: vec![],
                 ready: true,
+                failed_generation: 0,
                 error: None,
             };
             put(&mut i, keys().status(h, p), json(&report));
@@ -650,6 +714,7 @@ mod tests {
                 desired_state: Default::default(),
                 processes: vec![],
                 ready: true,
+                failed_generation: 0,
                 error: None,
             };
             let d = put(&mut i, keys().status(h, "p"), json(&report));
@@ -674,6 +739,7 @@ mod tests {
             desired_state: Default::default(),
             processes: vec![],
             ready,
+            failed_generation: 0,
             error: None,
         };
         put(i, keys().status(h, "p"), json(&report))
@@ -686,12 +752,149 @@ mod tests {
         }
     }
 
+    fn failed_report(i: &mut Index, h: &str, generation: u64) -> Dirty {
+        let report = ProgramHostStatus {
+            host: h.into(),
+            program: "p".into(),
+            observed_generation: generation,
+            desired_state: Default::default(),
+            processes: vec![],
+            ready: false,
+            failed_generation: generation,
+            error: None,
+        };
+        put(i, keys().status(h, "p"), json(&report))
+    }
+
+    #[test]
+    fn a_completed_rollout_is_recorded_and_a_failed_one_reverted_once_with_auto_revert() {
+        let mut i = fleet(4);
+        // Generation 1 runs, ready, everywhere: recorded once.
+        let w = i.plan(&only_p());
+        assert_eq!(
+            w.rollouts,
+            [RolloutDecision::Completed {
+                program: "p".into(),
+                generation: 1
+            }]
+        );
+        let good = RolloutState {
+            last_good: Some(1),
+            reverted: None,
+        };
+        let d = put(&mut i, keys().rollout_state("p"), json(&good));
+        assert!(d.programs.contains("p"));
+        assert!(i.plan(&only_p()).rollouts.is_empty(), "recorded: not again");
+
+        // Generation 2, one host at a time, reverting on failure.
+        let mut p2 = program("p", 2, &[("role", "app")]);
+        p2.spec.rollout = Some(RolloutSpec {
+            max_unavailable: Some(corral_proto::HostCount::Count(1)),
+            auto_revert: Some(true),
+        });
+        put(&mut i, keys().program("p"), json(&p2));
+        let w = i.plan(&only_p());
+        assert_eq!(hosts_of(&w), ["h00"]);
+        i.written(&w, &BTreeSet::new());
+        // Not ready yet is not a failure.
+        report(&mut i, "h00", 2, false);
+        assert!(i.plan(&only_p()).rollouts.is_empty());
+        let d = failed_report(&mut i, "h00", 2);
+        assert!(
+            d.programs.contains("p"),
+            "a failure of the current generation is looked at"
+        );
+        let w = i.plan(&only_p());
+        assert!(w.put.is_empty(), "nothing more of a failed generation goes out");
+        assert_eq!(
+            w.rollouts,
+            [RolloutDecision::Revert {
+                program: "p".into(),
+                failed: 2,
+                to: 1,
+                host: "h00".into()
+            }]
+        );
+        // Once the revert is recorded (and while it is on its way), not again.
+        let reverted = RolloutState {
+            last_good: Some(1),
+            reverted: Some(corral_proto::api::AutoRevert {
+                failed_generation: 2,
+                host: "h00".into(),
+                to_generation: 1,
+                revert_generation: 3,
+                at: String::new(),
+            }),
+        };
+        put(&mut i, keys().rollout_state("p"), json(&reverted));
+        assert!(i.plan(&only_p()).rollouts.is_empty());
+        // The revert (generation 3) failing too is not reverted again.
+        let mut p3 = p2.clone();
+        p3.metadata.generation = 3;
+        put(&mut i, keys().program("p"), json(&p3));
+        let w = i.plan(&only_p());
+        i.written(&w, &BTreeSet::new());
+        failed_report(&mut i, "h00", 3);
+        assert!(i.plan(&only_p()).rollouts.is_empty());
+    }
+
+    #[test]
+    fn without_auto_revert_a_failure_only_stops_the_rollout() {
+        let mut i = fleet(2);
+        put(
+            &mut i,
+            keys().rollout_state("p"),
+            json(&RolloutState {
+                last_good: Some(1),
+                reverted: None,
+            }),
+        );
+        put(&mut i, keys().program("p"), json(&program("p", 2, &[("role", "app")])));
+        let w = i.plan(&only_p());
+        i.written(&w, &BTreeSet::new());
+        failed_report(&mut i, "h00", 2);
+        let w = i.plan(&only_p());
+        assert!(w.rollouts.is_empty() && w.put.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn a_revert_goes_back_only_to_an_older_good_generation_and_never_twice() {
+        let state = |good: Option<u64>, reverted: Option<(u64, u64)>| RolloutState {
+            last_good: good,
+            reverted: reverted.map(|(f, r)| corral_proto::api::AutoRevert {
+                failed_generation: f,
+                revert_generation: r,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(revert_to(5, None), None, "nothing ever completed");
+        assert_eq!(revert_to(5, Some(&state(None, None))), None);
+        assert_eq!(revert_to(5, Some(&state(Some(4), None))), Some(4));
+        assert_eq!(
+            revert_to(5, Some(&state(Some(5), None))),
+            None,
+            "5 itself was good once"
+        );
+        assert_eq!(
+            revert_to(5, Some(&state(Some(3), Some((5, 6))))),
+            None,
+            "already reverted"
+        );
+        assert_eq!(
+            revert_to(6, Some(&state(Some(3), Some((5, 6))))),
+            None,
+            "a revert is not reverted"
+        );
+        assert_eq!(revert_to(8, Some(&state(Some(7), Some((5, 6))))), Some(7));
+    }
+
     #[test]
     fn a_failing_batch_pauses_the_rollout_and_the_others_keep_the_old_version() {
         let mut i = fleet(3);
         let mut p2 = program("p", 2, &[("role", "app")]);
         p2.spec.rollout = Some(RolloutSpec {
             max_unavailable: Some(corral_proto::HostCount::Count(1)),
+            auto_revert: None,
         });
         put(&mut i, keys().program("p"), json(&p2));
         let w = i.plan(&only_p());
@@ -718,6 +921,7 @@ mod tests {
             let mut p2 = program("p", 2, &[("role", "app")]);
             p2.spec.rollout = max.map(|m| RolloutSpec {
                 max_unavailable: Some(m),
+                auto_revert: None,
             });
             put(&mut i, keys().program("p"), json(&p2));
             i.plan(&only_p()).put.len()

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::index::{Dirty, Index};
+use crate::placement::RolloutDecision;
 use crate::store::{Fence, Store, StoreError};
 
 /// Places the dirty programs from the index and writes the differences, each write
@@ -52,7 +53,39 @@ pub async fn place(
             .is_some_and(|(_, p)| index.programs.contains_key(p))
     });
     health.unreadable = index.unreadable.clone();
+    for decision in &writes.rollouts {
+        rollout_decided(store, decision).await;
+    }
     Ok(())
+}
+
+/// Records a completed rollout, or reverts a failed one (best effort: what fails is logged,
+/// and a revert is recorded even when it cannot be made, so it is never tried in a loop).
+async fn rollout_decided(store: &Store, decision: &RolloutDecision) {
+    match decision {
+        RolloutDecision::Completed { program, generation } => {
+            if let Err(e) = store.record_last_good(program, *generation).await {
+                tracing::warn!(program, generation, error = %e, "cannot record a completed rollout");
+            }
+        }
+        RolloutDecision::Revert {
+            program,
+            failed,
+            to,
+            host,
+        } => match store.auto_revert(program, *failed, *to, host).await {
+            Ok(Some(generation)) => tracing::warn!(
+                program,
+                failed,
+                host,
+                to,
+                generation,
+                "generation failed: its rollout reverted to the last good spec"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(program, failed, host, error = %e, "generation failed and cannot be reverted"),
+        },
+    }
 }
 
 /// A request for the fleet's numbers (see [`Index::numbers`]), answered from the leader's index.

@@ -14,6 +14,23 @@ pub type Slot = (String, String);
 pub struct AssignmentWrites {
     pub put: Vec<(Slot, Arc<Assignment>)>,
     pub delete: Vec<Slot>,
+    /// What the rollouts came to (recorded, or acted on, by the leader).
+    pub rollouts: Vec<RolloutDecision>,
+}
+
+/// What a program's rollout came to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RolloutDecision {
+    /// Every host it is placed on runs `generation`, ready: the generation an automatic
+    /// revert would go back to.
+    Completed { program: String, generation: u64 },
+    /// `failed` failed on `host`: put back the spec of `to` (`spec.rollout.auto_revert`).
+    Revert {
+        program: String,
+        failed: u64,
+        to: u64,
+        host: String,
+    },
 }
 
 #[cfg(test)]

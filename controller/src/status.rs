@@ -151,6 +151,7 @@ mod tests {
                 desired_state: DesiredState::Running,
                 processes: vec![],
                 ready,
+                failed_generation: 0,
                 error: error.map(String::from),
             },
         )

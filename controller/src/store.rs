@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use corral_etcd::Etcd;
-use corral_proto::api::{AuditEntry, ProgramControl, Revision, Role};
+use corral_proto::api::{AuditEntry, AutoRevert, ProgramControl, Revision, Role, RolloutState};
 use corral_proto::fleet::{Assignment, ControlPlaneHealth, ProgramHostStatus};
 use corral_proto::keys::Keys;
 use corral_proto::logs::{LogReply, LogRequest, Logs, LogsQuery};
@@ -391,7 +391,7 @@ impl Store {
             })?;
             f(&mut current).map_err(StoreError::Invalid)?;
             // `get` sets the resource version it read: `apply` writes only on that one.
-            match self.write(current, false, by, Some(verb), None).await {
+            match self.write(current, false, by, Some(verb), None, Vec::new()).await {
                 Err(StoreError::Conflict(_)) if attempt < 20 => {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(u64::from(attempt) * 3)).await;
@@ -415,7 +415,7 @@ impl Store {
     /// # Errors
     /// [`StoreError::Conflict`] for a stale `resourceVersion` or a concurrent write.
     pub async fn apply<T: Object>(&self, incoming: T, dry_run: bool, by: &Author) -> Result<Applied<T>, StoreError> {
-        self.write(incoming, dry_run, by, None, None).await
+        self.write(incoming, dry_run, by, None, None, Vec::new()).await
     }
 
     /// [`Store::apply`], recorded in the audit as `verb` (`undo`, say).
@@ -423,7 +423,7 @@ impl Store {
     /// # Errors
     /// As [`Store::apply`].
     pub async fn apply_as<T: Object>(&self, incoming: T, by: &Author, verb: &str) -> Result<Applied<T>, StoreError> {
-        self.write(incoming, false, by, Some(verb), None).await
+        self.write(incoming, false, by, Some(verb), None, Vec::new()).await
     }
 
     /// [`Store::apply`], recorded as `verb` (default `create` or `apply`).
@@ -441,7 +441,7 @@ impl Store {
         read: i64,
     ) -> Result<Applied<T>, StoreError> {
         let guard = Compare::mod_revision(T::prefix(&self.keys), CompareOp::Less, read + 1).with_prefix();
-        self.write(incoming, dry_run, by, None, Some(guard)).await
+        self.write(incoming, dry_run, by, None, Some(guard), Vec::new()).await
     }
 
     /// Every object of a kind, and the revision they were read at.
@@ -472,6 +472,7 @@ impl Store {
         by: &Author,
         verb: Option<&str>,
         guard: Option<Compare>,
+        also: Vec<TxnOp>,
     ) -> Result<Applied<T>, StoreError> {
         let name = incoming.metadata().name.clone();
         let key = T::key(&self.keys, &name);
@@ -526,6 +527,7 @@ impl Store {
             audited_changes(current.as_ref().map(|(o, _)| o), Some(&incoming)),
         )?;
         let mut ops = vec![TxnOp::put(key.clone(), value, None), audit.put()];
+        ops.extend(also);
         // A program's new generation is kept as a revision (for `rollout history` and
         // `undo`), the oldest beyond `Revision::KEEP` dropped, in the same transaction.
         let new_generation = current
@@ -592,6 +594,7 @@ impl Store {
                         Some(etcd_client::DeleteOptions::new().with_prefix()),
                     ));
                     ops.push(TxnOp::delete(self.keys.program_control(name), None));
+                    ops.push(TxnOp::delete(self.keys.rollout_state(name), None));
                 }
                 ops
             });
@@ -769,6 +772,138 @@ impl Store {
         out.chunks
             .sort_by(|a, b| (&a.host, &a.process).cmp(&(&b.host, &b.process)));
         Ok(out)
+    }
+
+    /// The leader's record of each program's rollouts.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn rollout_states(&self) -> Result<BTreeMap<String, RolloutState>, StoreError> {
+        let prefix = self.keys.rollout_states();
+        let raw = self.list_raw(prefix.clone()).await?;
+        Ok(self
+            .decode_all::<RolloutState>(&prefix, raw)
+            .into_iter()
+            .filter_map(|(k, s, _)| Some((k.strip_prefix(&prefix)?.to_string(), s)))
+            .collect())
+    }
+
+    /// Records that `generation` of `program` ran, ready, everywhere (what an automatic
+    /// revert goes back to).
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn record_last_good(&self, program: &str, generation: u64) -> Result<(), StoreError> {
+        let key = self.keys.rollout_state(program);
+        let mut c = self.etcd.client().await;
+        let r = self.within("get", c.get(key.clone(), None)).await?;
+        let (mut state, compare) = match r.kvs().first() {
+            Some(kv) => (
+                decode::<RolloutState>(kv.key(), kv.value())?,
+                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+            ),
+            None => (
+                RolloutState::default(),
+                Compare::version(key.clone(), CompareOp::Equal, 0),
+            ),
+        };
+        if state.last_good >= Some(generation) {
+            return Ok(());
+        }
+        state.last_good = Some(generation);
+        let value = encode(&key, &state)?;
+        // Only while the program exists: a delete takes its state with it.
+        let txn = Txn::new()
+            .when([
+                compare,
+                Compare::version(self.keys.program(program), CompareOp::Greater, 0),
+            ])
+            .and_then([TxnOp::put(key, value, None)]);
+        self.within("txn", c.txn(txn)).await?;
+        Ok(())
+    }
+
+    /// Puts back the spec of generation `to` of `program`, whose generation `failed` failed
+    /// on `host`, as a new generation (restart and signal markers as they are), recorded in
+    /// its rollout state in the same transaction; audited as `auto-revert` by the
+    /// controller. Nothing happens if the program has moved past `failed` meanwhile. A revert
+    /// that cannot be made (the revision is no longer kept, it no longer validates) is
+    /// recorded all the same, so it is not tried again.
+    ///
+    /// # Errors
+    /// etcd errors; [`StoreError::Invalid`] when the revert cannot be made.
+    pub async fn auto_revert(
+        &self,
+        program: &str,
+        failed: u64,
+        to: u64,
+        host: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let Some(current) = self.get::<Program>(program).await? else {
+            return Ok(None);
+        };
+        if current.metadata.generation != failed {
+            return Ok(None);
+        }
+        let key = self.keys.rollout_state(program);
+        let mut c = self.etcd.client().await;
+        let r = self.within("get", c.get(key.clone(), None)).await?;
+        let mut state = match r.kvs().first() {
+            Some(kv) => decode::<RolloutState>(kv.key(), kv.value())?,
+            None => RolloutState::default(),
+        };
+        let mut record = AutoRevert {
+            failed_generation: failed,
+            host: host.to_string(),
+            to_generation: to,
+            revert_generation: 0,
+            at: rfc3339(audit_micros()),
+        };
+        let controller = Author {
+            name: "controller".to_string(),
+            role: Role::Admin,
+        };
+        let target = self.revisions(program).await?.into_iter().find(|r| r.generation == to);
+        let next = target
+            .ok_or_else(|| format!("generation {to} is no longer kept"))
+            .and_then(|t| {
+                let mut next = current.clone();
+                next.spec = t.spec;
+                next.spec.restarted_at = current.spec.restarted_at.clone();
+                next.spec.signal_request = current.spec.signal_request.clone();
+                corral_proto::validate_program(next)
+                    .map(corral_proto::Valid::into_inner)
+                    .map_err(|e| e.to_string())
+            });
+        let next = match next {
+            Ok(next) if next.spec != current.spec => next,
+            other => {
+                // Nothing to write, or nothing that can be: recorded, so not tried again.
+                state.reverted = Some(record);
+                let value = encode(&key, &state)?;
+                self.within("put", c.put(key, value, None)).await?;
+                return match other {
+                    Err(why) => Err(StoreError::Invalid(format!("cannot revert {program}: {why}"))),
+                    Ok(_) => Ok(None),
+                };
+            }
+        };
+        record.revert_generation = failed + 1;
+        state.reverted = Some(record);
+        state.last_good = Some(to);
+        let value = encode(&key, &state)?;
+        // `current` carries the resource version read: written only if still at `failed`.
+        let applied = self
+            .write(
+                next,
+                false,
+                &controller,
+                Some("auto-revert"),
+                None,
+                vec![TxnOp::put(key, value, None)],
+            )
+            .await?;
+        Ok(Some(applied.object.metadata.generation))
     }
 
     /// Every paused program.

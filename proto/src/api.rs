@@ -199,6 +199,36 @@ pub struct ProgramControl {
     pub paused: bool,
 }
 
+/// What the leading controller keeps of a program's rollouts, at
+/// `<prefix>/rolloutstate/<program>` (written only by the leader).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutState {
+    /// The last generation that ran, ready, on every host it was placed on: what an
+    /// automatic revert goes back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good: Option<u64>,
+    /// The last automatic revert.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverted: Option<AutoRevert>,
+}
+
+/// An automatic revert (`spec.rollout.auto_revert`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AutoRevert {
+    /// The generation that failed.
+    pub failed_generation: u64,
+    /// A host it failed on.
+    pub host: String,
+    /// The generation whose spec was put back.
+    pub to_generation: u64,
+    /// The generation the revert wrote (a failure of it is not reverted).
+    pub revert_generation: u64,
+    /// RFC 3339.
+    pub at: String,
+}
+
 /// What a token may do. Each role may do what the one before it may.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

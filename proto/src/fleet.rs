@@ -121,6 +121,14 @@ pub struct ProgramHostStatus {
     /// Why the program could not be applied here, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The generation assigned here, when it failed here: its file refused, its assignment
+    /// invalid, or (while it runs) a process FATAL or unhealthy. 0: none failed.
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub failed_generation: u64,
+}
+
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One host's view of one program.
@@ -151,6 +159,12 @@ pub struct ProgramStatusView {
     /// Its rollout is paused (`corral rollout pause`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// The last generation that ran, ready, everywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good: Option<u64>,
+    /// Its last automatic revert (`spec.rollout.auto_revert`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverted: Option<crate::api::AutoRevert>,
 }
 
 /// One line of the fleet summary.

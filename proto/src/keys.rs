@@ -116,6 +116,13 @@ impl Keys {
     pub fn audit_entry(&self, micros: u64) -> String {
         format!("{}/audit/{micros:020}", self.prefix)
     }
+    /// What the leader keeps of each program's rollouts (`RolloutState`).
+    pub fn rollout_states(&self) -> String {
+        format!("{}/rolloutstate/", self.prefix)
+    }
+    pub fn rollout_state(&self, program: &str) -> String {
+        format!("{}{program}", self.rollout_states())
+    }
     /// Every host's log requests and replies.
     pub fn all_logs(&self) -> String {
         format!("{}/logs/", self.prefix)

@@ -197,7 +197,7 @@ pub struct SignalRequest {
 }
 
 /// How a spec change rolls out across hosts.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     /// How many hosts may be updating (and so possibly not ready) at once: a count (`5`) or a
@@ -205,6 +205,13 @@ pub struct RolloutSpec {
     /// [`RolloutSpec::DEFAULT_MAX_UNAVAILABLE`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unavailable: Option<HostCount>,
+    /// When a host fails the new generation (its file refused by supervisord, a process
+    /// FATAL or unhealthy there), put back the spec of the last generation that was running
+    /// and ready everywhere, as a new generation, so the hosts already updated go back and
+    /// the others are never touched. A revert that fails too is not reverted again. Default
+    /// false (the rollout only stops).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_revert: Option<bool>,
 }
 
 impl RolloutSpec {

@@ -644,6 +644,7 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
         memory: &memory,
         stderr_tails: &tails,
         probes: &Probes::new(),
+        refused: &BTreeSet::new(),
     });
     let w = &s["w"];
     assert!(!w.ready);
@@ -675,6 +676,7 @@ fn a_running_process_reports_the_same_status_every_pass() {
             memory: &Memory::default(),
             stderr_tails: &HashMap::new(),
             probes: &Probes::new(),
+            refused: &BTreeSet::new(),
         })
     };
     // Otherwise every pass would rewrite every status in etcd.
@@ -696,6 +698,7 @@ fn report(program: &str, states: &[&str], ready: bool) -> ProgramHostStatus {
             })
             .collect(),
         ready,
+        failed_generation: 0,
         error: None,
     }
 }
@@ -806,6 +809,7 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
         generations: &generations,
         stderr_tails: &tails,
         probes: &Probes::new(),
+        refused: &BTreeSet::new(),
     });
     for name in ["garbage", "inject", "web", "grouped"] {
         assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
@@ -1054,6 +1058,7 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
             memory: &Memory::default(),
             stderr_tails: &HashMap::new(),
             probes,
+            refused: &BTreeSet::new(),
         })["web"]
             .processes[0]
             .clone()
@@ -1081,6 +1086,7 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
         memory: &Memory::default(),
         stderr_tails: &HashMap::new(),
         probes: &Probes::new(),
+        refused: &BTreeSet::new(),
     });
     assert_eq!(s["web"].processes[0].health, "");
     assert!(s["web"].ready);
@@ -1167,4 +1173,44 @@ fn a_dependent_waits_for_its_dependency_to_be_healthy() {
     assert!(plan.waiting["web"].contains("waiting for db"));
     w.probes = [("db".to_string(), probe(42, Some(true)))].into();
     assert_eq!(w.plan(&obs, &mut m, 10), [Action::Start("web".into())]);
+}
+
+#[test]
+fn a_generation_fails_here_when_its_file_is_refused_or_it_runs_fatal_or_unhealthy() {
+    let d = desired(&assignments(vec![assignment("web", checked)]), "h1");
+    let generation = d.programs["web"].generation;
+    let failed = |state: ProcState, runs: u64, refused: bool, probes: &Probes| {
+        let refused: BTreeSet<String> = if refused {
+            ["web".to_string()].into()
+        } else {
+            BTreeSet::new()
+        };
+        statuses(&StatusInput {
+            host: "h1",
+            desired: &d,
+            observed: &observed(&[("web", state)]),
+            errors: &BTreeMap::new(),
+            generations: &[("web".to_string(), runs)].into(),
+            memory: &Memory::default(),
+            stderr_tails: &HashMap::new(),
+            probes,
+            refused: &refused,
+        })["web"]
+            .failed_generation
+    };
+    let none = Probes::new();
+    let healthy: Probes = [("web".to_string(), probe(42, Some(true)))].into();
+    let sick: Probes = [("web".to_string(), probe(42, Some(false)))].into();
+    assert_eq!(failed(ProcState::Running, generation, false, &healthy), 0);
+    assert_eq!(
+        failed(ProcState::Running, generation, false, &none),
+        0,
+        "not checked yet is no failure"
+    );
+    assert_eq!(failed(ProcState::Fatal, generation, false, &none), generation);
+    assert_eq!(failed(ProcState::Running, generation, false, &sick), generation);
+    // Supervisord refused the new file: it still runs the old generation, and the new one failed.
+    assert_eq!(failed(ProcState::Running, generation - 1, true, &healthy), generation);
+    // FATAL under an older generation says nothing of the new one.
+    assert_eq!(failed(ProcState::Fatal, generation - 1, false, &none), 0);
 }

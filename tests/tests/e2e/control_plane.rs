@@ -34,7 +34,13 @@ async fn reads_larger_than_a_grpc_message_are_paged() -> anyhow::Result<()> {
         })
         .collect();
     let failures = store
-        .write_assignments(&AssignmentWrites { put, delete: vec![] }, None)
+        .write_assignments(
+            &AssignmentWrites {
+                put,
+                ..Default::default()
+            },
+            None,
+        )
         .await?;
     assert!(failures.0.is_empty(), "{failures:?}");
     let mut c = etcd.client().await?;
@@ -101,7 +107,7 @@ async fn a_write_from_a_controller_that_no_longer_leads_is_refused() -> anyhow::
             ("h1".to_string(), name.to_string()),
             std::sync::Arc::new(specs::assignment(name, 1, |_| {})),
         )],
-        delete: vec![],
+        ..Default::default()
     };
     store.write_assignments(&write("while-leading"), Some(&fence)).await?;
     // The old leader pauses past its lease; another controller is elected.

@@ -188,7 +188,7 @@ fn every_promql_expression_in_the_dashboards_and_grafana_alerts_parses() {
 }
 
 /// `target/<profile>/NAME`, built by `cargo build --bins` (scripts/test does).
-fn built_binary(name: &str) -> PathBuf {
+pub(crate) fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join(name);

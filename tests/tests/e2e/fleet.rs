@@ -407,6 +407,7 @@ async fn a_rollout_survives_the_leaders_death_with_no_host_updated_twice_or_skip
             s.startsecs = Some(2);
             s.rollout = Some(corral_proto::RolloutSpec {
                 max_unavailable: Some(corral_proto::HostCount::Count(1)),
+                auto_revert: None,
             });
         })
     };
@@ -800,6 +801,7 @@ async fn rollouts_are_kept_paused_resumed_undone_and_followed() -> anyhow::Resul
             s.command = format!("/bin/sleep {}", 3000 + n);
             s.rollout = Some(corral_proto::resource::RolloutSpec {
                 max_unavailable: Some(corral_proto::resource::HostCount::Count(1)),
+                auto_revert: None,
             });
         })
     };
@@ -934,6 +936,7 @@ async fn a_rollout_waits_for_healthy_not_just_running() -> anyhow::Result<()> {
             s.startsecs = Some(0);
             s.rollout = Some(corral_proto::resource::RolloutSpec {
                 max_unavailable: Some(corral_proto::HostCount::Count(1)),
+                auto_revert: None,
             });
             s.health = Some(corral_proto::resource::HealthSpec {
                 exec: Some(corral_proto::resource::ExecCheck {
@@ -1090,5 +1093,99 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         partial.errors["h2"].contains("no answer from its agent"),
         "{partial:#?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generation_that_fails_is_reverted_automatically_and_the_revert_is_not_reverted() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let web = |command: &str| {
+        let command = command.to_string();
+        program("web", move |s| {
+            s.command = command;
+            s.startsecs = Some(1);
+            s.startretries = Some(0);
+            s.rollout = Some(corral_proto::resource::RolloutSpec {
+                max_unavailable: Some(corral_proto::HostCount::Count(1)),
+                auto_revert: Some(true),
+            });
+        })
+    };
+    api.apply(&web("/bin/sleep 1001"), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
+    // The controller records generation 1 as good once it runs, ready, everywhere.
+    let deadline = std::time::Instant::now() + WAIT;
+    while api.program("web").await?.status.and_then(|s| s.last_good) != Some(1) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "generation 1 never recorded as good"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before: Vec<(i64, ProcessState)> =
+        vec![fleet.nodes[0].pids().await?["web"], fleet.nodes[1].pids().await?["web"]];
+
+    // Generation 2 exits at once: FATAL on the first host, reverted to generation 1's spec
+    // as generation 3; the second host never gets generation 2.
+    api.apply(&web("/bin/sh -c 'echo broken >&2; exit 3'"), false).await?;
+    let status = wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].generation == 3 && s.programs[0].ready == 2
+    })
+    .await?;
+    assert_eq!(status.programs[0].updated, 2);
+    let p = api.program("web").await?;
+    assert_eq!(p.spec.command, "/bin/sleep 1001", "generation 1's spec is back");
+    let r = p
+        .status
+        .as_ref()
+        .and_then(|s| s.reverted.clone())
+        .context("no revert recorded")?;
+    assert_eq!((r.failed_generation, r.to_generation, r.revert_generation), (2, 1, 3));
+    let updated_first = r.host.clone();
+    let untouched = if updated_first == "h1" { 1 } else { 0 };
+    assert_eq!(
+        fleet.nodes[untouched].pids().await?["web"],
+        before[untouched],
+        "a host that never got the failed generation was restarted"
+    );
+    // The revert is in the history, by the controller.
+    let history = api.history(None, Some("web"), 10).await?;
+    assert!(
+        history
+            .iter()
+            .any(|e| e.verb == "auto-revert" && e.who == "controller" && e.generation == Some(3)),
+        "{history:#?}"
+    );
+    // `apply --wait` of a generation that gets reverted says so and fails.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("web.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: corral.dev/v1\nkind: Program\nmetadata: {name: web}\nspec:\n  selector: {}\n  command: /bin/false\n  startsecs: 1\n  startretries: 0\n  rollout: {max_unavailable: 1, auto_revert: true}\n",
+    )?;
+    let o = std::process::Command::new(super::deploy::built_binary("corral"))
+        .args(["--server", &fleet.controller.as_ref().context("controller")?.url])
+        .args([
+            "--token",
+            corral_tests::corral::TOKEN,
+            "apply",
+            "--wait",
+            "--timeout-secs",
+            "60",
+            "-f",
+        ])
+        .arg(&file)
+        .output()?;
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("generation 4 failed on") && out.contains("reverted automatically to the spec of generation 3"),
+        "{out}"
+    );
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].generation == 5 && s.programs[0].ready == 2
+    })
+    .await?;
     Ok(())
 }
