@@ -60,6 +60,85 @@ impl Lines {
     }
 }
 
+/// `--since`: `30s`, `10m`, `2h`, `1d`.
+///
+/// # Errors
+/// What is wrong with it, for clap.
+pub fn parse_since(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30s, 10m, 2h or 1d"))?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?} is not a duration such as 30s, 10m, 2h or 1d")),
+    };
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+/// The time a log line starts with, if it starts with one: `2026-11-27T03:20:18Z`,
+/// `2026-11-27 03:20:18,123` (Python's logging), `[2026-11-27 03:20:18.5 +0100]`, with an
+/// optional fraction and offset; without an offset the time is taken as UTC.
+pub fn line_time(line: &str) -> Option<time::OffsetDateTime> {
+    let line = line.trim_start().trim_start_matches('[');
+    let head = line.get(..19).filter(|h| h.is_ascii())?;
+    let mut normal = head.to_string();
+    normal.replace_range(10..11, "T");
+    let at = time::PrimitiveDateTime::parse(
+        &normal,
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]"),
+    )
+    .ok()?;
+    let rest = &line[19..];
+    let rest = rest
+        .strip_prefix(['.', ','])
+        .map_or(rest, |r| r.trim_start_matches(|c: char| c.is_ascii_digit()));
+    let rest = rest.trim_start_matches(' ');
+    let offset = if rest.starts_with('Z') {
+        time::UtcOffset::UTC
+    } else if let Some(sign) = rest.chars().next().filter(|c| *c == '+' || *c == '-') {
+        let digits: String = rest[1..].chars().filter(char::is_ascii_digit).take(4).collect();
+        let (h, m) = (
+            digits.get(..2)?.parse::<i8>().ok()?,
+            digits.get(2..4).unwrap_or("00").parse::<i8>().ok()?,
+        );
+        let (h, m) = if sign == '-' { (-h, -m) } else { (h, m) };
+        time::UtcOffset::from_hms(h, m, 0).ok()?
+    } else {
+        time::UtcOffset::UTC
+    };
+    Some(at.assume_offset(offset))
+}
+
+/// Keeps the lines from `since` on: a line without a time goes with the line before it (a
+/// traceback with its message); lines before the first line with a time are of unknown time
+/// and left out. Returns the lines kept, and how many were left out for want of a time.
+pub fn since_filter(
+    lines: Vec<(String, String, String)>,
+    since: time::OffsetDateTime,
+) -> (Vec<(String, String, String)>, usize) {
+    let mut keep: BTreeMap<(String, String), Option<bool>> = BTreeMap::new();
+    let mut unknown = 0;
+    let mut out = Vec::new();
+    for (host, process, line) in lines {
+        let state = keep.entry((host.clone(), process.clone())).or_default();
+        if let Some(at) = line_time(&line) {
+            *state = Some(at >= since);
+        }
+        match state {
+            Some(true) => out.push((host, process, line)),
+            Some(false) => {}
+            None => unknown += 1,
+        }
+    }
+    (out, unknown)
+}
+
 /// The programs `name` stands for (`GROUP:` is every member).
 async fn programs(api: &ApiClient, name: &str) -> anyhow::Result<Vec<String>> {
     Ok(match name.strip_suffix(':') {
@@ -74,6 +153,8 @@ pub struct Options<'a> {
     pub follow: bool,
     pub tail_bytes: u32,
     pub stderr: bool,
+    /// Only lines from this long ago on (by the time each line starts with).
+    pub since: Option<Duration>,
 }
 
 pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
@@ -83,7 +164,12 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
     let mut lines = Lines::default();
     let mut said: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut worst = exit::Worst::default();
+    let since = o.since.map(|d| {
+        time::OffsetDateTime::now_utc() - time::Duration::seconds(i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    });
+    let mut first = true;
     loop {
+        let mut lines_now = Vec::new();
         let mut got = Vec::new();
         for program in &programs {
             let query = LogsQuery {
@@ -122,14 +208,25 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
                 if !chunk.text.is_empty() || chunk.overflow {
                     got.push((chunk.host.clone(), chunk.process.clone()));
                 }
-                print(lines.take(&chunk));
+                lines_now.extend(lines.take(&chunk));
             }
         }
+        lines_now.extend(if o.follow { lines.flush(&got) } else { lines.flush(&[]) });
+        match since {
+            // Only the first read reaches into the past; what follows is new.
+            Some(since) if first => {
+                let (kept, unknown) = since_filter(lines_now, since);
+                if unknown > 0 {
+                    eprintln!("note: {unknown} lines before the first line with a time were left out (--since)");
+                }
+                print(kept);
+            }
+            _ => print(lines_now),
+        }
+        first = false;
         if !o.follow {
-            print(lines.flush(&[]));
             return Ok(worst.code());
         }
-        print(lines.flush(&got));
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
 }
@@ -156,6 +253,56 @@ mod tests {
 
     fn texts(v: Vec<(String, String, String)>) -> Vec<String> {
         v.into_iter().map(|(_, _, l)| l).collect()
+    }
+
+    #[test]
+    fn since_keeps_lines_by_the_time_they_start_with_and_their_continuations() {
+        use time::macros::datetime;
+        assert_eq!(
+            line_time("2026-11-27T03:20:18Z started"),
+            Some(datetime!(2026-11-27 03:20:18 UTC))
+        );
+        assert_eq!(
+            line_time("2026-11-27 03:20:18,123 INFO x"),
+            Some(datetime!(2026-11-27 03:20:18 UTC))
+        );
+        assert_eq!(
+            line_time("[2026-11-27 04:20:18.5 +0100] x"),
+            Some(datetime!(2026-11-27 03:20:18 UTC))
+        );
+        assert_eq!(
+            line_time("2026-11-27T01:20:18-02:00 x"),
+            Some(datetime!(2026-11-27 03:20:18 UTC))
+        );
+        assert_eq!(line_time("GET / 200"), None);
+        assert_eq!(line_time("2026-13-27 03:20:18 x"), None);
+        assert_eq!(line_time("é"), None);
+        assert_eq!(line_time("2026-11-2éé 03:20:18 x"), None);
+        let l = |p: &str, s: &str| ("h1".to_string(), p.to_string(), s.to_string());
+        let (kept, unknown) = since_filter(
+            vec![
+                l("web", "no time yet"),
+                l("web", "2026-11-27 03:00:00 old"),
+                l("web", "  old traceback"),
+                l("db", "2026-11-27 03:30:00 db new"),
+                l("web", "2026-11-27 03:30:00 new"),
+                l("web", "  new traceback"),
+            ],
+            datetime!(2026-11-27 03:10:00 UTC),
+        );
+        let texts: Vec<&str> = kept.iter().map(|(_, _, t)| t.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "2026-11-27 03:30:00 db new",
+                "2026-11-27 03:30:00 new",
+                "  new traceback"
+            ]
+        );
+        assert_eq!(unknown, 1);
+        assert_eq!(parse_since("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_since("1d"), Ok(Duration::from_secs(86_400)));
+        assert!(parse_since("10").is_err() && parse_since("m").is_err() && parse_since("5w").is_err());
     }
 
     #[test]

@@ -212,6 +212,10 @@ enum Command {
         /// The stderr log instead of stdout (with redirect_stderr, stderr is in stdout's).
         #[arg(long)]
         stderr: bool,
+        /// Only lines from this long ago on (30s, 10m, 2h, 1d), by the time each line starts
+        /// with (supervisord keeps none; a line without one goes with the line before it).
+        #[arg(long, value_parser = logs::parse_since)]
+        since: Option<std::time::Duration>,
     },
     /// This client's version and the controller's.
     #[command(after_help = "Example:\n  corral version")]
@@ -431,6 +435,7 @@ async fn main() -> ExitCode {
                 follow,
                 tail,
                 stderr,
+                since,
             } => {
                 logs::logs(
                     &api()?,
@@ -440,6 +445,7 @@ async fn main() -> ExitCode {
                         follow: *follow,
                         tail_bytes: *tail,
                         stderr: *stderr,
+                        since: *since,
                     },
                 )
                 .await

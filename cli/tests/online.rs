@@ -274,6 +274,11 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         out.contains("h1 celery-worker_00 | worker 0 ready") && out.contains("h1 celery-worker_01 | worker 1 ready"),
         "{out}"
     );
+    // Lines without a time cannot be placed after --since: left out, and said.
+    let (out, err) = text(&corral(s, &["logs", "crashy", "--stderr", "--since", "1h"]));
+    assert!(out.is_empty() && err.contains("left out (--since)"), "{out}{err}");
+    let o = corral(s, &["logs", "crashy", "--since", "1w"]);
+    assert_eq!(o.status.code(), Some(2), "{:?}", text(&o));
     let o = corral(s, &["logs", "nosuch"]);
     assert_eq!(o.status.code(), Some(1), "{:?}", text(&o));
     // -f prints what there is, then follows until interrupted.
