@@ -1104,6 +1104,8 @@ pub struct StatusInput<'a> {
     pub probes: &'a Probes,
     /// Programs whose current file supervisord refused.
     pub refused: &'a BTreeSet<String>,
+    /// Programs held back by their order, and why (`RuntimePlan::waiting`).
+    pub waiting: &'a BTreeMap<String, String>,
 }
 
 /// The status of every desired (or invalid) program on this host.
@@ -1172,6 +1174,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                 ready: error.is_none() && is_ready(p, input.observed, input.probes),
                 error,
                 failed_generation: if failed { p.generation } else { 0 },
+                waiting: input.waiting.get(&p.name).cloned(),
             },
         );
     }
@@ -1187,6 +1190,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                 ready: false,
                 error: Some(why.clone()),
                 failed_generation: 0,
+                waiting: None,
             },
         );
     }

@@ -342,11 +342,6 @@ impl Reconciler {
             now_ms: now,
         };
         let runtime = plan::plan_runtime(&input, &mut self.memory);
-        for (name, why) in &runtime.waiting {
-            if desired.programs.contains_key(name) {
-                errors.entry(name.clone()).or_insert_with(|| why.clone());
-            }
-        }
         let program_of_target = |target: &str| -> Vec<String> {
             desired
                 .programs
@@ -484,6 +479,7 @@ impl Reconciler {
             stderr_tails: &tails,
             probes: &probes,
             refused: &report.refused,
+            waiting: &runtime.waiting,
         });
         // Checked from now on: what runs after this pass's actions.
         self.prober.sync(crate::health::targets(desired, &observed));

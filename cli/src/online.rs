@@ -650,7 +650,10 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                     view.observed_generation.to_string(),
                     view.ready.to_string(),
                     procs.join(", "),
-                    view.error.clone().unwrap_or_default(),
+                    view.error
+                        .clone()
+                        .or_else(|| view.waiting.as_ref().map(|w| format!("(not an error) {w}")))
+                        .unwrap_or_default(),
                 ]);
             }
             if any {
@@ -743,6 +746,17 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 outln!("Errors:");
                 for (h, e) in errors {
                     outln!("  {h}: {e}");
+                }
+            }
+            let waiting: Vec<_> = v
+                .hosts
+                .iter()
+                .filter_map(|h| h.waiting.as_ref().map(|w| (h.host.clone(), w)))
+                .collect();
+            if !waiting.is_empty() {
+                outln!("Waiting (depends_on):");
+                for (h, w) in waiting {
+                    outln!("  {h}: {w}");
                 }
             }
             let failing: Vec<_> = v

@@ -268,6 +268,7 @@ mod tests {
             ready,
             processes: vec![],
             error: error.map(String::from),
+            waiting: None,
         }
     }
 

@@ -520,6 +520,7 @@ mod tests {
                 processes: vec![],
                 ready: true,
                 failed_generation: 0,
+                waiting: None,
                 error: None,
             };
             put(&mut i, keys().status(h, p), json(&report));
@@ -571,6 +572,7 @@ mod tests {
                 processes: vec![],
                 ready: true,
                 failed_generation: 0,
+                waiting: None,
                 error: None,
             };
             put(&mut i, keys().status(h, p), json(&report));
@@ -715,6 +717,7 @@ mod tests {
                 processes: vec![],
                 ready: true,
                 failed_generation: 0,
+                waiting: None,
                 error: None,
             };
             let d = put(&mut i, keys().status(h, "p"), json(&report));
@@ -740,6 +743,7 @@ mod tests {
             processes: vec![],
             ready,
             failed_generation: 0,
+            waiting: None,
             error: None,
         };
         put(i, keys().status(h, "p"), json(&report))
@@ -762,6 +766,7 @@ mod tests {
             ready: false,
             failed_generation: generation,
             error: None,
+            waiting: None,
         };
         put(i, keys().status(h, "p"), json(&report))
     }

@@ -64,6 +64,7 @@ pub fn program_status(
             error: report
                 .and_then(|r| r.error.clone())
                 .or_else(|| not_ready.map(|why| format!("host not ready: {why}"))),
+            waiting: report.and_then(|r| r.waiting.clone()),
         });
     }
     view
@@ -92,15 +93,16 @@ pub fn fleet_status(
                     .hosts
                     .iter()
                     .filter(|h| !h.ready)
-                    .map(|h| match &h.error {
-                        Some(e) => format!("{}: {e}", h.host),
-                        None if h.observed_generation < p.metadata.generation => {
+                    .map(|h| match (&h.error, &h.waiting) {
+                        (Some(e), _) => format!("{}: {e}", h.host),
+                        (None, Some(w)) => format!("{}: {w}", h.host),
+                        (None, None) if h.observed_generation < p.metadata.generation => {
                             format!(
                                 "{}: runs generation {} of {}",
                                 h.host, h.observed_generation, p.metadata.generation
                             )
                         }
-                        None => format!(
+                        (None, None) => format!(
                             "{}: {}",
                             h.host,
                             h.processes
@@ -152,6 +154,7 @@ mod tests {
                 processes: vec![],
                 ready,
                 failed_generation: 0,
+                waiting: None,
                 error: error.map(String::from),
             },
         )

@@ -27,7 +27,7 @@ pub struct Assignment {
 
 /// One supervisord process as the agent last saw it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProcessStatus {
     /// supervisord's `group:name`.
     pub name: String,
@@ -106,9 +106,10 @@ fn is_zero(n: &i64) -> bool {
     *n == 0
 }
 
-/// `<prefix>/status/<host>/<program>`: what the agent observes of one program.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+/// `<prefix>/status/<host>/<program>`: what the agent observes of one program. Fields a newer
+/// agent adds are ignored (a fleet is upgraded a host at a time).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ProgramHostStatus {
     pub host: String,
     pub program: String,
@@ -121,6 +122,10 @@ pub struct ProgramHostStatus {
     /// Why the program could not be applied here, if it could not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Why it is held back by its order here (`depends_on`): waiting for a dependency to
+    /// run, or for a dependent to stop. Not an error: it goes on by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// The generation assigned here, when it failed here: its file refused, its assignment
     /// invalid, or (while it runs) a process FATAL or unhealthy. 0: none failed.
     #[serde(default, skip_serializing_if = "is_zero_u64")]
@@ -143,6 +148,9 @@ pub struct HostProgramView {
     pub processes: Vec<ProcessStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Held back by its order here (`depends_on`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }
 
 /// A program's aggregated status (the `status` of `GET /v1/programs/NAME`).

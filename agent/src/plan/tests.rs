@@ -645,6 +645,7 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
         stderr_tails: &tails,
         probes: &Probes::new(),
         refused: &BTreeSet::new(),
+        waiting: &BTreeMap::new(),
     });
     let w = &s["w"];
     assert!(!w.ready);
@@ -677,6 +678,7 @@ fn a_running_process_reports_the_same_status_every_pass() {
             stderr_tails: &HashMap::new(),
             probes: &Probes::new(),
             refused: &BTreeSet::new(),
+            waiting: &BTreeMap::new(),
         })
     };
     // Otherwise every pass would rewrite every status in etcd.
@@ -699,6 +701,7 @@ fn report(program: &str, states: &[&str], ready: bool) -> ProgramHostStatus {
             .collect(),
         ready,
         failed_generation: 0,
+        waiting: None,
         error: None,
     }
 }
@@ -810,6 +813,7 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
         stderr_tails: &tails,
         probes: &Probes::new(),
         refused: &BTreeSet::new(),
+        waiting: &BTreeMap::new(),
     });
     for name in ["garbage", "inject", "web", "grouped"] {
         assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
@@ -1059,6 +1063,7 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
             stderr_tails: &HashMap::new(),
             probes,
             refused: &BTreeSet::new(),
+            waiting: &BTreeMap::new(),
         })["web"]
             .processes[0]
             .clone()
@@ -1087,6 +1092,7 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
         stderr_tails: &HashMap::new(),
         probes: &Probes::new(),
         refused: &BTreeSet::new(),
+        waiting: &BTreeMap::new(),
     });
     assert_eq!(s["web"].processes[0].health, "");
     assert!(s["web"].ready);
@@ -1195,6 +1201,7 @@ fn a_generation_fails_here_when_its_file_is_refused_or_it_runs_fatal_or_unhealth
             stderr_tails: &HashMap::new(),
             probes,
             refused: &refused,
+            waiting: &BTreeMap::new(),
         })["web"]
             .failed_generation
     };

@@ -972,6 +972,17 @@ async fn a_program_starts_after_and_stops_before_what_it_depends_on() -> anyhow:
         assignment("db", 1, db(DesiredState::Running)),
     ]
     .into();
+    // While db starts, web waits: said as waiting, not as an error.
+    let reports = pass_until(&mut r, &a, Duration::from_secs(5), |rep| {
+        rep.statuses["web"].waiting.is_some()
+    })
+    .await?;
+    let w = &reports.last().context("no pass")?.statuses["web"];
+    assert!(w.error.is_none() && !w.ready, "{w:#?}");
+    assert_eq!(
+        w.waiting.as_deref(),
+        Some("waiting for db to be RUNNING and healthy (depends_on)")
+    );
     let report = converge(&mut r, &a).await?;
     assert!(
         report.statuses["web"].ready && report.statuses["db"].ready,
