@@ -116,6 +116,7 @@ pub async fn session(
             supervisord_version: supervisord_version.clone(),
             ready: reason.is_none(),
             reason,
+            ..Default::default()
         }),
         ..Host::new(
             Metadata {

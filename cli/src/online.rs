@@ -623,6 +623,12 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
             outln!("Placement:    {placement}");
             let labels: Vec<String> = h.metadata.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
             outln!("Labels:       {}", labels.join(","));
+            // Which of them operators set (kept when the agent registers again).
+            if !s.operator_labels.is_empty() || !s.removed_labels.is_empty() {
+                let mut by_operators: Vec<String> = s.operator_labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                by_operators.extend(s.removed_labels.iter().map(|k| format!("{k}-")));
+                outln!("  set by operators: {}", by_operators.join(","));
+            }
             outln!("Agent:        {}", s.agent_version.unwrap_or_default());
             outln!("Supervisord:  {}", s.supervisord_version.unwrap_or_default());
             // Its programs and their processes, as its agent last reported them.

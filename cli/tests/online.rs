@@ -132,8 +132,15 @@ async fn the_cli_drives_a_live_corral() -> anyhow::Result<()> {
         out.contains("Placement:    cordoned") && out.contains("celery-worker_01 RUNNING"),
         "{out}"
     );
+    assert!(out.contains("  set by operators: tier=gold"), "{out}");
     assert!(corral(s, &["uncordon", "h1"]).status.success());
     assert!(corral(s, &["label", "host", "h1", "tier-"]).status.success());
+    // A removal stays on record: should the agent register tier, it stays hidden.
+    let (out, _) = text(&corral(s, &["describe", "host", "h1"]));
+    assert!(
+        out.contains("Labels:       role=app\n  set by operators: tier-"),
+        "{out}"
+    );
     let bad = corral(s, &["label", "host", "h1", "tier"]);
     assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
     // A cycle within one file is refused before anything is sent; a typo in depends_on warned.

@@ -1131,10 +1131,16 @@ impl Store {
             let before = old.effective(&registered);
             // Nothing that placement sees changes (removing a label the host does not have,
             // cordoning a cordoned host): nothing written, nothing audited.
-            if new == old || effective == before {
+            let placed = |h: &Host| {
+                let mut h = h.clone();
+                h.status = None;
+                h
+            };
+            let (placed_before, placed_after) = (placed(&before), placed(&effective));
+            if new == old || placed_before == placed_after {
                 return Ok(effective);
             }
-            let changes = audited_changes(Some(&before), Some(&effective));
+            let changes = audited_changes(Some(&placed_before), Some(&placed_after));
             let audit = self.audit(by, verb, (Kind::Host, name), None, changes)?;
             let value = encode(&key, &new)?;
             let txn = Txn::new()

@@ -612,6 +612,10 @@ impl HostControl {
             .extend(self.labels.iter().map(|(k, v)| (k.clone(), v.clone())));
         h.spec.cordoned = self.cordoned || self.drained;
         h.spec.drained = self.drained;
+        if let Some(status) = &mut h.status {
+            status.operator_labels = self.labels.clone();
+            status.removed_labels = self.removed_labels.clone();
+        }
         h
     }
 
@@ -646,6 +650,13 @@ pub struct HostStatus {
     /// the agent's credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Labels operators set over the agent's (`corral label host`); filled in by the
+    /// controller, never by the agent.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub operator_labels: BTreeMap<String, String>,
+    /// The agent's labels operators removed.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub removed_labels: std::collections::BTreeSet<String>,
 }
 
 macro_rules! resource {
@@ -1403,7 +1414,11 @@ mod tests {
         c.drained = true;
         let h = c.effective(&registered);
         assert!(h.spec.cordoned && h.spec.drained, "a drained host is cordoned too");
-        assert_eq!(h.status, registered.status);
+        // What operators set is shown apart, over the agent's own status.
+        let status = h.status.clone().unwrap_or_default();
+        assert_eq!(status.ready, registered.status.as_ref().is_some_and(|s| s.ready));
+        assert_eq!(status.operator_labels, c.labels);
+        assert_eq!(status.removed_labels, c.removed_labels);
     }
 
     #[test]
