@@ -92,6 +92,9 @@ pub struct ProcessHistory {
     /// Last non-zero pid and last stop time of each process.
     last: BTreeMap<ProcessLabels, (i64, i64)>,
     programs: BTreeSet<ProgramLabels>,
+    /// Processes the agent asked to stop whose stop is not seen yet (a stop takes time: the
+    /// exit it causes shows in a later pass, and is not unexpected).
+    stopped_by_agent: BTreeSet<ProcessLabels>,
 }
 
 impl AgentMetrics {
@@ -293,6 +296,7 @@ impl AgentMetrics {
         let gone: Vec<ProcessLabels> = history.last.keys().filter(|l| !seen.contains(*l)).cloned().collect();
         for l in gone {
             history.last.remove(&l);
+            history.stopped_by_agent.remove(&l);
             self.process_up.remove(&l);
             self.process_start_time.remove(&l);
             self.process_restarts.remove(&l);
@@ -347,14 +351,20 @@ impl AgentMetrics {
         // Touch the counters so they exist (at 0) from the first scrape.
         let restarts = self.process_restarts.get_or_create_owned(l);
         let exits = self.process_unexpected_exits.get_or_create_owned(l);
+        if touched {
+            history.stopped_by_agent.insert(l.clone());
+        }
         if let Some(&(last_pid, last_stop)) = history.last.get(l) {
             if info.pid != 0 && last_pid != 0 && info.pid != last_pid {
                 restarts.inc();
             }
             // supervisord stamps `stop` whenever the process ends; one Corral did not cause,
             // while it should run, is an unexpected exit (a crash, or someone's stop).
-            if should_run && info.stop != last_stop && info.stop > 0 && !touched {
-                exits.inc();
+            if info.stop != last_stop && info.stop > 0 {
+                let caused_by_agent = history.stopped_by_agent.remove(l);
+                if should_run && !caused_by_agent {
+                    exits.inc();
+                }
             }
         }
         let pid = if info.pid != 0 {
@@ -363,5 +373,59 @@ impl AgentMetrics {
             history.last.get(l).map_or(0, |(p, _)| *p)
         };
         history.last.insert(l.clone(), (pid, info.stop));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(pid: i64, stop: i64) -> ProcessInfo {
+        ProcessInfo {
+            name: "web".into(),
+            group: "web".into(),
+            state: if pid > 0 {
+                ProcessState::Running
+            } else {
+                ProcessState::Stopped
+            },
+            statename: String::new(),
+            start: 0,
+            stop,
+            now: 0,
+            pid,
+            exitstatus: 0,
+            spawnerr: String::new(),
+            stdout_logfile: String::new(),
+            stderr_logfile: String::new(),
+            description: String::new(),
+        }
+    }
+
+    fn counted(m: &AgentMetrics, l: &ProcessLabels) -> (u64, u64) {
+        (
+            m.process_restarts.get_or_create(l).get(),
+            m.process_unexpected_exits.get_or_create(l).get(),
+        )
+    }
+
+    #[test]
+    fn a_stop_the_agent_asked_for_is_not_an_unexpected_exit_even_when_it_ends_later() {
+        let m = AgentMetrics::register(&mut Registry::default(), "h1");
+        let mut h = ProcessHistory::default();
+        let l = ProcessLabels {
+            program: "web".into(),
+            process: "web".into(),
+        };
+        m.observe_process(&l, &info(10, 0), true, false, &mut h);
+        // The agent asks it to stop (a health restart); it ends two passes later.
+        m.observe_process(&l, &info(10, 0), true, true, &mut h);
+        m.observe_process(&l, &info(10, 0), true, false, &mut h);
+        m.observe_process(&l, &info(0, 100), true, false, &mut h);
+        m.observe_process(&l, &info(11, 100), true, false, &mut h);
+        assert_eq!(counted(&m, &l), (1, 0), "one restart, no unexpected exit");
+        // It crashes on its own: that one counts.
+        m.observe_process(&l, &info(0, 200), true, false, &mut h);
+        assert_eq!(counted(&m, &l), (1, 1));
     }
 }

@@ -683,6 +683,10 @@ pub struct Crash {
     /// Why its health check failed, when that is what restarted it last.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_failure: Option<String>,
+    /// The program's generation these restarts happened under: a new generation (a fixed
+    /// spec) starts from no restarts.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// The delay before crash-loop start number `attempts + 1`.
@@ -882,6 +886,10 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                 continue;
             }
             let s = proc.state;
+            if memory.crash.get(ns).is_some_and(|c| c.generation != p.generation) {
+                // A new spec: its restarts start from none (and one held back starts now).
+                memory.crash.remove(ns);
+            }
             let action = match p.state {
                 DesiredState::Running if marker_moved && s.is_running() => {
                     memory.stopping.entry(ns.clone()).or_insert(now);
@@ -894,7 +902,10 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                 {
                     // Liveness: stopped now, started again at once the first time, then
                     // after the crash-loop delay (doubling).
-                    let crash = memory.crash.entry(ns.clone()).or_default();
+                    let crash = memory.crash.entry(ns.clone()).or_insert_with(|| Crash {
+                        generation: p.generation,
+                        ..Default::default()
+                    });
                     crash.next_retry_ms = match crash.attempts {
                         0 => None,
                         n => Some(now + crash_delay(&p.crash, n - 1).as_millis() as i64),
@@ -921,7 +932,10 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
                     Some((Action::Start(ns.clone()), Correction::ProcessStarted))
                 }
                 DesiredState::Running if s == ProcState::Fatal && p.crash.restart => {
-                    let crash = memory.crash.entry(ns.clone()).or_default();
+                    let crash = memory.crash.entry(ns.clone()).or_insert_with(|| Crash {
+                        generation: p.generation,
+                        ..Default::default()
+                    });
                     match crash.next_retry_ms {
                         None => {
                             let delay = crash_delay(&p.crash, crash.attempts);
@@ -1141,7 +1155,13 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                         String::new()
                     },
                     health: match verdict(p, ns, i, input.probes) {
-                        _ if p.health.is_none() || i.state != ProcState::Running => String::new(),
+                        _ if p.health.is_none() => String::new(),
+                        // Restarted for failing its check and not passing again yet: still
+                        // unhealthy (its alert keeps counting through the restarts).
+                        None if crash.is_some_and(|c| c.health_failure.is_some()) && i.state != ProcState::Fatal => {
+                            "unhealthy".to_string()
+                        }
+                        _ if i.state != ProcState::Running => String::new(),
                         Some(true) => "healthy".to_string(),
                         Some(false) => "unhealthy".to_string(),
                         None => "pending".to_string(),
@@ -1157,12 +1177,20 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
         let observed_generation = input.generations.get(&p.name).copied().unwrap_or(0);
         // What this generation did here (a rollout's auto_revert acts on it): supervisord
         // refused its file, or it runs and a process gave up or fails its check.
+        // A process restarted by the policy under this generation (crash loop, or its check
+        // failing) failed it too, even while it is started again.
+        let restarted = p
+            .namespecs
+            .iter()
+            .filter_map(|ns| input.memory.crash.get(ns))
+            .any(|c| c.generation == p.generation && (c.attempts > 0 || c.health_failure.is_some()));
         let failed = input.refused.contains(&p.name)
             || (observed_generation == p.generation
                 && p.state == DesiredState::Running
-                && processes
-                    .iter()
-                    .any(|pr: &ProcessStatus| pr.state == "FATAL" || pr.health == "unhealthy"));
+                && (restarted
+                    || processes
+                        .iter()
+                        .any(|pr: &ProcessStatus| pr.state == "FATAL" || pr.health == "unhealthy")));
         out.insert(
             p.name.clone(),
             ProgramHostStatus {

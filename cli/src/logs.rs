@@ -175,7 +175,14 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
             let query = LogsQuery {
                 host: o.host.map(str::to_string),
                 stream,
-                bytes: o.tail_bytes,
+                // --tail is how far back the first read goes; following, each read takes all
+                // that came since the last, up to the most an answer carries (64 KiB a process
+                // a second: more is said as skipped).
+                bytes: if first {
+                    o.tail_bytes
+                } else {
+                    corral_proto::logs::MAX_LOG_BYTES
+                },
                 offsets: offsets.get(program).cloned().unwrap_or_default(),
             };
             let answer = match api.logs(program, &query).await {

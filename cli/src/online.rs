@@ -681,19 +681,23 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                     p.metadata.generation
                 );
             }
-            if let Some(r) = &v.reverted {
-                outln!(
+            match &v.reverted {
+                Some(r) if r.revert_generation > 0 => outln!(
                     "Reverted:    generation {} failed on {} at {}: the spec of generation {} was put back (generation {})",
                     r.failed_generation,
                     r.host,
                     r.at,
                     r.to_generation,
-                    if r.revert_generation > 0 {
-                        r.revert_generation.to_string()
-                    } else {
-                        "none: it could not be made".to_string()
-                    }
-                );
+                    r.revert_generation
+                ),
+                Some(r) => outln!(
+                    "Reverted:    generation {} failed on {} at {} and was not reverted: {}",
+                    r.failed_generation,
+                    r.host,
+                    r.at,
+                    r.not_reverted.as_deref().unwrap_or("no reason recorded")
+                ),
+                None => {}
             }
             outln!("Placement:   {}", placement(&p));
             outln!(
@@ -770,8 +774,9 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 .iter()
                 .flat_map(|h| h.processes.iter().map(move |p| (h.host.as_str(), p)))
                 .filter(|(_, p)| {
+                    // Restarted by the policy and not back RUNNING (and healthy) yet.
                     matches!(p.state.as_str(), "FATAL" | "BACKOFF" | "EXITED")
-                        || p.crash_restarts > 0
+                        || (p.crash_restarts > 0 && p.state != "RUNNING")
                         || p.health == "unhealthy"
                 })
                 .collect();

@@ -43,21 +43,30 @@ pub fn state_of(p: &Program, following: u64) -> Look {
     let view = p.status.clone().unwrap_or_default();
     let generation = p.metadata.generation;
     let complete = view.updated == view.desired && view.ready == view.desired;
-    let reverted = view
-        .reverted
-        .clone()
-        .filter(|r| r.failed_generation >= following && r.revert_generation > 0);
+    let reverted = view.reverted.clone().filter(|r| r.failed_generation >= following);
     let state = match (reverted, complete, view.paused) {
         (Some(r), _, _) => State::Reverted(r),
         (None, true, _) => State::Complete,
         (None, false, true) => State::Paused,
         (None, false, false) => State::Progressing,
     };
+    // Failing at this generation: it failed there (refused, a process FATAL, unhealthy or
+    // restarted by the crash-loop policy), or it runs it with an error.
     let failing = view
         .hosts
         .iter()
-        .filter(|h| !h.ready && h.observed_generation >= generation)
-        .filter_map(|h| h.error.as_ref().map(|e| format!("{}: {e}", h.host)))
+        .filter(|h| !h.ready)
+        .filter(|h| h.failed_generation >= generation || (h.observed_generation >= generation && h.error.is_some()))
+        .map(|h| {
+            let why = h.error.clone().unwrap_or_else(|| {
+                h.processes
+                    .iter()
+                    .map(|p| format!("{} {}", p.name, p.summary()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            format!("{}: {why}", h.host)
+        })
         .collect();
     Look {
         state,
@@ -142,11 +151,22 @@ pub async fn follow(api: &ApiClient, name: &str, wait: bool, timeout: Duration, 
                     exit::OK,
                 ));
             }
-            State::Reverted(r) => {
+            State::Reverted(r) if r.revert_generation > 0 => {
                 return Ok(end(
                     format!(
                         "{name}: generation {} failed on {}: reverted automatically to the spec of generation {} (now generation {})",
                         r.failed_generation, r.host, r.to_generation, r.revert_generation
+                    ),
+                    exit::REFUSED,
+                ));
+            }
+            State::Reverted(r) => {
+                return Ok(end(
+                    format!(
+                        "{name}: generation {} failed on {} and was not reverted: {}",
+                        r.failed_generation,
+                        r.host,
+                        r.not_reverted.as_deref().unwrap_or("no reason recorded")
                     ),
                     exit::REFUSED,
                 ));
@@ -269,6 +289,7 @@ mod tests {
             processes: vec![],
             error: error.map(String::from),
             waiting: None,
+            failed_generation: 0,
         }
     }
 
@@ -309,6 +330,19 @@ mod tests {
         );
         assert_eq!(l.state, State::Progressing);
         assert_eq!(l.failing, ["h2: FATAL: exited too quickly"]);
+        // A host where the generation failed (supervisord refused it: it still runs the old
+        // one), or whose process is FATAL with no error, is failing too.
+        let mut refused = host("h3", 1, false, Some("supervisord refused the file"));
+        refused.failed_generation = 2;
+        let mut fatal = host("h1", 2, false, None);
+        fatal.failed_generation = 2;
+        fatal.processes = vec![corral_proto::fleet::ProcessStatus {
+            name: "web".into(),
+            state: "FATAL".into(),
+            ..Default::default()
+        }];
+        let both = state_of(&program(2, view(2, 0, false, vec![fatal, refused])), 2);
+        assert_eq!(both.failing, ["h1: web FATAL", "h3: supervisord refused the file"]);
         assert_eq!((l.updated, l.ready, l.desired), (2, 1, 3));
         // Placed nowhere: nothing to wait for.
         let none = ProgramStatusView::default();
@@ -321,6 +355,7 @@ mod tests {
             to_generation: 1,
             revert_generation: 3,
             at: String::new(),
+            not_reverted: None,
         };
         let mut reverted = view(3, 3, false, vec![]);
         reverted.reverted = Some(revert.clone());

@@ -322,7 +322,19 @@ impl Index {
             }
         }
         let state = self.rollout_states.get(name);
-        if !written && behind.is_empty() && in_flight == 0 && !selected.is_empty() {
+        // Complete: every host that is up runs it, ready (a host that is down, as some always
+        // are in a large fleet, does not hold back what an automatic revert goes back to).
+        let up: Vec<&String> = selected.iter().copied().filter(|h| self.alive.contains(*h)).collect();
+        let complete = !written
+            && !up.is_empty()
+            && up.iter().all(|h| {
+                held.get(*h).is_some_and(|c| **c == want)
+                    && self
+                        .reports
+                        .get(&(name.to_string(), (*h).clone()))
+                        .is_some_and(|r| r.generation >= want.generation && r.ready)
+            });
+        if complete {
             if state.and_then(|s| s.last_good) < Some(want.generation) {
                 out.rollouts.push(RolloutDecision::Completed {
                     program: name.to_string(),
@@ -503,6 +515,7 @@ mod tests {
                 keys().host(&format!("h{h:02}")),
                 json(&host(&format!("h{h:02}"), &[("role", "app")])),
             );
+            put(&mut i, keys().alive(&format!("h{h:02}")), Vec::new());
         }
         put(&mut i, keys().program("p"), json(&program("p", 1, &[("role", "app")])));
         let w = i.plan(&Dirty {
@@ -790,6 +803,33 @@ mod tests {
         let d = put(&mut i, keys().rollout_state("p"), json(&good));
         assert!(d.programs.contains("p"));
         assert!(i.plan(&only_p()).rollouts.is_empty(), "recorded: not again");
+        // A host that is down does not hold back a completion.
+        let mut down = fleet(3);
+        let mut d = Dirty::default();
+        down.apply(&keys(), &keys().alive("h02"), None, &mut d);
+        put(
+            &mut down,
+            keys().program("p"),
+            json(&program("p", 2, &[("role", "app")])),
+        );
+        let mut completed = false;
+        for _ in 0..5 {
+            let w = down.plan(&only_p());
+            completed |= w.rollouts.contains(&RolloutDecision::Completed {
+                program: "p".into(),
+                generation: 2,
+            });
+            down.written(&w, &BTreeSet::new());
+            for ((h, _), _) in &w.put {
+                if h != "h02" {
+                    report(&mut down, h, 2, true);
+                }
+            }
+        }
+        assert!(
+            completed,
+            "h02 is down: generation 2 runs ready on every host that is up"
+        );
 
         // Generation 2, one host at a time, reverting on failure.
         let mut p2 = program("p", 2, &[("role", "app")]);
@@ -829,6 +869,7 @@ mod tests {
                 to_generation: 1,
                 revert_generation: 3,
                 at: String::new(),
+                not_reverted: None,
             }),
         };
         put(&mut i, keys().rollout_state("p"), json(&reverted));

@@ -65,6 +65,7 @@ pub fn program_status(
                 .and_then(|r| r.error.clone())
                 .or_else(|| not_ready.map(|why| format!("host not ready: {why}"))),
             waiting: report.and_then(|r| r.waiting.clone()),
+            failed_generation: report.map_or(0, |r| r.failed_generation),
         });
     }
     view

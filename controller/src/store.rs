@@ -858,6 +858,7 @@ impl Store {
             to_generation: to,
             revert_generation: 0,
             at: rfc3339(audit_micros()),
+            not_reverted: None,
         };
         let controller = Author {
             name: "controller".to_string(),
@@ -879,6 +880,14 @@ impl Store {
             Ok(next) if next.spec != current.spec => next,
             other => {
                 // Nothing to write, or nothing that can be: recorded, so not tried again.
+                let why = match &other {
+                    Err(why) => why.clone(),
+                    Ok(_) => format!(
+                        "generation {failed} has the spec of generation {to} (a restart): there is nothing to put back"
+                    ),
+                };
+                tracing::warn!(program, failed, host, "generation failed and is not reverted: {why}");
+                record.not_reverted = Some(why);
                 state.reverted = Some(record);
                 let value = encode(&key, &state)?;
                 self.within("put", c.put(key, value, None)).await?;

@@ -223,8 +223,12 @@ pub struct AutoRevert {
     pub host: String,
     /// The generation whose spec was put back.
     pub to_generation: u64,
-    /// The generation the revert wrote (a failure of it is not reverted).
+    /// The generation the revert wrote (a failure of it is not reverted); 0 when none was.
     pub revert_generation: u64,
+    /// Why nothing was put back, when nothing was (the failed generation had the same spec,
+    /// as after `corral restart`; the revision is no longer kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_reverted: Option<String>,
     /// RFC 3339.
     pub at: String,
 }

@@ -151,6 +151,9 @@ pub struct HostProgramView {
     /// Held back by its order here (`depends_on`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
+    /// The generation that failed on this host (see `ProgramHostStatus::failed_generation`).
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub failed_generation: u64,
 }
 
 /// A program's aggregated status (the `status` of `GET /v1/programs/NAME`).

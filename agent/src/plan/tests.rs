@@ -561,6 +561,7 @@ fn stops_are_polled_often_at_first_then_less() {
             attempts: 0,
             next_retry_ms: Some(10_000),
             health_failure: None,
+            generation: 3,
         },
     );
     assert_eq!(
@@ -625,6 +626,7 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
                 attempts: 2,
                 next_retry_ms: Some(41_500),
                 health_failure: None,
+                generation: 3,
             },
         )]
         .into(),
@@ -1220,4 +1222,73 @@ fn a_generation_fails_here_when_its_file_is_refused_or_it_runs_fatal_or_unhealth
     assert_eq!(failed(ProcState::Running, generation - 1, true, &healthy), generation);
     // FATAL under an older generation says nothing of the new one.
     assert_eq!(failed(ProcState::Fatal, generation - 1, false, &none), 0);
+}
+
+#[test]
+fn a_health_restart_fails_the_generation_and_stays_unhealthy_until_the_check_passes_again() {
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("web", checked)]);
+    let mut m = Memory::default();
+    w.probes = [("web".to_string(), probe(42, Some(false)))].into();
+    w.plan(&observed(&[("web", Running)]), &mut m, 1_000);
+    let generation = w.desired.programs["web"].generation;
+    let status = |state: ProcState, probes: &Probes, m: &Memory| {
+        statuses(&StatusInput {
+            host: "h1",
+            desired: &w.desired,
+            observed: &observed(&[("web", state)]),
+            errors: &BTreeMap::new(),
+            generations: &[("web".to_string(), generation)].into(),
+            memory: m,
+            stderr_tails: &HashMap::new(),
+            probes,
+            refused: &BTreeSet::new(),
+            waiting: &BTreeMap::new(),
+        })["web"]
+            .clone()
+    };
+    // Stopped for its restart, then started with no verdict yet: unhealthy, and failed.
+    for state in [Stopping, Stopped, Running] {
+        let s = status(state, &Probes::new(), &m);
+        assert_eq!(s.processes[0].health, "unhealthy", "{state:?}");
+        assert_eq!(s.failed_generation, generation, "{state:?}");
+    }
+    // Passing again: healthy (the generation stays failed: it was restarted under it).
+    let s = status(Running, &[("web".to_string(), probe(42, Some(true)))].into(), &m);
+    assert_eq!(s.processes[0].health, "healthy");
+    assert!(s.ready);
+}
+
+#[test]
+fn a_new_generation_starts_its_restarts_from_none() {
+    use Action::*;
+    use ProcState::*;
+    let mut w = World::new(vec![assignment("web", checked)]);
+    let mut m = Memory::default();
+    m.crash.insert(
+        "web".into(),
+        Crash {
+            attempts: 5,
+            next_retry_ms: Some(900_000),
+            health_failure: Some("status 503".into()),
+            generation: 3,
+        },
+    );
+    // Still generation 3: its delay holds.
+    assert_eq!(w.plan(&observed(&[("web", Stopped)]), &mut m, 1_000), []);
+    // The spec was fixed (generation 4): started at once, and a failure restarts at once.
+    let mut fixed = assignment("web", checked);
+    fixed.program.metadata.generation = 4;
+    w = World::new(vec![fixed]);
+    assert_eq!(
+        w.plan(&observed(&[("web", Stopped)]), &mut m, 2_000),
+        [Start("web".into())]
+    );
+    assert!(!m.crash.contains_key("web"));
+    w.probes = [("web".to_string(), probe(42, Some(false)))].into();
+    assert_eq!(
+        w.plan(&observed(&[("web", Running)]), &mut m, 3_000),
+        [Stop("web".into())]
+    );
+    assert_eq!((m.crash["web"].attempts, m.crash["web"].next_retry_ms), (1, None));
 }

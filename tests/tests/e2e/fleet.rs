@@ -1189,3 +1189,52 @@ async fn a_generation_that_fails_is_reverted_automatically_and_the_revert_is_not
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_generation_whose_health_check_fails_is_reverted_while_its_process_is_restarted() -> anyhow::Result<()> {
+    let fleet = Fleet::start().await?;
+    let api = fleet.api()?;
+    let dir = tempfile::tempdir()?;
+    let (ok, missing) = (dir.path().join("ok"), dir.path().join("missing"));
+    std::fs::write(&ok, "")?;
+    // restart: true (the default): the failing process is restarted, and that counts as the
+    // generation failing there.
+    let web = |file: &std::path::Path| {
+        let file = file.display().to_string();
+        program("web", move |s| {
+            s.command = format!("/bin/sleep 100{}", file.len());
+            s.startsecs = Some(0);
+            s.rollout = Some(corral_proto::resource::RolloutSpec {
+                max_unavailable: Some(corral_proto::HostCount::Count(1)),
+                auto_revert: Some(true),
+            });
+            s.health = Some(corral_proto::resource::HealthSpec {
+                exec: Some(corral_proto::resource::ExecCheck {
+                    command: vec!["/usr/bin/test".into(), "-e".into(), file],
+                }),
+                period_secs: Some(1),
+                failure_threshold: Some(1),
+                ..Default::default()
+            });
+        })
+    };
+    api.apply(&web(&ok), false).await?;
+    wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    while api.program("web").await?.status.and_then(|s| s.last_good) != Some(1) {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "generation 1 never recorded as good");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pids = (fleet.nodes[0].pids().await?["web"], fleet.nodes[1].pids().await?["web"]);
+    api.apply(&web(&missing), false).await?;
+    wait_for(&api, WAIT, |s| {
+        converged(s) && s.programs[0].generation == 3 && s.programs[0].ready == 2
+    })
+    .await?;
+    let p = api.program("web").await?;
+    let r = p.status.as_ref().and_then(|s| s.reverted.clone()).context("no revert")?;
+    assert_eq!((r.failed_generation, r.to_generation, r.revert_generation), (2, 1, 3));
+    let untouched = if r.host == "h1" { (1, pids.1) } else { (0, pids.0) };
+    assert_eq!(fleet.nodes[untouched.0].pids().await?["web"], untouched.1);
+    Ok(())
+}
