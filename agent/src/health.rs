@@ -112,7 +112,8 @@ pub struct Prober {
     probes: Arc<Mutex<Probes>>,
     tasks: HashMap<String, (Target, JoinHandle<()>)>,
     changed: Arc<Notify>,
-    http: Option<reqwest::Client>,
+    /// Built for the first http check (most agents never need one: it costs memory).
+    http: Option<Option<reqwest::Client>>,
 }
 
 impl Default for Prober {
@@ -123,19 +124,27 @@ impl Default for Prober {
 
 impl Prober {
     pub fn new() -> Prober {
-        // Loopback only, never through a proxy from the environment, no redirects.
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| tracing::warn!(error = %e, "http health checks unavailable"))
-            .ok();
         Prober {
             probes: Arc::default(),
             tasks: HashMap::new(),
             changed: Arc::new(Notify::new()),
-            http,
+            http: None,
         }
+    }
+
+    /// The client of http checks: loopback only, never through a proxy from the
+    /// environment, no redirects.
+    fn http(&mut self) -> Option<reqwest::Client> {
+        self.http
+            .get_or_insert_with(|| {
+                reqwest::Client::builder()
+                    .no_proxy()
+                    .redirect(reqwest::redirect::Policy::none())
+                    .build()
+                    .map_err(|e| tracing::warn!(error = %e, "http health checks unavailable"))
+                    .ok()
+            })
+            .clone()
     }
 
     /// Notified whenever a verdict changes.
@@ -167,12 +176,11 @@ impl Prober {
             }
         }
         for (ns, t) in wanted {
-            let task = tokio::spawn(probe_loop(
-                t.clone(),
-                self.probes.clone(),
-                self.changed.clone(),
-                self.http.clone(),
-            ));
+            let http = match t.health.check {
+                Check::Http { .. } => self.http(),
+                _ => None,
+            };
+            let task = tokio::spawn(probe_loop(t.clone(), self.probes.clone(), self.changed.clone(), http));
             self.tasks.insert(ns, (t, task));
         }
     }

@@ -1222,7 +1222,10 @@ async fn a_generation_whose_health_check_fails_is_reverted_while_its_process_is_
     wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
     let deadline = std::time::Instant::now() + WAIT;
     while api.program("web").await?.status.and_then(|s| s.last_good) != Some(1) {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "generation 1 never recorded as good");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "generation 1 never recorded as good"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let pids = (fleet.nodes[0].pids().await?["web"], fleet.nodes[1].pids().await?["web"]);
@@ -1232,7 +1235,11 @@ async fn a_generation_whose_health_check_fails_is_reverted_while_its_process_is_
     })
     .await?;
     let p = api.program("web").await?;
-    let r = p.status.as_ref().and_then(|s| s.reverted.clone()).context("no revert")?;
+    let r = p
+        .status
+        .as_ref()
+        .and_then(|s| s.reverted.clone())
+        .context("no revert")?;
     assert_eq!((r.failed_generation, r.to_generation, r.revert_generation), (2, 1, 3));
     let untouched = if r.host == "h1" { (1, pids.1) } else { (0, pids.0) };
     assert_eq!(fleet.nodes[untouched.0].pids().await?["web"], untouched.1);
