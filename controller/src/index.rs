@@ -67,6 +67,9 @@ pub struct Index {
     /// What the leader recorded of each program's rollouts (last good generation, last
     /// automatic revert).
     pub rollout_states: BTreeMap<String, RolloutState>,
+    /// Completions already handed to the leader, until the rollout state says so: each is
+    /// recorded once, not at every report.
+    pub completions_sent: BTreeMap<String, u64>,
     pub current: BTreeMap<ProgramSlot, Held>,
     pub reports: BTreeMap<ProgramSlot, Seen>,
     /// Key -> why its value cannot be read (it is left out).
@@ -263,7 +266,7 @@ impl Index {
     /// to at most `max_unavailable` hosts that have not reported it ready yet (in host name
     /// order); hosts the program no longer selects lose it. Returns whether hosts are still
     /// held back.
-    pub fn plan_program(&self, name: &str, out: &mut AssignmentWrites) -> bool {
+    pub fn plan_program(&mut self, name: &str, out: &mut AssignmentWrites) -> bool {
         let range = (name.to_string(), String::new())..;
         let current: Vec<(&String, &Held)> = self
             .current
@@ -335,7 +338,10 @@ impl Index {
                         .is_some_and(|r| r.generation >= want.generation && r.ready)
             });
         if complete {
-            if state.and_then(|s| s.last_good) < Some(want.generation) {
+            if state.and_then(|s| s.last_good) < Some(want.generation)
+                && self.completions_sent.get(name) != Some(&want.generation)
+            {
+                self.completions_sent.insert(name.to_string(), want.generation);
                 out.rollouts.push(RolloutDecision::Completed {
                     program: name.to_string(),
                     generation: want.generation,
@@ -795,6 +801,10 @@ mod tests {
                 program: "p".into(),
                 generation: 1
             }]
+        );
+        assert!(
+            i.plan(&only_p()).rollouts.is_empty(),
+            "handed to the leader once, not at every report while it records it"
         );
         let good = RolloutState {
             last_good: Some(1),

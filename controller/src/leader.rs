@@ -53,8 +53,15 @@ pub async fn place(
             .is_some_and(|(_, p)| index.programs.contains_key(p))
     });
     health.unreadable = index.unreadable.clone();
-    for decision in &writes.rollouts {
-        rollout_decided(store, decision).await;
+    for decision in writes.rollouts {
+        match decision {
+            // Recorded beside the leader's loop: its etcd round trips never delay a placement.
+            RolloutDecision::Completed { .. } => {
+                let store = store.clone();
+                tokio::spawn(async move { rollout_decided(&store, &decision).await });
+            }
+            RolloutDecision::Revert { .. } => rollout_decided(store, &decision).await,
+        }
     }
     Ok(())
 }
