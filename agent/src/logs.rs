@@ -34,11 +34,7 @@ pub fn processes_to_read(
         .assignments
         .get(name)
         .ok_or_else(|| format!("program {name:?} is not assigned to this host"))?;
-    let program = corral_proto::validate_program(a.program.clone())
-        .map_err(|e| format!("program {name:?} was refused here: {e}"))?;
-    if program.metadata.name != *name {
-        return Err(format!("program {name:?} was refused here"));
-    }
+    let program = crate::plan::accepted(name, a).map_err(|e| format!("program {name:?}: {e}"))?;
     let native = a.native_group.as_ref().map(|g| g.name.as_str());
     let namespecs = render::namespecs(&program, host, native)?;
     Ok(namespecs

@@ -133,6 +133,26 @@ pub fn desired(assignments: &BTreeMap<String, Assignment>, host: &str) -> Desire
 /// name as read (`env_files`; a program whose file was never read is not run). An assignment is trusted only as far as
 /// the controller could have written it: its program validates, it is stored under that
 /// program's own name, and its native group's name is a valid name.
+/// The program of the assignment stored under `name`, if this host accepts it: trusted only
+/// as far as the controller could have written it (it validates, it is the program its key
+/// names, its native group's name is valid); else why it is refused.
+///
+/// # Errors
+/// The refusal, as reported.
+pub fn accepted(name: &str, a: &Assignment) -> Result<Valid<corral_proto::resource::Program>, String> {
+    let program = validate_program(a.program.clone()).map_err(|e| format!("assignment refused: {e}"))?;
+    if program.metadata.name != name {
+        return Err(format!(
+            "assignment refused: stored as {name:?} but holds program {:?}",
+            program.metadata.name
+        ));
+    }
+    if let Some(g) = &a.native_group {
+        corral_proto::validate::check_name(&g.name).map_err(|e| format!("assignment refused: native group: {e}"))?;
+    }
+    Ok(program)
+}
+
 pub fn desired_with(
     assignments: &BTreeMap<String, Assignment>,
     unreadable: &BTreeMap<String, String>,
@@ -143,30 +163,13 @@ pub fn desired_with(
     out.invalid
         .extend(unreadable.iter().map(|(k, v)| (k.clone(), v.clone())));
     for (name, a) in assignments {
-        let program = match validate_program(a.program.clone()) {
-            Ok(p) if p.metadata.name != *name => {
-                out.invalid.insert(
-                    name.clone(),
-                    format!(
-                        "assignment refused: stored as {name:?} but holds program {:?}",
-                        p.metadata.name
-                    ),
-                );
-                continue;
-            }
+        let program = match accepted(name, a) {
             Ok(p) => p,
-            Err(e) => {
-                out.invalid.insert(name.clone(), format!("assignment refused: {e}"));
+            Err(why) => {
+                out.invalid.insert(name.clone(), why);
                 continue;
             }
         };
-        if let Some(g) = &a.native_group
-            && let Err(e) = corral_proto::validate::check_name(&g.name)
-        {
-            out.invalid
-                .insert(name.clone(), format!("assignment refused: native group: {e}"));
-            continue;
-        }
         let program = match program.spec.environment_file.clone() {
             None => program,
             Some(path) => match with_environment_file(program, &path, env_files.get(&path)) {
@@ -1132,6 +1135,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
             .filter_map(|ns| Some((ns, input.observed.get(ns)?)))
             .map(|(ns, i)| {
                 let crash = input.memory.crash.get(ns);
+                let verdict = verdict(p, ns, i, input.probes);
                 ProcessStatus {
                     name: ns.clone(),
                     state: i.statename.clone(),
@@ -1154,7 +1158,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                     } else {
                         String::new()
                     },
-                    health: match verdict(p, ns, i, input.probes) {
+                    health: match verdict {
                         _ if p.health.is_none() => String::new(),
                         // Restarted for failing its check and not passing again yet: still
                         // unhealthy (its alert keeps counting through the restarts).
@@ -1166,7 +1170,7 @@ pub fn statuses(input: &StatusInput<'_>) -> BTreeMap<String, ProgramHostStatus> 
                         Some(false) => "unhealthy".to_string(),
                         None => "pending".to_string(),
                     },
-                    health_error: match verdict(p, ns, i, input.probes) {
+                    health_error: match verdict {
                         Some(false) => input.probes.get(ns).map(|pr| pr.error.clone()).unwrap_or_default(),
                         _ => crash.and_then(|c| c.health_failure.clone()).unwrap_or_default(),
                     },

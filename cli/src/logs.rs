@@ -139,14 +139,6 @@ pub fn since_filter(
     (out, unknown)
 }
 
-/// The programs `name` stands for (`GROUP:` is every member).
-async fn programs(api: &ApiClient, name: &str) -> anyhow::Result<Vec<String>> {
-    Ok(match name.strip_suffix(':') {
-        Some(group) => api.group(group).await?.spec.programs,
-        None => vec![name.to_string()],
-    })
-}
-
 pub struct Options<'a> {
     pub name: &'a str,
     pub host: Option<&'a str>,
@@ -158,7 +150,7 @@ pub struct Options<'a> {
 }
 
 pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
-    let programs = programs(api, o.name).await?;
+    let programs = crate::online::targets(api, o.name).await?;
     let stream = if o.stderr { LogStream::Stderr } else { LogStream::Stdout };
     let mut offsets: BTreeMap<String, BTreeMap<String, BTreeMap<String, i64>>> = BTreeMap::new();
     let mut lines = Lines::default();

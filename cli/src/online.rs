@@ -830,7 +830,7 @@ pub async fn delete(
 }
 
 /// The programs `NAME` or `GROUP:` stands for.
-async fn targets(api: &ApiClient, name: &str) -> Result<Vec<String>, ClientError> {
+pub async fn targets(api: &ApiClient, name: &str) -> Result<Vec<String>, ClientError> {
     match name.strip_suffix(':') {
         Some(group) => Ok(api.group(group).await?.spec.programs),
         None => Ok(vec![name.to_string()]),

@@ -705,11 +705,7 @@ async fn program_rollback(
                 )
             })?,
     };
-    let mut next = current.clone();
-    next.spec = target.spec.clone();
-    next.spec.restarted_at = current.spec.restarted_at.clone();
-    next.spec.signal_request = current.spec.signal_request.clone();
-    let next = validate_program(next)?.into_inner();
+    let next = validate_program(target.applied_to(&current))?.into_inner();
     let refused = state.policy.check(&next.spec);
     if !refused.is_empty() {
         return Err(ValidationErrors {

@@ -531,17 +531,7 @@ mod tests {
         assert_eq!(w.put.len(), n);
         for ((h, p), a) in &w.put {
             put(&mut i, keys().assignment(h, p), json(a.as_ref()));
-            let report = ProgramHostStatus {
-                host: h.clone(),
-                program: p.clone(),
-                observed_generation: 1,
-                desired_state: Default::default(),
-                processes: vec![],
-                ready: true,
-                failed_generation: 0,
-                waiting: None,
-                error: None,
-            };
+            let report = status(h, 1, true, 0);
             put(&mut i, keys().status(h, p), json(&report));
         }
         i
@@ -583,17 +573,7 @@ mod tests {
         let mut both = hosts_of(&w);
         for ((h, p), a) in &w.put {
             put(&mut i, keys().assignment(h, p), json(a.as_ref()));
-            let report = ProgramHostStatus {
-                host: h.clone(),
-                program: p.clone(),
-                observed_generation: 2,
-                desired_state: Default::default(),
-                processes: vec![],
-                ready: true,
-                failed_generation: 0,
-                waiting: None,
-                error: None,
-            };
+            let report = status(h, 2, true, 0);
             put(&mut i, keys().status(h, p), json(&report));
         }
         both.extend(hosts_of(&i.plan(&Dirty {
@@ -728,17 +708,7 @@ mod tests {
             .is_empty()
         );
         for h in ["h00", "h01"] {
-            let report = ProgramHostStatus {
-                host: h.into(),
-                program: "p".into(),
-                observed_generation: 2,
-                desired_state: Default::default(),
-                processes: vec![],
-                ready: true,
-                failed_generation: 0,
-                waiting: None,
-                error: None,
-            };
+            let report = status(h, 2, true, 0);
             let d = put(&mut i, keys().status(h, "p"), json(&report));
             assert_eq!(
                 d.programs,
@@ -753,19 +723,20 @@ mod tests {
         assert_eq!(hosts_of(&w), ["h02", "h03"]);
     }
 
-    fn report(i: &mut Index, h: &str, generation: u64, ready: bool) -> Dirty {
-        let report = ProgramHostStatus {
+    /// A report of program p from host `h`.
+    fn status(h: &str, generation: u64, ready: bool, failed_generation: u64) -> ProgramHostStatus {
+        ProgramHostStatus {
             host: h.into(),
             program: "p".into(),
             observed_generation: generation,
-            desired_state: Default::default(),
-            processes: vec![],
             ready,
-            failed_generation: 0,
-            waiting: None,
-            error: None,
-        };
-        put(i, keys().status(h, "p"), json(&report))
+            failed_generation,
+            ..Default::default()
+        }
+    }
+
+    fn report(i: &mut Index, h: &str, generation: u64, ready: bool) -> Dirty {
+        put(i, keys().status(h, "p"), json(&status(h, generation, ready, 0)))
     }
 
     fn only_p() -> Dirty {
@@ -776,18 +747,11 @@ mod tests {
     }
 
     fn failed_report(i: &mut Index, h: &str, generation: u64) -> Dirty {
-        let report = ProgramHostStatus {
-            host: h.into(),
-            program: "p".into(),
-            observed_generation: generation,
-            desired_state: Default::default(),
-            processes: vec![],
-            ready: false,
-            failed_generation: generation,
-            error: None,
-            waiting: None,
-        };
-        put(i, keys().status(h, "p"), json(&report))
+        put(
+            i,
+            keys().status(h, "p"),
+            json(&status(h, generation, false, generation)),
+        )
     }
 
     #[test]

@@ -868,11 +868,7 @@ impl Store {
         let next = target
             .ok_or_else(|| format!("generation {to} is no longer kept"))
             .and_then(|t| {
-                let mut next = current.clone();
-                next.spec = t.spec;
-                next.spec.restarted_at = current.spec.restarted_at.clone();
-                next.spec.signal_request = current.spec.signal_request.clone();
-                corral_proto::validate_program(next)
+                corral_proto::validate_program(t.applied_to(&current))
                     .map(corral_proto::Valid::into_inner)
                     .map_err(|e| e.to_string())
             });

@@ -179,6 +179,17 @@ pub struct Revision {
 
 impl Revision {
     pub const KEEP: u64 = 10;
+
+    /// `current` with this revision's spec put back, keeping its restart and signal markers
+    /// (going back restarts only what the spec changes), for `corral rollout undo` and an
+    /// automatic revert; to be validated as any spec.
+    pub fn applied_to(&self, current: &crate::resource::Program) -> crate::resource::Program {
+        let mut next = current.clone();
+        next.spec = self.spec.clone();
+        next.spec.restarted_at = current.spec.restarted_at.clone();
+        next.spec.signal_request = current.spec.signal_request.clone();
+        next
+    }
 }
 
 /// `POST /v1/programs/NAME/rollback`: the spec of `generation` (default: the one before the

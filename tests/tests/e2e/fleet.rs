@@ -1115,14 +1115,7 @@ async fn a_generation_that_fails_is_reverted_automatically_and_the_revert_is_not
     api.apply(&web("/bin/sleep 1001"), false).await?;
     wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
     // The controller records generation 1 as good once it runs, ready, everywhere.
-    let deadline = std::time::Instant::now() + WAIT;
-    while api.program("web").await?.status.and_then(|s| s.last_good) != Some(1) {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "generation 1 never recorded as good"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    recorded_good(&api, "web", 1).await?;
     let before: Vec<(i64, ProcessState)> =
         vec![fleet.nodes[0].pids().await?["web"], fleet.nodes[1].pids().await?["web"]];
 
@@ -1220,14 +1213,7 @@ async fn a_generation_whose_health_check_fails_is_reverted_while_its_process_is_
     };
     api.apply(&web(&ok), false).await?;
     wait_for(&api, WAIT, |s| converged(s) && s.programs[0].ready == 2).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    while api.program("web").await?.status.and_then(|s| s.last_good) != Some(1) {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "generation 1 never recorded as good"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    recorded_good(&api, "web", 1).await?;
     let pids = (fleet.nodes[0].pids().await?["web"], fleet.nodes[1].pids().await?["web"]);
     api.apply(&web(&missing), false).await?;
     wait_for(&api, WAIT, |s| {
@@ -1243,5 +1229,19 @@ async fn a_generation_whose_health_check_fails_is_reverted_while_its_process_is_
     assert_eq!((r.failed_generation, r.to_generation, r.revert_generation), (2, 1, 3));
     let untouched = if r.host == "h1" { (1, pids.1) } else { (0, pids.0) };
     assert_eq!(fleet.nodes[untouched.0].pids().await?["web"], untouched.1);
+    Ok(())
+}
+
+/// Waits until the controller records `generation` of `program` as the last that ran, ready,
+/// everywhere (what an automatic revert goes back to).
+async fn recorded_good(api: &ApiClient, program: &str, generation: u64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + WAIT;
+    while api.program(program).await?.status.and_then(|s| s.last_good) != Some(generation) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "generation {generation} of {program} never recorded as good"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     Ok(())
 }
