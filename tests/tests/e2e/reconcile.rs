@@ -134,9 +134,16 @@ async fn programs_are_added_changed_and_removed_without_touching_the_others() ->
 async fn drift_is_corrected_and_an_agent_restart_restarts_nothing() -> anyhow::Result<()> {
     let host = Host::start().await?;
     let mut r = host.reconciler()?;
+    // `idle` is stopped by the agent within milliseconds of someone starting it below: a
+    // SIGTERM that reaches supervisord's child before it has exec'd its command is lost (the
+    // child still runs supervisord's own handlers), so that stop lasts `stopwaitsecs` until
+    // SIGKILL. Kept short, so the stop ends within a convergence.
     let a: BTreeMap<_, _> = [
         assignment("web", 1, |_| {}),
-        assignment("idle", 1, |s| s.state = DesiredState::Stopped),
+        assignment("idle", 1, |s| {
+            s.state = DesiredState::Stopped;
+            s.stopwaitsecs = Some(2);
+        }),
     ]
     .into();
     converge(&mut r, &a).await?;
