@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
-use crate::status::{fleet_status, host_readiness, program_status};
+use crate::status::{AGENT_AWAY_FOR_LOGS, fleet_status, host_readiness, log_candidates, log_hosts, program_status};
 use crate::store::{Applied, Author, Object, Store, StoreError};
 use crate::tokens::Token;
 use corral_proto::fleet::FleetStatus;
@@ -639,21 +639,29 @@ async fn program_logs(
     query
         .check()
         .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    let p = program_with_status(&state.store, &name).await?;
-    let mut hosts: Vec<String> = p
-        .status
-        .map(|s| s.hosts.into_iter().map(|h| h.host).collect())
-        .unwrap_or_default();
-    if let Some(h) = &query.host {
-        if !hosts.contains(h) {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("program {name:?} is not assigned to host {h:?}"),
-            ));
+    // Hosts and liveness leases only (a key per host): `logs -f` asks every second, and
+    // reading every host's reports for it would cost as much as `get programs` each time.
+    let p = get_one::<Program>(&state.store, &name).await?;
+    let hosts = state.store.hosts().await?;
+    let alive = state.store.alive().await?;
+    let mut holding = BTreeSet::new();
+    for h in log_candidates(&p, &hosts) {
+        if h.spec.cordoned && state.store.reports_on(&h.metadata.name, &name).await? {
+            holding.insert(h.metadata.name.clone());
         }
-        hosts = vec![h.clone()];
     }
-    Ok(Json(state.store.logs(&name, &hosts, &query).await?))
+    let targets = log_hosts(&p, &hosts, &holding, &alive, query.host.as_deref());
+    if let (Some(h), true) = (&query.host, targets.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("program {name:?} is not assigned to host {h:?}"),
+        ));
+    }
+    let mut logs = state.store.logs(&name, &targets.ask, &query).await?;
+    for h in targets.away {
+        logs.errors.insert(h, AGENT_AWAY_FOR_LOGS.to_string());
+    }
+    Ok(Json(logs))
 }
 
 /// `POST /v1/programs/NAME/rollback`: a kept revision's spec applied again as a new

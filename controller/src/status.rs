@@ -27,6 +27,57 @@ pub fn host_readiness(hosts: &[Host], alive: &BTreeSet<String>) -> Readiness {
         .collect()
 }
 
+/// The hosts a log read of `p` concerns, before knowing what cordoned hosts hold: every host
+/// placement gives it to, counting a cordoned one as holding it. [`log_hosts`] then keeps the
+/// cordoned ones that do.
+pub fn log_candidates<'a>(p: &Program, hosts: &'a [Host]) -> Vec<&'a Host> {
+    hosts.iter().filter(|h| p.placed_on(h, true)).collect()
+}
+
+/// Where a log read of `p` goes: the hosts it is placed on (a cordoned host only when it
+/// `holding`s the program already), narrowed to `only` when given. Those whose agent holds no
+/// liveness lease are `away`, answered at once instead of waited for.
+pub fn log_hosts(
+    p: &Program,
+    hosts: &[Host],
+    holding: &BTreeSet<String>,
+    alive: &BTreeSet<String>,
+    only: Option<&str>,
+) -> LogHosts {
+    let mut out = LogHosts::default();
+    for h in log_candidates(p, hosts) {
+        let name = &h.metadata.name;
+        if !p.placed_on(h, holding.contains(name)) || only.is_some_and(|o| o != name) {
+            continue;
+        }
+        if alive.contains(name) {
+            out.ask.push(name.clone());
+        } else {
+            out.away.push(name.clone());
+        }
+    }
+    out
+}
+
+/// See [`log_hosts`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LogHosts {
+    /// Hosts whose agents are asked.
+    pub ask: Vec<String>,
+    /// Hosts the program is placed on whose agents are away.
+    pub away: Vec<String>,
+}
+
+impl LogHosts {
+    /// Whether the read concerns no host at all.
+    pub fn is_empty(&self) -> bool {
+        self.ask.is_empty() && self.away.is_empty()
+    }
+}
+
+/// Why a host whose agent is away is not read.
+pub const AGENT_AWAY_FOR_LOGS: &str = "its agent is not connected to etcd (no liveness lease): its logs cannot be read";
+
 /// Host -> why it is not ready (`None`: ready).
 pub type Readiness = BTreeMap<String, Option<String>>;
 
@@ -207,6 +258,55 @@ mod tests {
         assert!(!f.converged());
         assert_eq!(f.programs[0].problems.len(), 3);
         assert!(f.programs[0].problems[0].starts_with("h2: runs generation 1 of 2"));
+    }
+
+    #[test]
+    fn a_log_read_asks_the_hosts_holding_the_program_and_answers_for_those_away() {
+        let host = |name: &str, labels: &[(&str, &str)], cordoned: bool, drained: bool| {
+            Host::new(
+                Metadata {
+                    name: name.into(),
+                    labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                    ..Default::default()
+                },
+                corral_proto::resource::HostSpec {
+                    cordoned,
+                    drained,
+                },
+            )
+        };
+        let hosts = [
+            host("a", &[("role", "web")], false, false),
+            host("b", &[("role", "web")], false, false),
+            host("c", &[("role", "db")], false, false),
+            host("d", &[("role", "web")], true, false),
+            host("e", &[("role", "web")], true, false),
+            host("f", &[("role", "web")], false, true),
+        ];
+        let p = Program::new(
+            Metadata {
+                name: "web".into(),
+                ..Default::default()
+            },
+            ProgramSpec {
+                command: "x".into(),
+                selector: Some([("role".to_string(), "web".to_string())].into()),
+                ..Default::default()
+            },
+        );
+        let names = |v: Vec<&Host>| v.iter().map(|h| h.metadata.name.clone()).collect::<Vec<_>>();
+        // Only cordoned candidates need a look at what they hold.
+        assert_eq!(names(log_candidates(&p, &hosts)), ["a", "b", "d", "e"]);
+        let holding: BTreeSet<String> = ["d".to_string()].into();
+        let alive: BTreeSet<String> = ["a", "d", "e"].map(String::from).into();
+        let all = log_hosts(&p, &hosts, &holding, &alive, None);
+        assert_eq!(all.ask, ["a", "d"]);
+        assert_eq!(all.away, ["b"]);
+        let one = log_hosts(&p, &hosts, &holding, &alive, Some("b"));
+        assert_eq!((one.ask.len(), one.away.as_slice()), (0, ["b".to_string()].as_slice()));
+        // A host the program is not placed on is neither.
+        assert!(log_hosts(&p, &hosts, &holding, &alive, Some("c")).is_empty());
+        assert!(log_hosts(&p, &hosts, &holding, &alive, Some("e")).is_empty());
     }
 
     #[test]

@@ -1175,6 +1175,24 @@ impl Store {
             .collect())
     }
 
+    /// Whether `host`'s agent reports on `program` (it holds the program): one count-only read.
+    ///
+    /// # Errors
+    /// etcd errors.
+    pub async fn reports_on(&self, host: &str, program: &str) -> Result<bool, StoreError> {
+        let mut c = self.etcd.client().await;
+        let resp = self
+            .within(
+                "get",
+                c.get(
+                    self.keys.status(host, program),
+                    Some(etcd_client::GetOptions::new().with_count_only()),
+                ),
+            )
+            .await?;
+        Ok(resp.count() > 0)
+    }
+
     /// Every assignment.
     ///
     /// # Errors

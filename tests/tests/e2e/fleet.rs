@@ -1080,7 +1080,8 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
     let bad = api.logs("talker", &query(0, Stdout)).await;
     assert_eq!(bad.map(|_| ()).map_err(|e| e.status()), Err(Some(422)));
 
-    // A host whose agent is away is named; the others still answer.
+    // A host whose agent is away (no liveness lease) is named at once; the others still
+    // answer.
     if let Some(a) = fleet.nodes[1].agent.take() {
         a.stop().await;
     }
@@ -1090,9 +1091,23 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         ["h1"]
     );
     assert!(
-        partial.errors["h2"].contains("no answer from its agent"),
+        partial.errors["h2"].contains("its agent is not connected to etcd"),
         "{partial:#?}"
     );
+    // An agent killed with -9 holds its lease until it expires: it is asked, and named when
+    // it does not answer.
+    let keys = corral_proto::keys::Keys::default();
+    let mut c = fleet.etcd.client().await?;
+    let lease = c.lease_grant(30, None).await?.id();
+    c.put(
+        keys.alive("h2"),
+        "",
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await?;
+    let silent = api.logs("talker", &query(100, Stdout)).await?;
+    assert!(silent.errors["h2"].contains("no answer from its agent"), "{silent:#?}");
+    assert!(silent.chunks.iter().any(|c| c.host == "h1"), "{silent:#?}");
     Ok(())
 }
 
