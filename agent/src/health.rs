@@ -85,7 +85,7 @@ pub fn targets(desired: &Desired, observed: &Observed) -> Vec<Target> {
         if p.state != DesiredState::Running {
             continue;
         }
-        for ns in &p.namespecs {
+        for (process_num, ns) in (p.numprocs_start..).zip(&p.namespecs) {
             if let Some(proc) = observed.get(ns)
                 && proc.state == ProcState::Running
                 && proc.pid > 0
@@ -95,7 +95,7 @@ pub fn targets(desired: &Desired, observed: &Observed) -> Vec<Target> {
                     program: p.name.clone(),
                     pid: proc.pid,
                     started: proc.start,
-                    health: health.clone(),
+                    health: health.for_process(process_num),
                     user: p.user.clone(),
                 });
             }
@@ -227,7 +227,7 @@ async fn probe_loop(t: Target, probes: Arc<Mutex<Probes>>, changed: Arc<Notify>,
 /// next (a status is written to etcd only when it changes).
 async fn check(t: &Target, http: Option<&reqwest::Client>) -> Result<(), String> {
     match &t.health.check {
-        Check::Tcp { port } => tokio::net::TcpStream::connect(("127.0.0.1", *port))
+        Check::Tcp { port, .. } => tokio::net::TcpStream::connect(("127.0.0.1", *port))
             .await
             .map(drop)
             .map_err(|e| format!("tcp 127.0.0.1:{port}: {}", io_reason(&e))),
@@ -235,6 +235,7 @@ async fn check(t: &Target, http: Option<&reqwest::Client>) -> Result<(), String>
             port,
             path,
             expect_status,
+            ..
         } => {
             let client = http.ok_or("http checks are unavailable on this agent")?;
             let url = format!("http://127.0.0.1:{port}{path}");

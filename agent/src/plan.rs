@@ -45,8 +45,10 @@ pub struct DesiredProgram {
     pub restarted_at: Option<String>,
     /// `(signal, id)` of the latest signal request.
     pub signal_request: Option<(String, String)>,
-    /// `group:process` of every process.
+    /// `group:process` of every process, by process number from `numprocs_start`.
     pub namespecs: Vec<String>,
+    /// The first process's `process_num` (`numprocs_start`).
+    pub numprocs_start: u32,
     /// supervisord's startsecs: how long a process stays STARTING before RUNNING.
     pub startsecs: u64,
     /// How long supervisord waits after SIGTERM before SIGKILL (also for orphans).
@@ -230,6 +232,7 @@ pub fn desired_with(
                     .as_ref()
                     .map(|r| (r.signal.clone(), r.id.clone())),
                 namespecs,
+                numprocs_start: u32::try_from(program.spec.numprocs_start.unwrap_or(0)).unwrap_or(0),
                 startsecs: program.spec.startsecs.unwrap_or(1).max(0) as u64,
                 stopwaitsecs: program.spec.stopwaitsecs.unwrap_or(10).max(0) as u64,
                 depends_on: program.spec.depends_on.clone().unwrap_or_default(),

@@ -269,10 +269,7 @@ mod tests {
                     labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
                     ..Default::default()
                 },
-                corral_proto::resource::HostSpec {
-                    cordoned,
-                    drained,
-                },
+                corral_proto::resource::HostSpec { cordoned, drained },
             )
         };
         let hosts = [

@@ -384,6 +384,11 @@ pub struct HealthSpec {
 #[serde(deny_unknown_fields)]
 pub struct HttpCheck {
     pub port: i64,
+    /// Each process on its own port: `port + process_num` (for `numprocs` processes that
+    /// listen on `80%(process_num)02d`, give `port: 8000`). Default false: every process on
+    /// `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_per_process: Option<bool>,
     /// Default `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
@@ -395,6 +400,9 @@ pub struct HttpCheck {
 #[serde(deny_unknown_fields)]
 pub struct TcpCheck {
     pub port: i64,
+    /// As for `http`: each process checked on `port + process_num`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_per_process: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,11 +417,14 @@ pub struct ExecCheck {
 pub enum Check {
     Http {
         port: u16,
+        /// `port` is the base: each process is checked on `port + process_num`.
+        per_process: bool,
         path: String,
         expect_status: Option<u16>,
     },
     Tcp {
         port: u16,
+        per_process: bool,
     },
     Exec {
         command: Vec<String>,
@@ -431,6 +442,25 @@ pub struct Health {
     pub restart: bool,
 }
 
+impl Health {
+    /// The check of the process numbered `process_num`: with a port per process, on
+    /// `port + process_num` (validation keeps that within 65535; beyond, the port is 0 and
+    /// the check fails).
+    pub fn for_process(&self, process_num: u32) -> Health {
+        let mut h = self.clone();
+        let offset = |port: &mut u16, per_process: &mut bool| {
+            if std::mem::take(per_process) {
+                *port = u16::try_from(u32::from(*port) + process_num).unwrap_or(0);
+            }
+        };
+        match &mut h.check {
+            Check::Http { port, per_process, .. } | Check::Tcp { port, per_process } => offset(port, per_process),
+            Check::Exec { .. } => {}
+        }
+        h
+    }
+}
+
 impl HealthSpec {
     pub const DEFAULT_PERIOD_SECS: u64 = 10;
     pub const DEFAULT_TIMEOUT_SECS: u64 = 2;
@@ -442,10 +472,14 @@ impl HealthSpec {
         let check = match (&self.http, &self.tcp, &self.exec) {
             (Some(h), _, _) => Check::Http {
                 port: port(h.port),
+                per_process: h.port_per_process.unwrap_or(false),
                 path: h.path.clone().unwrap_or_else(|| "/".to_string()),
                 expect_status: h.expect_status.and_then(|s| u16::try_from(s).ok()),
             },
-            (None, Some(t), _) => Check::Tcp { port: port(t.port) },
+            (None, Some(t), _) => Check::Tcp {
+                port: port(t.port),
+                per_process: t.port_per_process.unwrap_or(false),
+            },
             (None, None, Some(x)) => Check::Exec {
                 command: x.command.clone(),
             },

@@ -575,7 +575,7 @@ pub fn validate_program(p: Program) -> Result<Valid<Program>, ValidationErrors> 
         }
     }
     if let Some(h) = &s.health {
-        health(&mut e, h);
+        health(&mut e, h, s);
     }
     if let Some(dir) = &s.directory {
         path_value(&mut e, "spec.directory", dir, Scope::Process);
@@ -686,7 +686,20 @@ pub fn validate_host(h: Host) -> Result<Valid<Host>, ValidationErrors> {
 
 /// `spec.health`: one check, sane timings; nothing reaches an INI file, but the agent runs
 /// it as root (exec) or on the host's loopback (http, tcp).
-fn health(e: &mut Errors, h: &crate::resource::HealthSpec) {
+fn health(e: &mut Errors, h: &crate::resource::HealthSpec, s: &crate::resource::ProgramSpec) {
+    // With a port per process, the last process's port must be one too.
+    let last_port = |field: &str, e: &mut Errors, port: i64, per_process: Option<bool>| {
+        if per_process != Some(true) || !(1..=65_535).contains(&port) {
+            return;
+        }
+        let last = s.numprocs_start.unwrap_or(0).max(0) + s.numprocs.unwrap_or(1).max(1) - 1;
+        if port.saturating_add(last) > 65_535 {
+            e.add(
+                field,
+                format!("{port} + process_num up to {last} passes 65535 (port_per_process)"),
+            );
+        }
+    };
     let checks = [h.http.is_some(), h.tcp.is_some(), h.exec.is_some()]
         .iter()
         .filter(|c| **c)
@@ -699,6 +712,7 @@ fn health(e: &mut Errors, h: &crate::resource::HealthSpec) {
     }
     if let Some(c) = &h.http {
         e.range("spec.health.http.port", Some(c.port), 1, 65_535);
+        last_port("spec.health.http.port", e, c.port, c.port_per_process);
         e.range("spec.health.http.expect_status", c.expect_status, 100, 599);
         if let Some(path) = &c.path {
             let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
@@ -712,6 +726,7 @@ fn health(e: &mut Errors, h: &crate::resource::HealthSpec) {
     }
     if let Some(c) = &h.tcp {
         e.range("spec.health.tcp.port", Some(c.port), 1, 65_535);
+        last_port("spec.health.tcp.port", e, c.port, c.port_per_process);
     }
     if let Some(c) = &h.exec {
         if c.command.is_empty() || c.command.len() > 64 {
@@ -831,6 +846,7 @@ mod tests {
                 port: 8080,
                 path: Some(path.into()),
                 expect_status: Some(204),
+                ..Default::default()
             }),
             ..Default::default()
         };
@@ -840,6 +856,7 @@ mod tests {
             resolved.check,
             Check::Http {
                 port: 8080,
+                per_process: false,
                 path: "/h".into(),
                 expect_status: Some(204)
             }
@@ -874,7 +891,10 @@ mod tests {
             "names 0 checks",
         );
         let two = HealthSpec {
-            tcp: Some(TcpCheck { port: 1 }),
+            tcp: Some(TcpCheck {
+                port: 1,
+                ..Default::default()
+            }),
             exec: Some(ExecCheck {
                 command: vec!["/bin/true".into()],
             }),
@@ -882,7 +902,10 @@ mod tests {
         };
         refused(program(|s| s.health = Some(two)), "spec.health", "names 2 checks");
         let tcp = |port, period, timeout| HealthSpec {
-            tcp: Some(TcpCheck { port }),
+            tcp: Some(TcpCheck {
+                port,
+                ..Default::default()
+            }),
             period_secs: period,
             timeout_secs: timeout,
             ..Default::default()
@@ -897,6 +920,42 @@ mod tests {
             "spec.health.tcp.port",
             "out of range",
         );
+        // A port per process: the last process's port must exist too.
+        let per_process = |port| HealthSpec {
+            tcp: Some(TcpCheck {
+                port,
+                port_per_process: Some(true),
+            }),
+            ..Default::default()
+        };
+        let numbered = |s: &mut crate::resource::ProgramSpec| {
+            s.numprocs = Some(4);
+            s.numprocs_start = Some(10);
+            s.process_name = Some("%(program_name)s_%(process_num)d".into());
+        };
+        accepted(program(|s| {
+            numbered(s);
+            s.health = Some(per_process(65_522));
+        }));
+        refused(
+            program(|s| {
+                numbered(s);
+                s.health = Some(per_process(65_523));
+            }),
+            "spec.health.tcp.port",
+            "65523 + process_num up to 13 passes 65535",
+        );
+        let resolved = per_process(8000).resolve().expect("a check");
+        assert_eq!(
+            resolved.for_process(13).check,
+            Check::Tcp {
+                port: 8013,
+                per_process: false
+            }
+        );
+        // One port for all: every process on it.
+        let shared = tcp(8000, None, None).resolve().expect("a check");
+        assert_eq!(shared.for_process(13), shared);
         refused(
             program(|s| s.health = Some(tcp(80, Some(5), Some(6)))),
             "spec.health.timeout_secs",

@@ -1022,7 +1022,10 @@ fn a_program_stops_before_what_it_depends_on_when_both_stop_or_leave() {
 
 fn checked(s: &mut ProgramSpec) {
     s.health = Some(corral_proto::resource::HealthSpec {
-        tcp: Some(corral_proto::resource::TcpCheck { port: 8080 }),
+        tcp: Some(corral_proto::resource::TcpCheck {
+            port: 8080,
+            port_per_process: None,
+        }),
         ..Default::default()
     });
 }
@@ -1291,4 +1294,47 @@ fn a_new_generation_starts_its_restarts_from_none() {
         [Stop("web".into())]
     );
     assert_eq!((m.crash["web"].attempts, m.crash["web"].next_retry_ms), (1, None));
+}
+
+#[test]
+fn each_running_process_is_checked_on_its_own_port_when_asked() {
+    let pool = |per_process: Option<bool>| {
+        assignment("pool", move |s| {
+            s.numprocs = Some(3);
+            s.numprocs_start = Some(5);
+            s.process_name = Some("%(program_name)s_%(process_num)d".into());
+            s.health = Some(corral_proto::resource::HealthSpec {
+                tcp: Some(corral_proto::resource::TcpCheck {
+                    port: 8000,
+                    port_per_process: per_process,
+                }),
+                ..Default::default()
+            });
+        })
+    };
+    let ports = |per_process: Option<bool>| {
+        let d = desired(&assignments(vec![pool(per_process)]), "h1");
+        let ns = &d.programs["pool"].namespecs;
+        // The second process is not RUNNING: it has nothing to check.
+        let obs = observed(&[
+            (ns[0].as_str(), ProcState::Running),
+            (ns[1].as_str(), ProcState::Starting),
+            (ns[2].as_str(), ProcState::Running),
+        ]);
+        crate::health::targets(&d, &obs)
+            .into_iter()
+            .map(|t| match t.health.check {
+                corral_proto::resource::Check::Tcp { port, .. } => (t.namespec, port),
+                other => panic!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        ports(Some(true)),
+        [("pool_5".to_string(), 8005), ("pool_7".to_string(), 8007)]
+    );
+    assert_eq!(
+        ports(None),
+        [("pool_5".to_string(), 8000), ("pool_7".to_string(), 8000)]
+    );
 }

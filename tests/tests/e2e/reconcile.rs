@@ -1096,6 +1096,7 @@ async fn health_checks_gate_readiness_and_an_unhealthy_process_is_restarted_with
                 port: i64::from(port),
                 path: Some("/ok".into()),
                 expect_status: None,
+                port_per_process: None,
             })
         });
         assignment("web", 1, move |s| {
@@ -1115,6 +1116,7 @@ async fn health_checks_gate_readiness_and_an_unhealthy_process_is_restarted_with
         s.health = Some(check(&|h| {
             h.tcp = Some(corral_proto::resource::TcpCheck {
                 port: i64::from(closed),
+                port_per_process: None,
             });
             h.restart = Some(false);
         }));
@@ -1219,5 +1221,60 @@ async fn health_checks_gate_readiness_and_an_unhealthy_process_is_restarted_with
     // Nothing else was touched: the checks that fail without restart left their processes.
     let after = host.pids().await?;
     assert!(after["deaf"] > 0 && after["hangs"] > 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_port_per_process_checks_each_process_on_its_own_port() -> anyhow::Result<()> {
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    // Two free ports in a row: process 0 would listen on the first, process 1 on the second.
+    let base = loop {
+        let p = corral_tests::free_port()?;
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    // Only process 1 listens (on base + 1); process 0 does not listen at all.
+    let a: BTreeMap<_, _> = [assignment("pool", 1, |s| {
+        s.command = format!(
+            "/bin/sh -c 'if [ %(process_num)d = 1 ]; then exec /usr/bin/python3 -m http.server {} --bind 127.0.0.1; else exec /bin/sleep 1000; fi'",
+            base + 1
+        );
+        s.numprocs = Some(2);
+        s.process_name = Some("%(program_name)s_%(process_num)d".into());
+        s.startsecs = Some(0);
+        s.health = Some(corral_proto::resource::HealthSpec {
+            tcp: Some(corral_proto::resource::TcpCheck {
+                port: i64::from(base),
+                port_per_process: Some(true),
+            }),
+            period_secs: Some(1),
+            timeout_secs: Some(1),
+            failure_threshold: Some(1),
+            restart: Some(false),
+            ..Default::default()
+        });
+    })]
+    .into();
+    // (Process 1 fails its first checks while python starts: it turns healthy once it listens.)
+    let reports = pass_until(&mut r, &a, Duration::from_secs(15), |rep| {
+        let ps = &rep.statuses["pool"].processes;
+        ps.len() == 2 && ps[0].health == "unhealthy" && ps[1].health == "healthy"
+    })
+    .await?;
+    let last = reports.last().context("no pass")?;
+    let health: BTreeMap<&str, (&str, &str)> = last.statuses["pool"]
+        .processes
+        .iter()
+        .map(|p| (p.name.as_str(), (p.health.as_str(), p.health_error.as_str())))
+        .collect();
+    let refused = format!("tcp 127.0.0.1:{base}: connection refused");
+    assert_eq!(
+        health,
+        [("pool_0", ("unhealthy", refused.as_str())), ("pool_1", ("healthy", "")),].into(),
+        "each process is checked on base + process_num"
+    );
+    assert!(!last.statuses["pool"].ready);
     Ok(())
 }
