@@ -610,6 +610,10 @@ pub struct Proc {
     pub spawn_error: String,
     pub description: String,
     pub statename: String,
+    /// Forked by supervisord but not yet running its command: until the child exec's, it
+    /// runs supervisord's own signal handlers, so a signal sent now (a stop's SIGTERM) is
+    /// lost, and a stop would last `stopwaitsecs` before SIGKILL.
+    pub exec_pending: bool,
 }
 
 /// The processes supervisord runs, by `group:name`.
@@ -716,6 +720,9 @@ pub struct Memory {
     /// Each program's `depends_on` as last assigned, kept while supervisord still has the
     /// program, so that a program being removed still stops before what it depends on.
     pub depends: BTreeMap<String, Vec<String>>,
+    /// Processes whose stop or signal the last plan held back until they exec: looked at
+    /// again in [`EXEC_POLL`].
+    pub exec_wait: BTreeSet<String>,
 }
 
 /// Restart markers and signal requests already acted on, per program.
@@ -744,6 +751,10 @@ pub struct RuntimeInput<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuntimePlan {
     pub actions: Vec<(Action, Correction)>,
+    /// Programs with a stop or signal held back for a process that has not exec'd yet (see
+    /// [`Proc::exec_pending`]): their restart markers and signal requests are not applied
+    /// yet, and the next pass looks again within milliseconds.
+    pub deferred: BTreeSet<String>,
     /// Programs held back by their order, and why: a start waiting for what the program
     /// depends on, a stop waiting for what depends on it.
     pub waiting: BTreeMap<String, String>,
@@ -997,6 +1008,8 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
         }
     }
 
+    defer_until_exec(&mut plan, input, memory);
+
     // Forget what no longer needs watching.
     let wanted: BTreeSet<&String> = input
         .desired
@@ -1014,8 +1027,51 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
     plan
 }
 
+/// Holds back every stop and signal of a process that has not exec'd yet (a signal would
+/// reach supervisord's handlers in the child and be lost), and a program's other signals with
+/// it, so a signal request reaches all its processes in one pass. The next pass comes in
+/// [`EXEC_POLL`].
+fn defer_until_exec(plan: &mut RuntimePlan, input: &RuntimeInput, memory: &mut Memory) {
+    let pending = |ns: &str| input.observed.get(ns).is_some_and(|p| p.exec_pending);
+    let program_of = |ns: &str| {
+        input
+            .desired
+            .programs
+            .values()
+            .find(|p| p.namespecs.iter().any(|n| n == ns))
+            .map(|p| p.name.clone())
+    };
+    memory.exec_wait.clear();
+    let mut signal_held = BTreeSet::new();
+    for (action, _) in &plan.actions {
+        if let Action::Stop(ns) | Action::Signal(ns, _) = action
+            && pending(ns)
+        {
+            memory.exec_wait.insert(ns.clone());
+            // Not asked to stop yet: its stop is timed from when it is.
+            memory.stopping.remove(ns);
+            plan.deferred.extend(program_of(ns));
+            if matches!(action, Action::Signal(..)) {
+                signal_held.extend(program_of(ns));
+            }
+        }
+    }
+    if plan.deferred.is_empty() {
+        return;
+    }
+    plan.actions.retain(|(action, _)| match action {
+        Action::Stop(ns) => !pending(ns),
+        Action::Signal(ns, _) => !pending(ns) && !program_of(ns).is_some_and(|p| signal_held.contains(&p)),
+        _ => true,
+    });
+}
+
 /// How soon a pass looks again after acting (supervisord spawns and stops asynchronously).
 pub const POLL: Duration = Duration::from_millis(5);
+/// How soon a pass looks again at a process whose stop or signal waits for it to exec (a
+/// fork-to-exec takes milliseconds; one that hangs there, on a slow `directory` say, is
+/// looked at 50 times a second, not spun on).
+pub const EXEC_POLL: Duration = Duration::from_millis(20);
 /// The longest pause between looks at a process that is still stopping.
 pub const STOP_POLL_MAX: Duration = Duration::from_millis(500);
 /// How long past its startsecs a process the agent started is still polled for.
@@ -1024,7 +1080,8 @@ pub const SPAWN_GRACE: Duration = Duration::from_secs(5);
 /// When the next pass should look, if before the resync: while a process the agent stopped
 /// is still stopping (every few ms at first, then less often, so a program that ignores
 /// SIGTERM for a minute costs little); when a process the agent started or added is due
-/// RUNNING (at once for startsecs 0); when a crash-loop start or a refused file's retry is
+/// RUNNING (at once for startsecs 0); when a stop or signal waits for its process to exec
+/// (see [`Proc::exec_pending`]); when a crash-loop start or a refused file's retry is
 /// due. Acting in itself asks for no look: what was acted on is in one of those.
 ///
 /// Processes supervisord restarts by itself (autorestart) wait for the resync: no polling
@@ -1041,6 +1098,9 @@ pub fn next_look(
     let mut at = |d: Duration| due = Some(due.map_or(d, |x| x.min(d)));
     for since in memory.stopping.values() {
         at(ms((now_ms - since) / 8).clamp(POLL, STOP_POLL_MAX));
+    }
+    if !memory.exec_wait.is_empty() {
+        at(EXEC_POLL);
     }
     let startsecs: HashMap<&str, u64> = desired
         .programs

@@ -82,6 +82,9 @@ pub struct PassReport {
     pub refused: BTreeSet<String>,
     /// When to look again, if before the resync (see `plan::next_look`).
     pub recheck_after: Option<Duration>,
+    /// Programs with a stop or signal held back until a process has exec'd (see
+    /// `plan::Proc::exec_pending`).
+    pub deferred: BTreeSet<String>,
 }
 
 /// How many bytes of a failing process's stderr are shown.
@@ -311,7 +314,8 @@ impl Reconciler {
         // 3. Groups and processes (and what their health checks say).
         let probes = self.prober.snapshot();
         let infos = self.client.get_all_process_info().await?;
-        let observed = observe(&infos);
+        let mut observed = observe(&infos);
+        mark_exec_pending(&mut observed, now);
         self.stop_orphans(&infos, &observed, desired, now, &mut report);
         let loaded: BTreeSet<String> = desired
             .programs
@@ -351,6 +355,7 @@ impl Reconciler {
                 .collect()
         };
         let (results, after) = self.execute(&runtime.actions).await?;
+        report.deferred.clone_from(&runtime.deferred);
         let mut failed = BTreeSet::new();
         for ((action, why), result) in runtime.actions.iter().zip(results) {
             // Only what was done counts (and asks for a quick look again): an action
@@ -415,7 +420,7 @@ impl Reconciler {
             }
         }
         for p in desired.programs.values() {
-            if failed.contains(&p.name) || !loaded.contains(&p.name) {
+            if failed.contains(&p.name) || !loaded.contains(&p.name) || runtime.deferred.contains(&p.name) {
                 continue;
             }
             // Written only when they differ: a quiet pass allocates nothing here.
@@ -783,6 +788,50 @@ fn tolerate<T>(r: Result<T, supervisor::Error>, fine: FaultCode) -> Result<(), s
     }
 }
 
+/// How long after its start a process may still be between supervisord's fork and its exec
+/// (supervisord reports whole seconds; the window itself is milliseconds).
+const EXEC_WINDOW_SECS: i64 = 2;
+
+/// Marks the processes that started in the last seconds and have not exec'd their command
+/// yet: the child still runs supervisord's own code, so its command line is still
+/// supervisord's (its parent's). A process whose `/proc` cannot be read (supervisord in
+/// another pid namespace) is taken as exec'd, as before this check.
+pub fn mark_exec_pending(observed: &mut Observed, now_ms: i64) {
+    for p in observed.values_mut() {
+        if p.pid > 0
+            && matches!(p.state, ProcState::Starting | ProcState::Running)
+            && now_ms / 1000 - p.start <= EXEC_WINDOW_SECS
+        {
+            p.exec_pending = not_yet_exec(p.pid);
+        }
+    }
+}
+
+/// Whether `pid` runs its parent's command line (a forked child that has not exec'd).
+fn not_yet_exec(pid: i64) -> bool {
+    let read = |path: String| std::fs::read(path).ok();
+    let Some(stat) = read(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ')' ends it.
+    let Some(ppid) = stat
+        .iter()
+        .rposition(|b| *b == b')')
+        .and_then(|end| std::str::from_utf8(&stat[end + 1..]).ok())
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|ppid| ppid.parse::<u32>().ok())
+    else {
+        return false;
+    };
+    match (
+        read(format!("/proc/{pid}/cmdline")),
+        read(format!("/proc/{ppid}/cmdline")),
+    ) {
+        (Some(child), Some(parent)) => !child.is_empty() && child == parent,
+        _ => false,
+    }
+}
+
 /// supervisord's processes as the plan sees them.
 pub fn observe(infos: &[ProcessInfo]) -> Observed {
     infos
@@ -809,8 +858,65 @@ pub fn observe(infos: &[ProcessInfo]) -> Observed {
                     spawn_error: i.spawnerr.clone(),
                     description: i.description.clone(),
                     statename: i.statename.clone(),
+                    exec_pending: false,
                 },
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_forked_but_not_yet_exec_d_is_marked_as_such() -> Result<(), Box<dyn std::error::Error>> {
+        use std::io::BufRead as _;
+        // Python forks twice: one child stays python (as supervisord's child does before its
+        // exec), the other exec's sleep. The parent prints both pids.
+        let script = "import os, time\n\
+                      a = os.fork()\n\
+                      if a == 0:\n    time.sleep(20); os._exit(0)\n\
+                      b = os.fork()\n\
+                      if b == 0:\n    os.execv('/bin/sleep', ['sleep', '20'])\n\
+                      time.sleep(0.2); print(a, b, flush=True); time.sleep(20)\n";
+        let mut parent = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(parent.stdout.take().ok_or("no stdout")?).read_line(&mut line)?;
+        let pids: Vec<i64> = line.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let proc = |pid: i64, state: ProcState, start: i64| Proc {
+            group: "g".into(),
+            state,
+            pid,
+            start,
+            exit_status: 0,
+            spawn_error: String::new(),
+            description: String::new(),
+            statename: String::new(),
+            exec_pending: false,
+        };
+        let now = 1_000_000;
+        let mut observed: Observed = [
+            ("forked".to_string(), proc(pids[0], ProcState::Starting, now)),
+            ("exec".to_string(), proc(pids[1], ProcState::Starting, now)),
+            // Started long ago: not looked at.
+            ("old".to_string(), proc(pids[0], ProcState::Running, now - 60)),
+            ("gone".to_string(), proc(999_999_999, ProcState::Starting, now)),
+        ]
+        .into();
+        mark_exec_pending(&mut observed, now * 1000);
+        for pid in pids.iter().chain([&i64::from(parent.id())]) {
+            let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
+        }
+        let _ = parent.wait();
+        let marked: BTreeMap<&str, bool> = observed.iter().map(|(n, p)| (n.as_str(), p.exec_pending)).collect();
+        assert_eq!(
+            marked,
+            [("exec", false), ("forked", true), ("gone", false), ("old", false)].into()
+        );
+        Ok(())
+    }
 }

@@ -17,6 +17,9 @@ pub struct Options {
     pub tcp: bool,
     /// Username and password for both listeners.
     pub credentials: Option<(String, String)>,
+    /// supervisord's `minfds`: each child closes descriptors 3..minfds between its fork and
+    /// its exec (in Python), so a large value widens that window.
+    pub minfds: Option<u64>,
 }
 
 /// A running supervisord whose `[include]` reads `conf_dir/*.conf`; stopped on drop.
@@ -69,13 +72,14 @@ impl Supervisord {
             None => String::new(),
         };
         let conf = format!(
-            "[supervisord]\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}/logs\nnodaemon=true\nuser=root\n\
+            "[supervisord]\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\nchildlogdir={d}/logs\nnodaemon=true\nuser=root\n{minfds}\
              [unix_http_server]\nfile={sock}\nchmod=0700\n{auth}{inet}\
              [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\
              [include]\nfiles = {conf_d}/*.conf\n",
             d = dir.display(),
             sock = socket.display(),
             conf_d = conf_dir.display(),
+            minfds = opts.minfds.map(|n| format!("minfds={n}\n")).unwrap_or_default(),
         );
         let conf_path = dir.join("supervisord.conf");
         std::fs::write(&conf_path, conf)?;

@@ -300,6 +300,7 @@ fn proc(group: &str, state: ProcState) -> Proc {
         spawn_error: String::new(),
         description: String::new(),
         statename: format!("{state:?}").to_uppercase(),
+        exec_pending: false,
     }
 }
 
@@ -932,6 +933,7 @@ fn only_corral_programs_processes_are_seen() {
         spawn_error: String::new(),
         description: String::new(),
         statename: "RUNNING".into(),
+        exec_pending: false,
     };
     let observed: Observed = [("web".to_string(), proc(7)), ("other".to_string(), proc(8))].into();
     let seen = seen_processes(&observed, &d);
@@ -1336,5 +1338,76 @@ fn each_running_process_is_checked_on_its_own_port_when_asked() {
     assert_eq!(
         ports(None),
         [("pool_5".to_string(), 8000), ("pool_7".to_string(), 8000)]
+    );
+}
+
+#[test]
+fn a_stop_or_signal_waits_until_the_process_has_exec_d() {
+    use Action::*;
+    use ProcState::*;
+    let forked = |list: &[(&str, ProcState)], pending: &[&str]| {
+        let mut o = observed(list);
+        for ns in pending {
+            if let Some(p) = o.get_mut(*ns) {
+                p.exec_pending = true;
+            }
+        }
+        o
+    };
+    // A process to stop that supervisord has forked but that has not exec'd: held back, its
+    // program said deferred, and looked at again soon.
+    let w = World::new(vec![assignment("down", |s| s.state = DesiredState::Stopped)]);
+    let mut m = Memory::default();
+    let plan = w.run(&forked(&[("down", Starting)], &["down"]), &mut m, 1_000);
+    assert_eq!(plan.actions, []);
+    assert_eq!(plan.deferred.iter().collect::<Vec<_>>(), ["down"]);
+    assert_eq!(
+        next_look(
+            &w.desired,
+            &observed(&[("down", Starting)]),
+            &mut m,
+            std::iter::empty(),
+            1_000
+        ),
+        Some(EXEC_POLL)
+    );
+    // Once it has exec'd, it is stopped, and nothing more is waited for.
+    let plan = w.run(&forked(&[("down", Starting)], &[]), &mut m, 1_020);
+    assert_eq!(
+        plan.actions.into_iter().map(|(a, _)| a).collect::<Vec<_>>(),
+        [Stop("down".into())]
+    );
+    assert!(plan.deferred.is_empty() && m.exec_wait.is_empty());
+
+    // A signal request reaches all of a program's processes in one pass: none is signalled
+    // while one of them has not exec'd.
+    let mut w = World::new(vec![assignment("w", |s| {
+        two_workers(s);
+        s.signal_request = Some(corral_proto::SignalRequest {
+            signal: "HUP".into(),
+            id: "2".into(),
+        });
+    })]);
+    w.signals.insert("w".into(), Some("1".into()));
+    let mut m = Memory::default();
+    let plan = w.run(&forked(&[("w_0", Running), ("w_1", Starting)], &["w_1"]), &mut m, 0);
+    assert_eq!(plan.actions, []);
+    assert_eq!(plan.deferred.iter().collect::<Vec<_>>(), ["w"]);
+    assert_eq!(
+        w.plan(&forked(&[("w_0", Running), ("w_1", Starting)], &[]), &mut m, 20),
+        [Signal("w_0".into(), "HUP".into()), Signal("w_1".into(), "HUP".into())]
+    );
+    // Other actions are not held: a start goes ahead beside a held stop.
+    let w = World::new(vec![
+        assignment("down", |s| s.state = DesiredState::Stopped),
+        assignment("up", |_| {}),
+    ]);
+    assert_eq!(
+        w.plan(
+            &forked(&[("down", Running), ("up", Stopped)], &["down"]),
+            &mut Memory::default(),
+            0
+        ),
+        [Start("up".into())]
     );
 }

@@ -134,16 +134,13 @@ async fn programs_are_added_changed_and_removed_without_touching_the_others() ->
 async fn drift_is_corrected_and_an_agent_restart_restarts_nothing() -> anyhow::Result<()> {
     let host = Host::start().await?;
     let mut r = host.reconciler()?;
-    // `idle` is stopped by the agent within milliseconds of someone starting it below: a
-    // SIGTERM that reaches supervisord's child before it has exec'd its command is lost (the
-    // child still runs supervisord's own handlers), so that stop lasts `stopwaitsecs` until
-    // SIGKILL. Kept short, so the stop ends within a convergence.
+    // `idle` is stopped by the agent within milliseconds of someone starting it below: the
+    // agent waits until the process has exec'd (a SIGTERM before that would be lost), so the
+    // stop ends well within a convergence (see
+    // a_stop_asked_for_before_the_process_has_exec_d_is_not_lost).
     let a: BTreeMap<_, _> = [
         assignment("web", 1, |_| {}),
-        assignment("idle", 1, |s| {
-            s.state = DesiredState::Stopped;
-            s.stopwaitsecs = Some(2);
-        }),
+        assignment("idle", 1, |s| s.state = DesiredState::Stopped),
     ]
     .into();
     converge(&mut r, &a).await?;
@@ -1276,5 +1273,62 @@ async fn a_port_per_process_checks_each_process_on_its_own_port() -> anyhow::Res
         "each process is checked on base + process_num"
     );
     assert!(!last.statuses["pool"].ready);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stop_asked_for_before_the_process_has_exec_d_is_not_lost() -> anyhow::Result<()> {
+    // supervisord's child closes descriptors 3..minfds in Python between its fork and its
+    // exec; a SIGTERM that arrives then reaches supervisord's handlers, not the program, and
+    // the stop would last stopwaitsecs (30 s here). The largest minfds this process may have
+    // widens that window to milliseconds.
+    let hard = std::process::Command::new("sh").args(["-c", "ulimit -Hn"]).output()?;
+    let hard = String::from_utf8_lossy(&hard.stdout)
+        .trim()
+        .parse::<u64>()
+        .unwrap_or(65_536);
+    let sd = Supervisord::start(Options {
+        minfds: Some(hard.min(65_536)),
+        ..Default::default()
+    })
+    .await?;
+    let client = sd.client().await?;
+    let state_dir = tempfile::tempdir()?;
+    let mut r = Reconciler::new(
+        "h1",
+        client.clone(),
+        ConfDir::new(&sd.conf_dir),
+        state_dir.path().into(),
+    )?;
+    let a: BTreeMap<_, _> = [assignment("idle", 1, |s| {
+        s.command = "/bin/sleep 1000".into();
+        s.state = DesiredState::Stopped;
+        s.startsecs = Some(0);
+        s.stopwaitsecs = Some(30);
+    })]
+    .into();
+    let stopped = |rep: &PassReport| {
+        rep.processes
+            .iter()
+            .any(|p| p.name == "idle" && matches!(p.state, ProcessState::Stopped))
+    };
+    pass_until(&mut r, &a, Duration::from_secs(10), stopped).await?;
+    // Started by hand, behind Corral's back; the agent stops it at once, whether or not it
+    // has exec'd yet. Several times, until the window has been hit a few times.
+    let (mut tries, mut held) = (0, 0);
+    while tries < 30 && held < 3 {
+        tries += 1;
+        client.start_process("idle", false).await?;
+        let reports = pass_until(&mut r, &a, Duration::from_secs(10), stopped)
+            .await
+            .with_context(|| format!("try {tries}: the stop was lost"))?;
+        if reports.iter().any(|rep| rep.deferred.contains("idle")) {
+            held += 1;
+        }
+    }
+    anyhow::ensure!(
+        held > 0,
+        "no stop was ever asked for before the process exec'd in {tries} tries (minfds {hard}): this test showed nothing"
+    );
     Ok(())
 }

@@ -151,6 +151,7 @@ async fn tcp_with_basic_auth_and_a_401_is_an_auth_error() -> anyhow::Result<()> 
     let sd = Supervisord::start(Options {
         tcp: true,
         credentials: creds,
+        ..Default::default()
     })
     .await?;
     let url = sd.tcp_url.clone().expect("tcp");
