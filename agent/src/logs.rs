@@ -49,20 +49,54 @@ pub fn processes_to_read(
 /// What of a `tail*Log(offset, length)` answer came after `offset`: supervisord's tail always
 /// answers the last `length` bytes (and the log's size as the new offset), so a follower
 /// keeps only the bytes past where it was. A log now shorter than `offset` was rotated or
-/// truncated: what it holds is new (and what came before the rotation, skipped).
-pub fn after_offset(offset: i64, text: String, size: i64, overflow: bool) -> (String, bool) {
-    if offset <= 0 || overflow {
-        return (text, overflow);
+/// truncated: what it holds is new (and what came before the rotation, skipped). A character
+/// cut at the start is dropped; bytes that are not UTF-8 are shown as U+FFFD.
+pub fn after_offset(offset: i64, data: Vec<u8>, size: i64, overflow: bool) -> (String, bool) {
+    let (data, overflow) = if offset <= 0 || overflow {
+        (&data[..], overflow)
+    } else if size < offset {
+        (&data[..], true)
+    } else {
+        let new = usize::try_from(size - offset).unwrap_or(0);
+        (&data[data.len().saturating_sub(new)..], false)
+    };
+    // At most three continuation bytes of a character whose first byte was cut off.
+    let cut = data.iter().take(3).take_while(|b| (**b & 0xC0) == 0x80).count();
+    (String::from_utf8_lossy(&data[cut..]).into_owned(), overflow)
+}
+
+/// Which bytes supervisord's `tailFile(offset, length)` answers of a log of `size` bytes:
+/// `(start, length, overflow)`, as its code computes them (with `offset` past the end, the
+/// last `length` bytes; more than `length` new bytes, the last `length` and overflow).
+pub fn tail_window(size: i64, offset: i64, length: i64) -> (i64, i64, bool) {
+    let (mut offset, mut length, mut overflow) = (offset, length, false);
+    if size > offset.saturating_add(length) {
+        overflow = true;
+        offset = size - 1;
     }
-    if size < offset {
-        return (text, true);
+    if offset.saturating_add(length) > size {
+        if offset > size - 1 {
+            length = 0;
+        }
+        offset = size - length;
     }
-    let new = usize::try_from(size - offset).unwrap_or(0);
-    let mut start = text.len().saturating_sub(new);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    (text[start..].to_string(), false)
+    let offset = offset.max(0);
+    let length = length.max(0).min(size - offset);
+    (offset, length, overflow)
+}
+
+/// Reads a log file as supervisord's tail would (see [`tail_window`]): the bytes, the
+/// file's size, and whether more than `length` were skipped.
+async fn read_log_file(path: &str, offset: i64, length: i64) -> std::io::Result<(Vec<u8>, i64, bool)> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    let mut f = tokio::fs::File::open(path).await?;
+    let size = i64::try_from(f.metadata().await?.len()).unwrap_or(i64::MAX);
+    let (start, len, overflow) = tail_window(size, offset, length);
+    f.seek(std::io::SeekFrom::Start(u64::try_from(start).unwrap_or(0)))
+        .await?;
+    let mut data = Vec::new();
+    f.take(u64::try_from(len).unwrap_or(0)).read_to_end(&mut data).await?;
+    Ok((data, size, overflow))
 }
 
 /// How long a reply stays in etcd if the controller does not take it.
@@ -166,18 +200,22 @@ async fn read(
     let mut errors = BTreeMap::new();
     for (ns, offset) in processes {
         let offset = i32::try_from(offset).unwrap_or(i32::MAX);
-        let tail = match request.stream {
-            LogStream::Stdout => supervisor.tail_process_stdout_log(&ns, offset, bytes).await,
-            LogStream::Stderr => supervisor.tail_process_stderr_log(&ns, offset, bytes).await,
-        };
+        let mut tail = tail(supervisor, &ns, request.stream, offset, bytes).await;
+        if let Ok((_, size, _)) = &tail
+            && *size < i64::from(offset)
+        {
+            // Rotated or truncated since the last read (supervisord answers nothing past
+            // the end): all the log holds is new.
+            tail = self::tail(supervisor, &ns, request.stream, 0, bytes).await;
+        }
         match tail {
-            Ok(t) => {
-                let (text, overflow) = after_offset(i64::from(offset), t.text, t.offset, t.overflow);
+            Ok((data, size, overflow)) => {
+                let (text, overflow) = after_offset(i64::from(offset), data, size, overflow);
                 reply.chunks.push(LogChunk {
                     host: host.to_string(),
                     process: ns,
                     text,
-                    offset: t.offset,
+                    offset: size,
                     overflow,
                 });
             }
@@ -191,6 +229,53 @@ async fn read(
         reply.error = Some(list.join("; "));
     }
     reply
+}
+
+/// `tail*Log(offset, bytes)` of one process: the bytes, the log's size, whether more were
+/// skipped.
+async fn tail(
+    supervisor: &Client,
+    ns: &str,
+    stream: LogStream,
+    offset: i32,
+    bytes: i32,
+) -> Result<(Vec<u8>, i64, bool), String> {
+    let tail = match stream {
+        LogStream::Stdout => supervisor.tail_process_stdout_log(ns, offset, bytes).await,
+        LogStream::Stderr => supervisor.tail_process_stderr_log(ns, offset, bytes).await,
+    };
+    match tail {
+        // supervisord answers a tail whose bytes are not UTF-8 (a character cut at the
+        // start of the window, a binary log) with HTTP 500: the agent reads the same bytes
+        // of the file itself.
+        Err(crate::supervisor::Error::Http { status: 500, .. }) => {
+            read_directly(supervisor, ns, stream, offset, bytes).await
+        }
+        other => other
+            .map(|t| (t.text.into_bytes(), t.offset, t.overflow))
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// A process's log read from its file, where supervisord says it is.
+async fn read_directly(
+    supervisor: &Client,
+    ns: &str,
+    stream: LogStream,
+    offset: i32,
+    bytes: i32,
+) -> Result<(Vec<u8>, i64, bool), String> {
+    let info = supervisor.get_process_info(ns).await.map_err(|e| e.to_string())?;
+    let path = match stream {
+        LogStream::Stdout => info.stdout_logfile,
+        LogStream::Stderr => info.stderr_logfile,
+    };
+    if path.is_empty() {
+        return Err("supervisord could not read its log, which has no file".to_string());
+    }
+    read_log_file(&path, i64::from(offset), i64::from(bytes))
+        .await
+        .map_err(|e| format!("supervisord could not read its log, nor could the agent ({path}: {e})"))
 }
 
 #[cfg(test)]
@@ -242,6 +327,26 @@ mod tests {
         assert_eq!(after_offset(100, "fresh\n".into(), 6, false), ("fresh\n".into(), true));
         // A multi-byte character cut by the byte count is not split.
         assert_eq!(after_offset(2, "aé\n".into(), 4, false), ("\n".into(), false));
+        // Cut at the start of the window, or not UTF-8 at all.
+        assert_eq!(
+            after_offset(0, b"\xA9\xE2\x82\xACok\xFF\n".to_vec(), 9, false),
+            ("€ok\u{FFFD}\n".into(), false)
+        );
+    }
+
+    #[test]
+    fn a_log_file_is_read_as_supervisord_tails_it() {
+        // The first read: the last `length` bytes, more before them said as skipped.
+        assert_eq!(tail_window(100, 0, 10), (90, 10, true));
+        assert_eq!(tail_window(5, 0, 10), (0, 5, false));
+        assert_eq!(tail_window(0, 0, 10), (0, 0, false));
+        // Following: from the offset when it is all there...
+        assert_eq!(tail_window(100, 95, 10), (90, 10, false));
+        assert_eq!(tail_window(100, 100, 10), (100, 0, false));
+        // ...the last bytes when more came.
+        assert_eq!(tail_window(1000, 100, 10), (990, 10, true));
+        // Rotated (shorter than the offset): nothing; `read` asks again from the start.
+        assert_eq!(tail_window(4, 100, 10), (4, 0, false));
     }
 
     #[test]

@@ -231,9 +231,34 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
 }
 
 fn print(lines: Vec<(String, String, String)>) {
+    use std::io::IsTerminal as _;
+    let terminal = std::io::stdout().is_terminal();
     for (host, process, line) in lines {
-        outln!("{host} {process} | {line}");
+        if terminal {
+            outln!("{host} {process} | {}", visible(&line));
+        } else {
+            outln!("{host} {process} | {line}");
+        }
     }
+}
+
+/// A log line as a terminal may show it: control characters (escape sequences that would move
+/// the cursor, retitle the window or write the clipboard) written out as `\x1b`, tabs kept.
+/// Only for a terminal: piped, lines go out as the program wrote them.
+fn visible(line: &str) -> std::borrow::Cow<'_, str> {
+    if !line.chars().any(|c| c.is_control() && c != '\t') {
+        return line.into();
+    }
+    let mut out = String::with_capacity(line.len() + 8);
+    for c in line.chars() {
+        if c.is_control() && c != '\t' {
+            // Every control character (C0, DEL, C1) is below U+0100.
+            out.push_str(&format!("\\x{:02x}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
 }
 
 #[cfg(test)]
@@ -248,6 +273,15 @@ mod tests {
             offset: 0,
             overflow,
         }
+    }
+
+    #[test]
+    fn a_terminal_sees_escape_sequences_written_out() {
+        assert_eq!(visible("plain\ttext é"), "plain\ttext é");
+        assert_eq!(
+            visible("\x1b[31mred\x1b[0m \x1b]52;c;ZXZpbA==\x07\r\u{9b}"),
+            "\\x1b[31mred\\x1b[0m \\x1b]52;c;ZXZpbA==\\x07\\x0d\\x9b"
+        );
     }
 
     fn texts(v: Vec<(String, String, String)>) -> Vec<String> {

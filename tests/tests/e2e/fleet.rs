@@ -1011,6 +1011,15 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         false,
     )
     .await?;
+    // Not UTF-8, and a character cut by the byte count: supervisord cannot answer those.
+    api.apply(
+        &program("accents", |s| {
+            s.command = r#"/bin/sh -c 'printf "caf\303\251\n\377bin\n"; exec sleep 1000'"#.into();
+            s.startsecs = Some(0);
+        }),
+        false,
+    )
+    .await?;
     wait_for(&api, WAIT, |s| converged(s) && s.programs.iter().all(|p| p.ready == 2)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let query = |bytes, stream| corral_proto::logs::LogsQuery {
@@ -1055,6 +1064,44 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         assert!(c.text.starts_with("tick-") && !c.text.contains("hello-out"), "{c:#?}");
         assert!(c.offset > next.offsets[&c.host]["talker"]);
     }
+
+    // Bytes that are not UTF-8 are shown as U+FFFD; a cut character is left out.
+    let accents = api.logs("accents", &query(4096, Stdout)).await?;
+    assert!(accents.errors.is_empty(), "{accents:#?}");
+    assert!(
+        accents.chunks.iter().all(|c| c.text == "café\n\u{FFFD}bin\n"),
+        "{accents:#?}"
+    );
+    let cut = api.logs("accents", &query(7, Stdout)).await?;
+    assert!(
+        cut.errors.is_empty() && cut.chunks.iter().all(|c| c.text == "\n\u{FFFD}bin\n"),
+        "{cut:#?}"
+    );
+
+    // A log cleared (or rotated) under a follower: what it holds now is shown, the gap said.
+    let mut next = query(4096, Stdout);
+    for c in &more.chunks {
+        next.offsets
+            .entry(c.host.clone())
+            .or_default()
+            .insert(c.process.clone(), c.offset);
+    }
+    let socket = format!("unix://{}", fleet.nodes[0].sd.socket.display());
+    let cleared = std::process::Command::new("supervisorctl")
+        .args(["-s", &socket, "clear", "talker"])
+        .output()?;
+    anyhow::ensure!(cleared.status.success(), "supervisorctl clear: {cleared:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_clear = api.logs("talker", &next).await?;
+    let h1 = after_clear
+        .chunks
+        .iter()
+        .find(|c| c.host == "h1")
+        .context("h1 answers")?;
+    assert!(
+        h1.offset < next.offsets["h1"]["talker"] && h1.overflow && h1.text.starts_with("tick-"),
+        "{h1:#?}"
+    );
 
     // One host, and a host it does not run on.
     let one = api
