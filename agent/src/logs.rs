@@ -233,7 +233,7 @@ async fn read(
 
 /// `tail*Log(offset, bytes)` of one process: the bytes, the log's size, whether more were
 /// skipped.
-async fn tail(
+pub(crate) async fn tail(
     supervisor: &Client,
     ns: &str,
     stream: LogStream,

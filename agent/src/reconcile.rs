@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use corral_proto::fleet::ProgramHostStatus;
+use corral_proto::logs::LogStream;
 use corral_proto::render::managed_file_kind;
 use serde::{Deserialize, Serialize};
 
@@ -759,8 +760,9 @@ impl Reconciler {
             {
                 continue;
             }
-            let text = match self.client.tail_process_stderr_log(ns, 0, STDERR_TAIL_BYTES).await {
-                Ok(t) => last_lines(&t.text, 10),
+            let tail = crate::logs::tail(&self.client, ns, LogStream::Stderr, 0, STDERR_TAIL_BYTES).await;
+            let text = match tail {
+                Ok((data, size, overflow)) => last_lines(&crate::logs::after_offset(0, data, size, overflow).0, 10),
                 Err(_) => String::new(),
             };
             self.tails.insert(ns.clone(), (p.start, p.statename.clone(), text));

@@ -244,8 +244,9 @@ fn print(lines: Vec<(String, String, String)>) {
 
 /// A log line as a terminal may show it: control characters (escape sequences that would move
 /// the cursor, retitle the window or write the clipboard) written out as `\x1b`, tabs kept.
-/// Only for a terminal: piped, lines go out as the program wrote them.
-fn visible(line: &str) -> std::borrow::Cow<'_, str> {
+/// `corral logs` uses it only on a terminal (piped, lines go out as the program wrote them);
+/// `describe` always.
+pub(crate) fn visible(line: &str) -> std::borrow::Cow<'_, str> {
     if !line.chars().any(|c| c.is_control() && c != '\t') {
         return line.into();
     }

@@ -785,7 +785,7 @@ pub async fn describe(api: &ApiClient, kind: DescribeKind, name: &str, show_secr
                 for (host, p) in failing {
                     outln!("  {host} {}: {}", p.name, process_problem(p, now));
                     for l in p.stderr_tail.lines() {
-                        outln!("    | {l}");
+                        outln!("    | {}", crate::logs::visible(l));
                     }
                 }
             }

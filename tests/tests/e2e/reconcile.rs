@@ -537,8 +537,10 @@ async fn fatal_is_restarted_with_backoff_not_fought_and_reported_with_its_stderr
     let count = host.state_dir.path().join("spawns");
     let final_count = host.state_dir.path().join("final-spawns");
     let crashy = |name: &str, counter: &std::path::Path, restart: bool| {
+        // Over 2 KiB of stderr, two bytes a character after an odd one: the last 2 KiB start
+        // inside a character, which supervisord cannot send (HTTP 500).
         let command = format!(
-            "/bin/sh -c 'echo x >> {}; echo boom-{name} >&2; exit 3'",
+            "/usr/bin/python3 -c \"import sys; open('{}', 'a').write('x\\n'); sys.stderr.write('x' + 'é' * 1500 + '\\nboom-{name}\\n'); sys.exit(3)\"",
             counter.display()
         );
         assignment(name, 1, move |s| {
