@@ -19,7 +19,9 @@ use serde::Deserialize;
 
 use crate::leader::ApiSide;
 use crate::metrics::ControllerMetrics;
-use crate::status::{AGENT_AWAY_FOR_LOGS, fleet_status, host_readiness, log_candidates, log_hosts, program_status};
+use crate::status::{
+    AGENT_AWAY_FOR_LOGS, fleet_status, host_readiness, log_hosts, placement_candidates, program_status,
+};
 use crate::store::{Applied, Author, Object, Store, StoreError};
 use crate::tokens::Token;
 use corral_proto::fleet::FleetStatus;
@@ -524,12 +526,22 @@ async fn put_group(
 }
 
 /// Fills each program's `status` from the agents' reports.
-async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
+async fn with_status(store: &Store, programs: Vec<Program>) -> Result<Vec<Program>, ApiError> {
     let hosts = store.hosts().await?;
+    let reports = store.reports().await?;
+    with_status_from(store, programs, &hosts, &reports).await
+}
+
+/// Fills in each program's `status` from `reports` (at least those of its hosts).
+async fn with_status_from(
+    store: &Store,
+    mut programs: Vec<Program>,
+    hosts: &[Host],
+    reports: &BTreeMap<(String, String), corral_proto::fleet::ProgramHostStatus>,
+) -> Result<Vec<Program>, ApiError> {
     let paused = store.paused().await?;
     let rollouts = store.rollout_states().await?;
-    let readiness = host_readiness(&hosts, &store.alive().await?);
-    let reports = store.reports().await?;
+    let readiness = host_readiness(hosts, &store.alive().await?);
     for p in &mut programs {
         let assigned: BTreeSet<String> = hosts
             .iter()
@@ -541,7 +553,7 @@ async fn with_status(store: &Store, mut programs: Vec<Program>) -> Result<Vec<Pr
             })
             .map(|h| h.metadata.name.clone())
             .collect();
-        let mut view = program_status(p, &assigned, &reports, &readiness);
+        let mut view = program_status(p, &assigned, reports, &readiness);
         view.paused = paused.contains(&p.metadata.name);
         if let Some(r) = rollouts.get(&p.metadata.name) {
             view.last_good = r.last_good;
@@ -566,10 +578,17 @@ async fn get_one<T: Object>(store: &Store, name: &str) -> Result<T, ApiError> {
     })
 }
 
-/// One program with its `status` filled in.
+/// One program with its `status` filled in, from its own hosts' reports only (`rollout
+/// status` and `apply --wait` ask every second: never every program's reports).
 async fn program_with_status(store: &Store, name: &str) -> Result<Program, ApiError> {
     let p = get_one::<Program>(store, name).await?;
-    with_status(store, vec![p])
+    let hosts = store.hosts().await?;
+    let candidates: Vec<String> = placement_candidates(&p, &hosts)
+        .into_iter()
+        .map(|h| h.metadata.name.clone())
+        .collect();
+    let reports = store.reports_of(name, &candidates).await?;
+    with_status_from(store, vec![p], &hosts, &reports)
         .await?
         .pop()
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))
@@ -644,12 +663,18 @@ async fn program_logs(
     let p = get_one::<Program>(&state.store, &name).await?;
     let hosts = state.store.hosts().await?;
     let alive = state.store.alive().await?;
-    let mut holding = BTreeSet::new();
-    for h in log_candidates(&p, &hosts) {
-        if h.spec.cordoned && state.store.reports_on(&h.metadata.name, &name).await? {
-            holding.insert(h.metadata.name.clone());
-        }
-    }
+    let cordoned: Vec<String> = placement_candidates(&p, &hosts)
+        .into_iter()
+        .filter(|h| h.spec.cordoned)
+        .map(|h| h.metadata.name.clone())
+        .collect();
+    let holding: BTreeSet<String> = state
+        .store
+        .reports_of(&name, &cordoned)
+        .await?
+        .into_keys()
+        .map(|(h, _)| h)
+        .collect();
     let targets = log_hosts(&p, &hosts, &holding, &alive, query.host.as_deref());
     if let (Some(h), true) = (&query.host, targets.is_empty()) {
         return Err(ApiError::new(

@@ -27,10 +27,9 @@ pub fn host_readiness(hosts: &[Host], alive: &BTreeSet<String>) -> Readiness {
         .collect()
 }
 
-/// The hosts a log read of `p` concerns, before knowing what cordoned hosts hold: every host
-/// placement gives it to, counting a cordoned one as holding it. [`log_hosts`] then keeps the
-/// cordoned ones that do.
-pub fn log_candidates<'a>(p: &Program, hosts: &'a [Host]) -> Vec<&'a Host> {
+/// The hosts `p` may be on, before knowing what cordoned hosts hold: every host placement
+/// gives it to, counting a cordoned one as holding it (whose reports then tell).
+pub fn placement_candidates<'a>(p: &Program, hosts: &'a [Host]) -> Vec<&'a Host> {
     hosts.iter().filter(|h| p.placed_on(h, true)).collect()
 }
 
@@ -45,7 +44,7 @@ pub fn log_hosts(
     only: Option<&str>,
 ) -> LogHosts {
     let mut out = LogHosts::default();
-    for h in log_candidates(p, hosts) {
+    for h in placement_candidates(p, hosts) {
         let name = &h.metadata.name;
         if !p.placed_on(h, holding.contains(name)) || only.is_some_and(|o| o != name) {
             continue;
@@ -293,7 +292,7 @@ mod tests {
         );
         let names = |v: Vec<&Host>| v.iter().map(|h| h.metadata.name.clone()).collect::<Vec<_>>();
         // Only cordoned candidates need a look at what they hold.
-        assert_eq!(names(log_candidates(&p, &hosts)), ["a", "b", "d", "e"]);
+        assert_eq!(names(placement_candidates(&p, &hosts)), ["a", "b", "d", "e"]);
         let holding: BTreeSet<String> = ["d".to_string()].into();
         let alive: BTreeSet<String> = ["a", "d", "e"].map(String::from).into();
         let all = log_hosts(&p, &hosts, &holding, &alive, None);

@@ -1175,22 +1175,45 @@ impl Store {
             .collect())
     }
 
-    /// Whether `host`'s agent reports on `program` (it holds the program): one count-only read.
+    /// `program`'s reports from `hosts` (those that have one): a get per host, in
+    /// transactions of [`TXN_OPS`], so one program's status never reads every program's.
     ///
     /// # Errors
     /// etcd errors.
-    pub async fn reports_on(&self, host: &str, program: &str) -> Result<bool, StoreError> {
+    pub async fn reports_of(
+        &self,
+        program: &str,
+        hosts: &[String],
+    ) -> Result<BTreeMap<Slot, ProgramHostStatus>, StoreError> {
         let mut c = self.etcd.client().await;
-        let resp = self
-            .within(
-                "get",
-                c.get(
-                    self.keys.status(host, program),
-                    Some(etcd_client::GetOptions::new().with_count_only()),
-                ),
-            )
-            .await?;
-        Ok(resp.count() > 0)
+        let mut out = BTreeMap::new();
+        for chunk in hosts.chunks(TXN_OPS) {
+            let gets: Vec<TxnOp> = chunk
+                .iter()
+                .map(|h| TxnOp::get(self.keys.status(h, program), None))
+                .collect();
+            let resp = self.within("get reports", c.txn(Txn::new().and_then(gets))).await?;
+            for op in resp.op_responses() {
+                let etcd_client::TxnOpResponse::Get(get) = op else {
+                    continue;
+                };
+                for kv in get.kvs() {
+                    let key = String::from_utf8_lossy(kv.key());
+                    let Some((host, _)) = self.keys.host_and_program(&key) else {
+                        continue;
+                    };
+                    match decode::<ProgramHostStatus>(kv.key(), kv.value()) {
+                        Ok(r) => {
+                            out.insert((host.to_string(), program.to_string()), r);
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "skipping an unreadable value");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every assignment.
