@@ -1079,6 +1079,76 @@ async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
             Some(rss <= 150 * 1024),
         );
     }
+    // What `corral rollout status` and `apply --wait` ask every second: one program's status,
+    // with every host's agent reporting on all its programs (a report per assignment).
+    let mut puts = Vec::with_capacity(128);
+    for i in 0..hosts {
+        let host = format!("h-{i:04}");
+        for n in &names {
+            let report = ProgramHostStatus {
+                host: host.clone(),
+                program: n.clone(),
+                observed_generation: 2,
+                desired_state: corral_proto::resource::DesiredState::Running,
+                processes: vec![corral_proto::fleet::ProcessStatus {
+                    name: n.clone(),
+                    state: "RUNNING".into(),
+                    pid: 4242,
+                    started_at: 1_790_000_000,
+                    ..Default::default()
+                }],
+                ready: true,
+                ..Default::default()
+            };
+            puts.push(etcd_client::TxnOp::put(
+                keys.status(&host, n),
+                serde_json::to_vec(&report)?,
+                None,
+            ));
+            if puts.len() == 128 {
+                client
+                    .txn(etcd_client::Txn::new().and_then(std::mem::take(&mut puts)))
+                    .await?;
+            }
+        }
+    }
+    if !puts.is_empty() {
+        client.txn(etcd_client::Txn::new().and_then(puts)).await?;
+    }
+    let mut samples = Vec::new();
+    for rep in 0..100 {
+        let t0 = Instant::now();
+        let p = api.program(&names[rep % programs]).await?;
+        samples.push(t0.elapsed().as_secs_f64());
+        let desired = p.status.map_or(0, |s| s.desired);
+        anyhow::ensure!(
+            desired == hosts,
+            "status of {}: {desired} hosts, not {hosts}",
+            names[rep % programs]
+        );
+    }
+    let s = sorted(samples);
+    let p99 = pct(&s, 99.0);
+    line(
+        &format!(
+            "4c. one program's status (rollout status), {} reports stored (100 reads)",
+            programs * hosts
+        ),
+        format!("p50 {:.0} ms, p99 {:.0} ms", pct(&s, 50.0) * 1e3, p99 * 1e3),
+        "p99 <= 150 ms",
+        Some(p99 <= 0.15),
+    );
+    let t0 = Instant::now();
+    let all = api.programs().await?;
+    line(
+        &format!(
+            "4c. every program's status (get programs), {} reports",
+            programs * hosts
+        ),
+        format!("{:.0} ms ({} programs)", t0.elapsed().as_secs_f64() * 1e3, all.len()),
+        "(reported)",
+        None,
+    );
     apply_file(&api, dir.path(), hosts, 2000).await?;
     let status = client.status().await?;
     line(
