@@ -304,6 +304,38 @@ fn proc(group: &str, state: ProcState) -> Proc {
     }
 }
 
+/// `statuses`' inputs with nothing in them: a test names only what it sets
+/// (`StatusInput { probes, ..EMPTY.input(&d, &obs) }`).
+#[derive(Default)]
+struct Empty {
+    errors: BTreeMap<String, String>,
+    generations: BTreeMap<String, u64>,
+    memory: Memory,
+    tails: HashMap<String, String>,
+    probes: Probes,
+    refused: BTreeSet<String>,
+    waiting: BTreeMap<String, String>,
+}
+
+static EMPTY: std::sync::LazyLock<Empty> = std::sync::LazyLock::new(Empty::default);
+
+impl Empty {
+    fn input<'a>(&'a self, desired: &'a Desired, observed: &'a Observed) -> StatusInput<'a> {
+        StatusInput {
+            host: "h1",
+            desired,
+            observed,
+            errors: &self.errors,
+            generations: &self.generations,
+            memory: &self.memory,
+            stderr_tails: &self.tails,
+            probes: &self.probes,
+            refused: &self.refused,
+            waiting: &self.waiting,
+        }
+    }
+}
+
 fn observed(list: &[(&str, ProcState)]) -> Observed {
     list.iter()
         .map(|(ns, s)| {
@@ -639,16 +671,10 @@ fn statuses_carry_crash_loop_details_and_stderr_of_failing_processes_only() {
     ]
     .into();
     let s = statuses(&StatusInput {
-        host: "h1",
-        desired: &d,
-        observed: &obs,
-        errors: &BTreeMap::new(),
         generations: &[("w".to_string(), 3)].into(),
         memory: &memory,
         stderr_tails: &tails,
-        probes: &Probes::new(),
-        refused: &BTreeSet::new(),
-        waiting: &BTreeMap::new(),
+        ..EMPTY.input(&d, &obs)
     });
     let w = &s["w"];
     assert!(!w.ready);
@@ -671,18 +697,7 @@ fn a_running_process_reports_the_same_status_every_pass() {
         if let Some(p) = obs.get_mut("web") {
             p.description = format!("pid 42, uptime {uptime}");
         }
-        statuses(&StatusInput {
-            host: "h1",
-            desired: &d,
-            observed: &obs,
-            errors: &BTreeMap::new(),
-            generations: &BTreeMap::new(),
-            memory: &Memory::default(),
-            stderr_tails: &HashMap::new(),
-            probes: &Probes::new(),
-            refused: &BTreeSet::new(),
-            waiting: &BTreeMap::new(),
-        })
+        statuses(&EMPTY.input(&d, &obs))
     };
     // Otherwise every pass would rewrite every status in etcd.
     assert_eq!(report("0:00:01"), report("0:00:03"));
@@ -807,16 +822,11 @@ fn an_assignment_is_trusted_only_as_far_as_the_controller_could_have_written_it(
     let generations = BTreeMap::new();
     let errors = d.invalid.clone();
     let s = statuses(&StatusInput {
-        host: "h1",
-        desired: &d,
-        observed: &observed,
         memory: &memory,
         errors: &errors,
         generations: &generations,
         stderr_tails: &tails,
-        probes: &Probes::new(),
-        refused: &BTreeSet::new(),
-        waiting: &BTreeMap::new(),
+        ..EMPTY.input(&d, &observed)
     });
     for name in ["garbage", "inject", "web", "grouped"] {
         assert!(!s[name].ready && s[name].error.is_some(), "{name}: {s:?}");
@@ -1061,16 +1071,8 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
     assert!(!is_ready(p, &obs, &probes(probe(42, Some(false)))));
     let status = |probes: &Probes| {
         statuses(&StatusInput {
-            host: "h1",
-            desired: &d,
-            observed: &obs,
-            errors: &BTreeMap::new(),
-            generations: &BTreeMap::new(),
-            memory: &Memory::default(),
-            stderr_tails: &HashMap::new(),
             probes,
-            refused: &BTreeSet::new(),
-            waiting: &BTreeMap::new(),
+            ..EMPTY.input(&d, &obs)
         })["web"]
             .processes[0]
             .clone()
@@ -1089,18 +1091,7 @@ fn a_checked_program_is_ready_only_once_its_check_passes_for_the_pid_that_runs()
     assert_eq!(status(&probes(probe(42, None))).health, "pending");
     // A program without a check says nothing of health.
     let plain = desired(&assignments(vec![assignment("web", |_| {})]), "h1");
-    let s = statuses(&StatusInput {
-        host: "h1",
-        desired: &plain,
-        observed: &obs,
-        errors: &BTreeMap::new(),
-        generations: &BTreeMap::new(),
-        memory: &Memory::default(),
-        stderr_tails: &HashMap::new(),
-        probes: &Probes::new(),
-        refused: &BTreeSet::new(),
-        waiting: &BTreeMap::new(),
-    });
+    let s = statuses(&EMPTY.input(&plain, &obs));
     assert_eq!(s["web"].processes[0].health, "");
     assert!(s["web"].ready);
 }
@@ -1199,16 +1190,10 @@ fn a_generation_fails_here_when_its_file_is_refused_or_it_runs_fatal_or_unhealth
             BTreeSet::new()
         };
         statuses(&StatusInput {
-            host: "h1",
-            desired: &d,
-            observed: &observed(&[("web", state)]),
-            errors: &BTreeMap::new(),
             generations: &[("web".to_string(), runs)].into(),
-            memory: &Memory::default(),
-            stderr_tails: &HashMap::new(),
             probes,
             refused: &refused,
-            waiting: &BTreeMap::new(),
+            ..EMPTY.input(&d, &observed(&[("web", state)]))
         })["web"]
             .failed_generation
     };
@@ -1239,16 +1224,10 @@ fn a_health_restart_fails_the_generation_and_stays_unhealthy_until_the_check_pas
     let generation = w.desired.programs["web"].generation;
     let status = |state: ProcState, probes: &Probes, m: &Memory| {
         statuses(&StatusInput {
-            host: "h1",
-            desired: &w.desired,
-            observed: &observed(&[("web", state)]),
-            errors: &BTreeMap::new(),
             generations: &[("web".to_string(), generation)].into(),
             memory: m,
-            stderr_tails: &HashMap::new(),
             probes,
-            refused: &BTreeSet::new(),
-            waiting: &BTreeMap::new(),
+            ..EMPTY.input(&w.desired, &observed(&[("web", state)]))
         })["web"]
             .clone()
     };
