@@ -249,33 +249,22 @@ pub(crate) async fn tail(
         // start of the window, a binary log) with HTTP 500: the agent reads the same bytes
         // of the file itself.
         Err(crate::supervisor::Error::Http { status: 500, .. }) => {
-            read_directly(supervisor, ns, stream, offset, bytes).await
+            let info = supervisor.get_process_info(ns).await.map_err(|e| e.to_string())?;
+            let path = match stream {
+                LogStream::Stdout => info.stdout_logfile,
+                LogStream::Stderr => info.stderr_logfile,
+            };
+            if path.is_empty() {
+                return Err("supervisord could not read its log, which has no file".to_string());
+            }
+            read_log_file(&path, i64::from(offset), i64::from(bytes))
+                .await
+                .map_err(|e| format!("supervisord could not read its log, nor could the agent ({path}: {e})"))
         }
         other => other
             .map(|t| (t.text.into_bytes(), t.offset, t.overflow))
             .map_err(|e| e.to_string()),
     }
-}
-
-/// A process's log read from its file, where supervisord says it is.
-async fn read_directly(
-    supervisor: &Client,
-    ns: &str,
-    stream: LogStream,
-    offset: i32,
-    bytes: i32,
-) -> Result<(Vec<u8>, i64, bool), String> {
-    let info = supervisor.get_process_info(ns).await.map_err(|e| e.to_string())?;
-    let path = match stream {
-        LogStream::Stdout => info.stdout_logfile,
-        LogStream::Stderr => info.stderr_logfile,
-    };
-    if path.is_empty() {
-        return Err("supervisord could not read its log, which has no file".to_string());
-    }
-    read_log_file(&path, i64::from(offset), i64::from(bytes))
-        .await
-        .map_err(|e| format!("supervisord could not read its log, nor could the agent ({path}: {e})"))
 }
 
 #[cfg(test)]

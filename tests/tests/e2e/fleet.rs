@@ -1051,13 +1051,17 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
     assert!(tail.chunks.iter().all(|c| c.text.len() <= 8 && c.overflow), "{tail:#?}");
 
     // Following: from where the last answer ended, only what is new.
-    let mut next = query(4096, Stdout);
-    for c in &logs.chunks {
-        next.offsets
-            .entry(c.host.clone())
-            .or_default()
-            .insert(c.process.clone(), c.offset);
-    }
+    let following = |answer: &corral_proto::logs::Logs| {
+        let mut next = query(4096, Stdout);
+        for c in &answer.chunks {
+            next.offsets
+                .entry(c.host.clone())
+                .or_default()
+                .insert(c.process.clone(), c.offset);
+        }
+        next
+    };
+    let next = following(&logs);
     tokio::time::sleep(Duration::from_millis(700)).await;
     let more = api.logs("talker", &next).await?;
     for c in &more.chunks {
@@ -1079,13 +1083,7 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
     );
 
     // A log cleared (or rotated) under a follower: what it holds now is shown, the gap said.
-    let mut next = query(4096, Stdout);
-    for c in &more.chunks {
-        next.offsets
-            .entry(c.host.clone())
-            .or_default()
-            .insert(c.process.clone(), c.offset);
-    }
+    let next = following(&more);
     let socket = format!("unix://{}", fleet.nodes[0].sd.socket.display());
     let cleared = std::process::Command::new("supervisorctl")
         .args(["-s", &socket, "clear", "talker"])
