@@ -716,10 +716,15 @@ fn health(e: &mut Errors, h: &crate::resource::HealthSpec, s: &crate::resource::
         e.range("spec.health.http.expect_status", c.expect_status, 100, 599);
         if let Some(path) = &c.path {
             let allowed = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&b);
-            if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(allowed) {
+            // Each % starts an escape of two hex digits.
+            let escapes_ok = path
+                .split('%')
+                .skip(1)
+                .all(|rest| rest.len() >= 2 && rest.as_bytes()[..2].iter().all(u8::is_ascii_hexdigit));
+            if !path.starts_with('/') || path.len() > 1024 || !path.bytes().all(allowed) || !escapes_ok {
                 e.add(
                     "spec.health.http.path",
-                    format!("{path:?} is not a URL path (it starts with /, at most 1024 characters of a URL, no spaces or #)"),
+                    format!("{path:?} is not a URL path (it starts with /, at most 1024 characters of a URL, no spaces or #, % only as %XX)"),
                 );
             }
         }
@@ -875,6 +880,14 @@ mod tests {
             "spec.health.http.path",
             "URL path",
         );
+        accepted(program(|s| s.health = Some(http("/a%20b?q=%2Fx"))));
+        for bad in ["/a%2", "/100%", "/a%zz"] {
+            refused(
+                program(|s| s.health = Some(http(bad))),
+                "spec.health.http.path",
+                "% only as %XX",
+            );
+        }
         refused(
             program(|s| s.health = Some(http("/a b"))),
             "spec.health.http.path",
