@@ -49,54 +49,24 @@ pub fn processes_to_read(
 /// What of a `tail*Log(offset, length)` answer came after `offset`: supervisord's tail always
 /// answers the last `length` bytes (and the log's size as the new offset), so a follower
 /// keeps only the bytes past where it was. A log now shorter than `offset` was rotated or
-/// truncated: what it holds is new (and what came before the rotation, skipped). A character
-/// cut at the start is dropped; bytes that are not UTF-8 are shown as U+FFFD.
-pub fn after_offset(offset: i64, data: Vec<u8>, size: i64, overflow: bool) -> (String, bool) {
-    let (data, overflow) = if offset <= 0 || overflow {
-        (&data[..], overflow)
-    } else if size < offset {
-        (&data[..], true)
-    } else {
-        let new = usize::try_from(size - offset).unwrap_or(0);
-        (&data[data.len().saturating_sub(new)..], false)
-    };
-    // At most three continuation bytes of a character whose first byte was cut off.
+/// truncated: what it holds is new (and what came before the rotation, skipped).
+pub fn after_offset(offset: i64, data: Vec<u8>, size: i64, overflow: bool) -> (Vec<u8>, bool) {
+    if offset <= 0 || overflow {
+        return (data, overflow);
+    }
+    if size < offset {
+        return (data, true);
+    }
+    let new = usize::try_from(size - offset).unwrap_or(0);
+    let start = data.len().saturating_sub(new);
+    (data[start..].to_vec(), false)
+}
+
+/// Log bytes as text: a character cut at the start dropped (at most three continuation
+/// bytes), bytes that are not UTF-8 shown as U+FFFD.
+pub fn text_of(data: &[u8]) -> String {
     let cut = data.iter().take(3).take_while(|b| (**b & 0xC0) == 0x80).count();
-    (String::from_utf8_lossy(&data[cut..]).into_owned(), overflow)
-}
-
-/// Which bytes supervisord's `tailFile(offset, length)` answers of a log of `size` bytes:
-/// `(start, length, overflow)`, as its code computes them (with `offset` past the end, the
-/// last `length` bytes; more than `length` new bytes, the last `length` and overflow).
-pub fn tail_window(size: i64, offset: i64, length: i64) -> (i64, i64, bool) {
-    let (mut offset, mut length, mut overflow) = (offset, length, false);
-    if size > offset.saturating_add(length) {
-        overflow = true;
-        offset = size - 1;
-    }
-    if offset.saturating_add(length) > size {
-        if offset > size - 1 {
-            length = 0;
-        }
-        offset = size - length;
-    }
-    let offset = offset.max(0);
-    let length = length.max(0).min(size - offset);
-    (offset, length, overflow)
-}
-
-/// Reads a log file as supervisord's tail would (see [`tail_window`]): the bytes, the
-/// file's size, and whether more than `length` were skipped.
-async fn read_log_file(path: &str, offset: i64, length: i64) -> std::io::Result<(Vec<u8>, i64, bool)> {
-    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
-    let mut f = tokio::fs::File::open(path).await?;
-    let size = i64::try_from(f.metadata().await?.len()).unwrap_or(i64::MAX);
-    let (start, len, overflow) = tail_window(size, offset, length);
-    f.seek(std::io::SeekFrom::Start(u64::try_from(start).unwrap_or(0)))
-        .await?;
-    let mut data = Vec::new();
-    f.take(u64::try_from(len).unwrap_or(0)).read_to_end(&mut data).await?;
-    Ok((data, size, overflow))
+    String::from_utf8_lossy(&data[cut..]).into_owned()
 }
 
 /// How long a reply stays in etcd if the controller does not take it.
@@ -195,32 +165,24 @@ async fn read(
             };
         }
     };
-    let bytes = i32::try_from(request.bytes_each(processes.len())).unwrap_or(i32::MAX);
+    let bytes = i64::from(request.bytes_each(processes.len()));
+    let first_bytes = i64::from(request.first_bytes_each(processes.len()));
     let mut reply = LogReply::default();
     let mut errors = BTreeMap::new();
     for (ns, offset) in processes {
-        let offset = i32::try_from(offset).unwrap_or(i32::MAX);
-        let mut tail = tail(supervisor, &ns, request.stream, offset, bytes).await;
-        if let Ok((_, size, _)) = &tail
-            && *size < i64::from(offset)
-        {
-            // Rotated or truncated since the last read (supervisord answers nothing past
-            // the end): all the log holds is new.
-            tail = self::tail(supervisor, &ns, request.stream, 0, bytes).await;
-        }
-        match tail {
-            Ok((data, size, overflow)) => {
-                let (text, overflow) = after_offset(i64::from(offset), data, size, overflow);
-                reply.chunks.push(LogChunk {
-                    host: host.to_string(),
-                    process: ns,
-                    text,
-                    offset: size,
-                    overflow,
-                });
-            }
+        let known = request.files.get(&ns).map(String::as_str).filter(|f| !f.is_empty());
+        let bytes = if offset > 0 { bytes } else { first_bytes };
+        match read_piece(supervisor, &ns, request.stream, offset, known, bytes).await {
+            Ok(piece) => reply.chunks.push(LogChunk {
+                host: host.to_string(),
+                process: ns,
+                text: text_of(&piece.data),
+                offset: piece.offset,
+                overflow: piece.skipped,
+                file: piece.file,
+            }),
             Err(e) => {
-                errors.insert(ns, e.to_string());
+                errors.insert(ns, e);
             }
         }
     }
@@ -231,40 +193,171 @@ async fn read(
     reply
 }
 
-/// `tail*Log(offset, bytes)` of one process: the bytes, the log's size, whether more were
-/// skipped.
-pub(crate) async fn tail(
+/// What one read of a process's log brings: its bytes, where the next read continues, whether
+/// some were skipped before or among them, and the file read (empty when supervisord read it).
+pub struct Piece {
+    pub data: Vec<u8>,
+    pub offset: i64,
+    pub skipped: bool,
+    pub file: String,
+}
+
+/// Reads what came after `offset` (0: the last `bytes`) of a process's log, at most `bytes`.
+/// The agent reads the file supervisord names itself: any bytes (supervisord cannot send
+/// bytes that are not UTF-8: it answers HTTP 500 and logs a traceback), and it knows the
+/// file, so a log rotated or cleared since `known` is told from one that grew, and the rest
+/// of a rotated one is read from its `.1`. When the agent cannot open the file (supervisord
+/// in another mount namespace), supervisord's own tail.
+///
+/// # Errors
+/// Why the log cannot be read, for the reply.
+pub async fn read_piece(
     supervisor: &Client,
     ns: &str,
     stream: LogStream,
-    offset: i32,
-    bytes: i32,
-) -> Result<(Vec<u8>, i64, bool), String> {
-    let tail = match stream {
-        LogStream::Stdout => supervisor.tail_process_stdout_log(ns, offset, bytes).await,
-        LogStream::Stderr => supervisor.tail_process_stderr_log(ns, offset, bytes).await,
+    offset: i64,
+    known: Option<&str>,
+    bytes: i64,
+) -> Result<Piece, String> {
+    let info = supervisor.get_process_info(ns).await.map_err(|e| e.to_string())?;
+    let path = match stream {
+        LogStream::Stdout => info.stdout_logfile,
+        LogStream::Stderr => info.stderr_logfile,
     };
-    match tail {
-        // supervisord answers a tail whose bytes are not UTF-8 (a character cut at the
-        // start of the window, a binary log) with HTTP 500: the agent reads the same bytes
-        // of the file itself.
-        Err(crate::supervisor::Error::Http { status: 500, .. }) => {
-            let info = supervisor.get_process_info(ns).await.map_err(|e| e.to_string())?;
-            let path = match stream {
-                LogStream::Stdout => info.stdout_logfile,
-                LogStream::Stderr => info.stderr_logfile,
-            };
-            if path.is_empty() {
-                return Err("supervisord could not read its log, which has no file".to_string());
-            }
-            read_log_file(&path, i64::from(offset), i64::from(bytes))
-                .await
-                .map_err(|e| format!("supervisord could not read its log, nor could the agent ({path}: {e})"))
-        }
-        other => other
-            .map(|t| (t.text.into_bytes(), t.offset, t.overflow))
-            .map_err(|e| e.to_string()),
+    if path.is_empty() {
+        return Ok(Piece {
+            data: Vec::new(),
+            offset: 0,
+            skipped: false,
+            file: String::new(),
+        });
     }
+    match read_file_piece(&path, offset, known, bytes).await {
+        Ok(piece) => Ok(piece),
+        Err(e) => {
+            tracing::debug!(path, error = %e, "reading the log through supervisord");
+            tail_through_supervisord(supervisor, ns, stream, offset, bytes).await
+        }
+    }
+}
+
+/// A file's identity: device, inode and creation time (supervisord clears a log by removing
+/// and creating it again, and the new file often gets the inode just freed). Where the file
+/// system keeps no creation time, device and inode.
+fn file_id(meta: &std::fs::Metadata) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let born = meta
+        .created()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    format!("{}:{}:{born}", meta.dev(), meta.ino())
+}
+
+/// Which bytes of a log of `size` bytes a reader takes: `(start, length, skipped)`. From
+/// `offset` in the same file, what came after it (its last `bytes` when more came); on a
+/// first read (`offset` 0) or in another file (rotated, cleared, or truncated below the
+/// offset), the last `bytes` (what the old file held past the offset is skipped).
+pub fn follow_window(size: i64, offset: i64, bytes: i64, same_file: bool) -> (i64, i64, bool) {
+    let bytes = bytes.max(0);
+    if offset > 0 && same_file && size >= offset {
+        let new = size - offset;
+        return if new <= bytes {
+            (offset, new, false)
+        } else {
+            (size - bytes, bytes, true)
+        };
+    }
+    let start = (size - bytes).max(0);
+    (start, size - start, start > 0 || offset > 0)
+}
+
+async fn read_file_piece(path: &str, offset: i64, known: Option<&str>, bytes: i64) -> std::io::Result<Piece> {
+    let f = tokio::fs::File::open(path).await?;
+    let meta = f.metadata().await?;
+    let file = file_id(&meta);
+    let size = i64::try_from(meta.len()).unwrap_or(i64::MAX);
+    let same = known.is_none_or(|k| k == file);
+    let mut data = Vec::new();
+    let mut budget = bytes;
+    let mut lost = false;
+    if !same && offset > 0 {
+        // Rotated: supervisord renamed the file it wrote to PATH.1; the rest is there.
+        match read_rest(&format!("{path}.1"), known.unwrap_or_default(), offset, bytes).await {
+            Some((rest, complete)) => {
+                budget -= i64::try_from(rest.len()).unwrap_or(bytes);
+                lost = !complete;
+                data = rest;
+            }
+            None => lost = true,
+        }
+    }
+    let (start, len, skipped) = follow_window(size, if same { offset } else { 0 }, budget, same);
+    data.extend(read_range(f, start, len).await?);
+    Ok(Piece {
+        data,
+        offset: size,
+        skipped: lost || skipped || (!same && start > 0),
+        file,
+    })
+}
+
+/// What `path` (if it is still the file `known`) holds past `offset`, at most `bytes`, and
+/// whether that is all of it.
+async fn read_rest(path: &str, known: &str, offset: i64, bytes: i64) -> Option<(Vec<u8>, bool)> {
+    let f = tokio::fs::File::open(path).await.ok()?;
+    let meta = f.metadata().await.ok()?;
+    if file_id(&meta) != known {
+        return None;
+    }
+    let size = i64::try_from(meta.len()).unwrap_or(i64::MAX);
+    let len = (size - offset).clamp(0, bytes.max(0));
+    let data = read_range(f, offset.min(size), len).await.ok()?;
+    Some((data, size - offset <= bytes))
+}
+
+async fn read_range(mut f: tokio::fs::File, start: i64, len: i64) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+    f.seek(std::io::SeekFrom::Start(u64::try_from(start).unwrap_or(0)))
+        .await?;
+    let mut data = Vec::new();
+    f.take(u64::try_from(len).unwrap_or(0)).read_to_end(&mut data).await?;
+    Ok(data)
+}
+
+/// supervisord's `tail*Log`, for a log the agent cannot open: what came after `offset`, and a
+/// log now shorter than it (rotated, cleared: supervisord answers nothing past the end)
+/// read again from its last bytes.
+pub async fn tail_through_supervisord(
+    supervisor: &Client,
+    ns: &str,
+    stream: LogStream,
+    offset: i64,
+    bytes: i64,
+) -> Result<Piece, String> {
+    let tail = |offset: i64| async move {
+        let (offset, bytes) = (
+            i32::try_from(offset).unwrap_or(i32::MAX),
+            i32::try_from(bytes).unwrap_or(i32::MAX),
+        );
+        match stream {
+            LogStream::Stdout => supervisor.tail_process_stdout_log(ns, offset, bytes).await,
+            LogStream::Stderr => supervisor.tail_process_stderr_log(ns, offset, bytes).await,
+        }
+        .map_err(|e| e.to_string())
+    };
+    let mut t = tail(offset).await?;
+    if t.offset < offset {
+        t = tail(0).await?;
+    }
+    let data = t.text.into_bytes();
+    let (data, skipped) = after_offset(offset, data, t.offset, t.overflow);
+    Ok(Piece {
+        data,
+        offset: t.offset,
+        skipped,
+        file: String::new(),
+    })
 }
 
 #[cfg(test)]
@@ -304,38 +397,41 @@ mod tests {
     }
 
     #[test]
-    fn a_follower_gets_only_what_came_after_its_offset() {
+    fn a_follower_of_supervisords_tail_gets_only_what_came_after_its_offset() {
+        let after = |offset, text: &str, size, overflow| {
+            let (data, skipped) = after_offset(offset, text.into(), size, overflow);
+            (text_of(&data), skipped)
+        };
         // The first read: the last bytes as they are.
-        assert_eq!(after_offset(0, "abc\n".into(), 4, false), ("abc\n".into(), false));
+        assert_eq!(after(0, "abc\n", 4, false), ("abc\n".into(), false));
         // Nothing new: supervisord still answers the last bytes.
-        assert_eq!(after_offset(4, "abc\n".into(), 4, false), (String::new(), false));
-        assert_eq!(after_offset(4, "abc\ndef\n".into(), 8, false), ("def\n".into(), false));
+        assert_eq!(after(4, "abc\n", 4, false), (String::new(), false));
+        assert_eq!(after(4, "abc\ndef\n", 8, false), ("def\n".into(), false));
         // More than asked for came: what supervisord gives, with the skip said.
-        assert_eq!(after_offset(4, "xyz".into(), 9000, true), ("xyz".into(), true));
+        assert_eq!(after(4, "xyz", 9000, true), ("xyz".into(), true));
         // Rotated: the new log is all new.
-        assert_eq!(after_offset(100, "fresh\n".into(), 6, false), ("fresh\n".into(), true));
+        assert_eq!(after(100, "fresh\n", 6, false), ("fresh\n".into(), true));
         // A multi-byte character cut by the byte count is not split.
-        assert_eq!(after_offset(2, "aé\n".into(), 4, false), ("\n".into(), false));
+        assert_eq!(after(2, "aé\n", 4, false), ("\n".into(), false));
         // Cut at the start of the window, or not UTF-8 at all.
-        assert_eq!(
-            after_offset(0, b"\xA9\xE2\x82\xACok\xFF\n".to_vec(), 9, false),
-            ("€ok\u{FFFD}\n".into(), false)
-        );
+        assert_eq!(text_of(b"\xA9\xE2\x82\xACok\xFF\n"), "€ok\u{FFFD}\n");
     }
 
     #[test]
-    fn a_log_file_is_read_as_supervisord_tails_it() {
-        // The first read: the last `length` bytes, more before them said as skipped.
-        assert_eq!(tail_window(100, 0, 10), (90, 10, true));
-        assert_eq!(tail_window(5, 0, 10), (0, 5, false));
-        assert_eq!(tail_window(0, 0, 10), (0, 0, false));
-        // Following: from the offset when it is all there...
-        assert_eq!(tail_window(100, 95, 10), (90, 10, false));
-        assert_eq!(tail_window(100, 100, 10), (100, 0, false));
-        // ...the last bytes when more came.
-        assert_eq!(tail_window(1000, 100, 10), (990, 10, true));
-        // Rotated (shorter than the offset): nothing; `read` asks again from the start.
-        assert_eq!(tail_window(4, 100, 10), (4, 0, false));
+    fn a_follower_of_a_file_reads_what_came_after_its_offset_or_the_new_files_end() {
+        // The first read: the last bytes, what came before them skipped.
+        assert_eq!(follow_window(100, 0, 10, true), (90, 10, true));
+        assert_eq!(follow_window(5, 0, 10, true), (0, 5, false));
+        assert_eq!(follow_window(0, 0, 10, true), (0, 0, false));
+        // Following the same file: from the offset, or its last bytes when more came.
+        assert_eq!(follow_window(100, 95, 10, true), (95, 5, false));
+        assert_eq!(follow_window(100, 100, 10, true), (100, 0, false));
+        assert_eq!(follow_window(1000, 100, 10, true), (990, 10, true));
+        // Shorter than the offset (truncated), or another file (rotated, cleared), even one
+        // that has grown past the offset: its start or its last bytes, a gap said.
+        assert_eq!(follow_window(4, 100, 10, true), (0, 4, true));
+        assert_eq!(follow_window(240, 240, 1000, false), (0, 240, true));
+        assert_eq!(follow_window(2000, 240, 1000, false), (1000, 1000, true));
     }
 
     #[test]

@@ -89,7 +89,7 @@ pub struct PassReport {
 }
 
 /// How many bytes of a failing process's stderr are shown.
-const STDERR_TAIL_BYTES: i32 = 2048;
+const STDERR_TAIL_BYTES: i64 = 2048;
 
 pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
@@ -760,9 +760,9 @@ impl Reconciler {
             {
                 continue;
             }
-            let tail = crate::logs::tail(&self.client, ns, LogStream::Stderr, 0, STDERR_TAIL_BYTES).await;
-            let text = match tail {
-                Ok((data, size, overflow)) => last_lines(&crate::logs::after_offset(0, data, size, overflow).0, 10),
+            let piece = crate::logs::read_piece(&self.client, ns, LogStream::Stderr, 0, None, STDERR_TAIL_BYTES).await;
+            let text = match piece {
+                Ok(piece) => last_lines(&crate::logs::text_of(&piece.data), 10),
                 Err(_) => String::new(),
             };
             self.tails.insert(ns.clone(), (p.start, p.statename.clone(), text));

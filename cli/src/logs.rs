@@ -153,6 +153,7 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
     let programs = crate::online::targets(api, o.name).await?;
     let stream = if o.stderr { LogStream::Stderr } else { LogStream::Stdout };
     let mut offsets: BTreeMap<String, BTreeMap<String, BTreeMap<String, i64>>> = BTreeMap::new();
+    let mut files: BTreeMap<String, BTreeMap<String, BTreeMap<String, String>>> = BTreeMap::new();
     let mut lines = Lines::default();
     let mut said: BTreeMap<(String, String), String> = BTreeMap::new();
     let mut worst = exit::Worst::default();
@@ -175,7 +176,11 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
                 } else {
                     corral_proto::logs::MAX_LOG_BYTES
                 },
+                // A process read for the first time later on (its host answers late) starts
+                // from --tail too.
+                tail: Some(o.tail_bytes),
                 offsets: offsets.get(program).cloned().unwrap_or_default(),
+                files: files.get(program).cloned().unwrap_or_default(),
             };
             let answer = match api.logs(program, &query).await {
                 Ok(a) => a,
@@ -198,16 +203,40 @@ pub async fn logs(api: &ApiClient, o: Options<'_>) -> anyhow::Result<ExitCode> {
                 worst.refused();
             }
             for chunk in answer.chunks {
-                offsets
+                let fresh = offsets
                     .entry(program.clone())
                     .or_default()
                     .entry(chunk.host.clone())
                     .or_default()
-                    .insert(chunk.process.clone(), chunk.offset);
+                    .insert(chunk.process.clone(), chunk.offset)
+                    .is_none();
+                if !chunk.file.is_empty() {
+                    files
+                        .entry(program.clone())
+                        .or_default()
+                        .entry(chunk.host.clone())
+                        .or_default()
+                        .insert(chunk.process.clone(), chunk.file.clone());
+                }
                 if !chunk.text.is_empty() || chunk.overflow {
                     got.push((chunk.host.clone(), chunk.process.clone()));
                 }
-                lines_now.extend(lines.take(&chunk));
+                let taken = lines.take(&chunk);
+                match since {
+                    // A process first read after the first poll (its host was away) reaches
+                    // into the past too: --since applies to it as to the first read.
+                    Some(since) if fresh && !first => {
+                        let (kept, unknown) = since_filter(taken, since);
+                        if unknown > 0 {
+                            eprintln!(
+                                "note: {unknown} lines of {} on {} before the first line with a time were left out (--since)",
+                                chunk.process, chunk.host
+                            );
+                        }
+                        lines_now.extend(kept);
+                    }
+                    _ => lines_now.extend(taken),
+                }
             }
         }
         lines_now.extend(if o.follow { lines.flush(&got) } else { lines.flush(&[]) });
@@ -273,6 +302,7 @@ mod tests {
             text: text.into(),
             offset: 0,
             overflow,
+            file: String::new(),
         }
     }
 

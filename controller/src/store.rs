@@ -689,6 +689,8 @@ impl Store {
                     stream: query.stream,
                     bytes: query.bytes,
                     offsets: query.offsets.get(h).cloned().unwrap_or_default(),
+                    files: query.files.get(h).cloned().unwrap_or_default(),
+                    tail: query.tail,
                 };
                 let value = serde_json::to_vec(&request).unwrap_or_default();
                 TxnOp::put(

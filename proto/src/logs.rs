@@ -42,6 +42,14 @@ pub struct LogsQuery {
     /// (`corral logs -f`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub offsets: BTreeMap<String, BTreeMap<String, i64>>,
+    /// host -> process -> the log file the previous answer read (`LogChunk::file`): another
+    /// file there now means the log was rotated or cleared since.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, BTreeMap<String, String>>,
+    /// The last bytes of a process read for the first time (no offset yet: a host that
+    /// answers late, a process that appears), when `bytes` is larger. Default `bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u32>,
 }
 
 /// A piece of one process's log.
@@ -57,6 +65,10 @@ pub struct LogChunk {
     /// More was written than asked for: the start of this piece was skipped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub overflow: bool,
+    /// The file read (device and inode), when the agent read it itself: sent back with the
+    /// offset, it tells a rotated or cleared log from one that grew.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub file: String,
 }
 
 /// The answer of `POST /v1/programs/NAME/logs`.
@@ -80,6 +92,12 @@ pub struct LogRequest {
     /// process -> offset, from the previous answer.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub offsets: BTreeMap<String, i64>,
+    /// process -> the file the previous answer read (`LogChunk::file`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
+    /// `LogsQuery::tail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<u32>,
 }
 
 /// One agent's answer.
@@ -106,6 +124,11 @@ impl LogsQuery {
         if self.offsets.values().flat_map(|o| o.values()).any(|o| *o < 0) {
             return Err("offsets: an offset is negative".to_string());
         }
+        if let Some(t) = self.tail
+            && !(1..=MAX_LOG_BYTES).contains(&t)
+        {
+            return Err(format!("tail: {t} is out of range (1 to {MAX_LOG_BYTES})"));
+        }
         Ok(())
     }
 }
@@ -116,6 +139,12 @@ impl LogRequest {
     pub fn bytes_each(&self, processes: usize) -> u32 {
         let share = MAX_REPLY_BYTES / u32::try_from(processes.max(1)).unwrap_or(u32::MAX);
         self.bytes.clamp(1, MAX_LOG_BYTES).min(share.max(1))
+    }
+
+    /// How many bytes to read of a process with no offset yet: `tail` when it is smaller.
+    pub fn first_bytes_each(&self, processes: usize) -> u32 {
+        let each = self.bytes_each(processes);
+        self.tail.map_or(each, |t| t.clamp(1, each))
     }
 }
 
@@ -144,5 +173,12 @@ mod tests {
         assert_eq!(r.bytes_each(1), MAX_LOG_BYTES);
         assert_eq!(r.bytes_each(100), MAX_REPLY_BYTES / 100);
         assert!(r.bytes_each(100) * 100 <= MAX_REPLY_BYTES);
+        let follower = LogRequest { tail: Some(100), ..r };
+        assert_eq!(
+            (follower.bytes_each(1), follower.first_bytes_each(1)),
+            (MAX_LOG_BYTES, 100)
+        );
+        let bad_tail = LogsQuery { tail: Some(0), ..q(10) };
+        assert!(bad_tail.check().expect_err("refused").starts_with("tail:"));
     }
 }

@@ -696,7 +696,7 @@ fn health(e: &mut Errors, h: &crate::resource::HealthSpec, s: &crate::resource::
         if port.saturating_add(last) > 65_535 {
             e.add(
                 field,
-                format!("{port} + process_num up to {last} passes 65535 (port_per_process)"),
+                format!("{port} + process_num up to {last} exceeds 65535 (port_per_process)"),
             );
         }
     };
@@ -956,7 +956,7 @@ mod tests {
                 s.health = Some(per_process(65_523));
             }),
             "spec.health.tcp.port",
-            "65523 + process_num up to 13 passes 65535",
+            "65523 + process_num up to 13 exceeds 65535",
         );
         let resolved = per_process(8000).resolve().expect("a check");
         assert_eq!(

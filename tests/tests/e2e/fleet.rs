@@ -1011,6 +1011,17 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         false,
     )
     .await?;
+    // Rotated every second or two (1 KiB, one backup): a follower loses no line.
+    api.apply(
+        &program("rotor", |s| {
+            s.command = r#"/usr/bin/python3 -u -c "import time; [(print(f'{i:05d}'), time.sleep(0.01)) for i in range(1000000)]""#.into();
+            s.startsecs = Some(0);
+            s.stdout_logfile_maxbytes = Some(corral_proto::ByteSize(1024));
+            s.stdout_logfile_backups = Some(1);
+        }),
+        false,
+    )
+    .await?;
     // Not UTF-8, and a character cut by the byte count: supervisord cannot answer those.
     api.apply(
         &program("accents", |s| {
@@ -1058,6 +1069,10 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
                 .entry(c.host.clone())
                 .or_default()
                 .insert(c.process.clone(), c.offset);
+            next.files
+                .entry(c.host.clone())
+                .or_default()
+                .insert(c.process.clone(), c.file.clone());
         }
         next
     };
@@ -1100,6 +1115,89 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         h1.offset < next.offsets["h1"]["talker"] && h1.overflow && h1.text.starts_with("tick-"),
         "{h1:#?}"
     );
+    // Cleared again, and grown past the follower's offset before it asks: still told apart
+    // by its file, and read from its start (by size alone, its first lines were lost).
+    let next = following(&after_clear);
+    let was = next.offsets["h1"]["talker"];
+    let h1_sd = fleet.nodes[0].sd.client().await?;
+    let path = h1_sd.get_process_info("talker").await?.stdout_logfile;
+    let cleared = std::process::Command::new("supervisorctl")
+        .args(["-s", &socket, "clear", "talker"])
+        .output()?;
+    anyhow::ensure!(cleared.status.success(), "supervisorctl clear: {cleared:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::metadata(&path).map_or(0, |m| m.len()) <= u64::try_from(was)? + 20 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the log never grew back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let regrown = api.logs("talker", &next).await?;
+    let h1 = regrown.chunks.iter().find(|c| c.host == "h1").context("h1 answers")?;
+    let on_disk = std::fs::read_to_string(&path)?;
+    assert_eq!(
+        h1.text.lines().next(),
+        on_disk.lines().next(),
+        "the new file from its start: {h1:#?}"
+    );
+    assert!(h1.overflow, "the gap is said: {h1:#?}");
+
+    // Following a log rotated under it, every second or so: the rest of the old file is read
+    // from its .1, so the numbers it prints come without a gap.
+    let mut next = query(4096, Stdout);
+    next.host = Some("h1".into());
+    let (mut seen, mut rotations) = (String::new(), 0);
+    let mut last_offset = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(6);
+    while std::time::Instant::now() < until {
+        let answer = api.logs("rotor", &next).await?;
+        let c = answer.chunks.first().context("rotor answers")?;
+        if c.offset < last_offset {
+            rotations += 1;
+        }
+        last_offset = c.offset;
+        seen.push_str(&c.text);
+        next = corral_proto::logs::LogsQuery {
+            host: Some("h1".into()),
+            ..following(&answer)
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let numbers: Vec<u64> = seen.lines().filter_map(|l| l.parse().ok()).collect();
+    let gaps: Vec<(u64, u64)> = numbers
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .map(|w| (w[0], w[1]))
+        .collect();
+    assert!(rotations >= 2, "{rotations} rotations in 6 s");
+    assert!(
+        gaps.is_empty() && numbers.len() > 200,
+        "gaps {gaps:?} in {} lines",
+        numbers.len()
+    );
+
+    // A host first read while following (it was away) gets --tail, not everything.
+    let mut late = following(&regrown);
+    late.bytes = corral_proto::logs::MAX_LOG_BYTES;
+    late.tail = Some(8);
+    late.offsets.remove("h2");
+    late.files.remove("h2");
+    let late = api.logs("talker", &late).await?;
+    let h2 = late.chunks.iter().find(|c| c.host == "h2").context("h2 answers")?;
+    assert!(h2.text.len() <= 8 && h2.overflow, "{h2:#?}");
+
+    // Where the agent cannot open the file, supervisord's tail: what it can send...
+    let piece = corral_agent::logs::tail_through_supervisord(&h1_sd, "talker", Stdout, 0, 100).await;
+    assert!(
+        piece
+            .as_ref()
+            .is_ok_and(|p| corral_agent::logs::text_of(&p.data).contains("tick-")),
+        "{:?}",
+        piece.map(|p| p.offset)
+    );
+    // ...and bytes that are not UTF-8, which it answers with HTTP 500 (said, not hidden).
+    let refused = corral_agent::logs::tail_through_supervisord(&h1_sd, "accents", Stdout, 0, 4096)
+        .await
+        .map(|p| p.offset);
+    assert!(refused.as_ref().is_err_and(|e| e.contains("HTTP 500")), "{refused:?}");
 
     // One host, and a host it does not run on.
     let one = api
