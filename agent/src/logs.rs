@@ -225,12 +225,11 @@ pub async fn read_piece(
         LogStream::Stderr => info.stderr_logfile,
     };
     if path.is_empty() {
-        return Ok(Piece {
-            data: Vec::new(),
-            offset: 0,
-            skipped: false,
-            file: String::new(),
-        });
+        return Err(match stream {
+            LogStream::Stderr => "its stderr goes to its stdout log (redirect_stderr): read it without --stderr",
+            LogStream::Stdout => "it keeps no stdout log (stdout_logfile NONE)",
+        }
+        .to_string());
     }
     match read_file_piece(&path, offset, known, bytes).await {
         Ok(piece) => Ok(piece),

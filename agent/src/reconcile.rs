@@ -760,7 +760,12 @@ impl Reconciler {
             {
                 continue;
             }
-            let piece = crate::logs::read_piece(&self.client, ns, LogStream::Stderr, 0, None, STDERR_TAIL_BYTES).await;
+            let read = |stream| crate::logs::read_piece(&self.client, ns, stream, 0, None, STDERR_TAIL_BYTES);
+            // With redirect_stderr, its stderr is in its stdout log.
+            let piece = match read(LogStream::Stderr).await {
+                Err(_) => read(LogStream::Stdout).await,
+                ok => ok,
+            };
             let text = match piece {
                 Ok(piece) => last_lines(&crate::logs::text_of(&piece.data), 10),
                 Err(_) => String::new(),

@@ -206,9 +206,10 @@ enum Command {
         /// Keep printing what is written, until interrupted.
         #[arg(short, long)]
         follow: bool,
-        /// How many of the last bytes of each process's log (1 to 65536).
-        #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..=65536))]
-        tail: u32,
+        /// How many of the last bytes of each process's log (1 to 65536; default 4096, and
+        /// 65536 with --since, which looks only within them).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        tail: Option<u32>,
         /// The stderr log instead of stdout (with redirect_stderr, stderr is in stdout's).
         #[arg(long)]
         stderr: bool,
@@ -443,7 +444,11 @@ async fn main() -> ExitCode {
                         name,
                         host: host.as_deref(),
                         follow: *follow,
-                        tail_bytes: *tail,
+                        tail_bytes: tail.unwrap_or(if since.is_some() {
+                            corral_proto::logs::MAX_LOG_BYTES
+                        } else {
+                            4096
+                        }),
                         stderr: *stderr,
                         since: *since,
                     },

@@ -1007,6 +1007,7 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
         &program("quiet", |s| {
             s.command = "/bin/sh -c 'echo secret-of-quiet; exec sleep 1000'".into();
             s.startsecs = Some(0);
+            s.redirect_stderr = Some(true);
         }),
         false,
     )
@@ -1057,6 +1058,13 @@ async fn logs_are_read_through_the_agents_of_every_host_and_followed() -> anyhow
     }
     let err = api.logs("talker", &query(4096, Stderr)).await?;
     assert!(err.chunks.iter().all(|c| c.text == "hello-err\n"), "{err:#?}");
+    // No stderr log of its own: said, not an empty answer.
+    let merged = api.logs("quiet", &query(4096, Stderr)).await?;
+    assert!(
+        merged.chunks.is_empty() && merged.errors.values().all(|e| e.contains("redirect_stderr")),
+        "{merged:#?}"
+    );
+    assert_eq!(merged.errors.len(), 2, "{merged:#?}");
     // The last bytes only.
     let tail = api.logs("talker", &query(8, Stdout)).await?;
     assert!(tail.chunks.iter().all(|c| c.text.len() <= 8 && c.overflow), "{tail:#?}");
