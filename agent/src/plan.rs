@@ -550,13 +550,15 @@ pub enum GroupChange {
 
 /// Turns `reloadConfig`'s verdict into the changes Corral carries out: only for groups it
 /// wants loaded (`desired`), or that it loaded itself and wants no more (`managed`); a group
-/// from someone else's conf file is never touched, whatever supervisord reports about it.
+/// from someone else's conf file is never touched, whatever supervisord reports about it. A
+/// changed group in `state_only` is not replaced (see [`state_only_groups`]).
 pub fn pending_changes(
     added: &[String],
     changed: &[String],
     removed: &[String],
     desired: &BTreeSet<String>,
     managed: &BTreeSet<String>,
+    state_only: &BTreeSet<String>,
 ) -> BTreeMap<String, GroupChange> {
     let mut out = BTreeMap::new();
     for g in removed {
@@ -564,13 +566,54 @@ pub fn pending_changes(
             out.insert(g.clone(), GroupChange::Remove);
         }
     }
-    for g in changed.iter().filter(|g| desired.contains(*g)) {
+    for g in changed
+        .iter()
+        .filter(|g| desired.contains(*g) && !state_only.contains(*g))
+    {
         out.insert(g.clone(), GroupChange::Replace);
     }
     for g in added.iter().filter(|g| desired.contains(*g)) {
         out.insert(g.clone(), GroupChange::Add);
     }
     out
+}
+
+/// Whether two renderings of a file differ only in their `autostart` lines: what a change of
+/// desired state (or of `depends_on`) writes.
+pub fn only_autostart_differs(old: &str, new: &str) -> bool {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    a.len() == b.len()
+        && a.iter()
+            .zip(&b)
+            .all(|(x, y)| x == y || (x.starts_with("autostart=") && y.starts_with("autostart=")))
+}
+
+/// The groups whose file changed only in `autostart` since supervisord loaded them (`loaded`:
+/// group -> the file's content when the agent last added it): not replaced, since the agent
+/// starts and stops their processes itself, and `autostart` matters to supervisord only when
+/// it loads the group. Replacing them would stop nothing more, but supervisord would give
+/// their processes new automatic log files, leaving the old ones (and the output of the run
+/// just stopped) behind. A group the agent did not load itself (no `loaded`) is replaced.
+pub fn state_only_groups(
+    desired: &Desired,
+    files: &BTreeMap<String, String>,
+    loaded: &BTreeMap<String, String>,
+) -> BTreeSet<String> {
+    desired
+        .programs
+        .values()
+        .flat_map(|p| p.groups.iter().map(move |g| (g, &p.file_name)))
+        // A native group holds several programs' files: always replaced (their state is
+        // not in their files anyway).
+        .filter(|(g, _)| !desired.native.contains_key(*g))
+        .filter(|(g, file)| {
+            loaded
+                .get(*g)
+                .zip(files.get(*file))
+                .is_some_and(|(old, new)| old != new && only_autostart_differs(old, new))
+        })
+        .map(|(g, _)| g.clone())
+        .collect()
 }
 
 /// supervisord's process states, as the plan sees them.

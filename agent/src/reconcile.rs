@@ -47,6 +47,10 @@ pub struct AgentState {
     pub seen_pids: BTreeMap<i64, plan::SeenProcess>,
     /// Orphans being stopped, by PID.
     pub reaping: BTreeMap<i64, plan::Reaping>,
+    /// Group -> its file's content when the agent last added it to supervisord (what
+    /// supervisord holds in memory): a change of that file in `autostart` alone is carried
+    /// out by starting and stopping (`plan::state_only_groups`).
+    pub loaded: BTreeMap<String, String>,
 }
 
 /// Why a pass could not run at all (per-program problems are reported in statuses instead).
@@ -388,6 +392,20 @@ impl Reconciler {
                     Action::AddGroup(g) | Action::ReplaceGroup(g) => {
                         self.pending.remove(g);
                         self.state.managed_groups.insert(g.clone());
+                        // supervisord loaded the file it last read.
+                        match desired
+                            .programs
+                            .values()
+                            .find(|p| p.groups.contains(g))
+                            .and_then(|p| self.state.accepted.get(&p.file_name))
+                        {
+                            Some(content) => {
+                                self.state.loaded.insert(g.clone(), content.clone());
+                            }
+                            None => {
+                                self.state.loaded.remove(g);
+                            }
+                        }
                         // A new config starts its crash-loop count afresh.
                         self.memory.crash.retain(|ns, _| !in_group(ns, g));
                         let running = desired
@@ -404,6 +422,7 @@ impl Reconciler {
                     Action::RemoveGroup(g) => {
                         self.pending.remove(g);
                         self.state.managed_groups.remove(g);
+                        self.state.loaded.remove(g);
                         self.memory.crash.retain(|ns, _| !in_group(ns, g));
                     }
                     _ => {}
@@ -535,12 +554,14 @@ impl Reconciler {
                         .filter(|p| want.files.contains_key(&p.file_name))
                         .flat_map(|p| p.groups.iter().cloned())
                         .collect();
+                    let state_only = plan::state_only_groups(desired, last_good, &self.state.loaded);
                     return Ok(Some(plan::pending_changes(
                         &r.added,
                         &r.changed,
                         &r.removed,
                         &loaded,
                         &self.state.managed_groups,
+                        &state_only,
                     )));
                 }
                 Err(supervisor::Error::Fault {

@@ -278,6 +278,7 @@ fn pending_changes_follow_supervisords_verdict_for_corrals_groups_only() {
         &v(&["gone", "theirs-gone"]),
         &set(&["new", "web"]),
         &set(&["web", "gone"]),
+        &set(&[]),
     );
     assert_eq!(
         got,
@@ -288,6 +289,46 @@ fn pending_changes_follow_supervisords_verdict_for_corrals_groups_only() {
         ]
         .into()
     );
+    // A change of state alone is not a replacement.
+    let got = pending_changes(&[], &v(&["web"]), &[], &set(&["web"]), &set(&["web"]), &set(&["web"]));
+    assert!(got.is_empty(), "{got:?}");
+}
+
+#[test]
+fn a_change_of_desired_state_alone_replaces_no_group() {
+    let render = |state: DesiredState, command: &str| {
+        let command = command.to_string();
+        desired(
+            &assignments(vec![assignment("web", move |s| {
+                s.state = state;
+                s.command = command;
+            })]),
+            "h1",
+        )
+    };
+    let running = render(DesiredState::Running, "/bin/sleep 1000");
+    let stopped = render(DesiredState::Stopped, "/bin/sleep 1000");
+    let changed = render(DesiredState::Stopped, "/bin/sleep 1001");
+    let file = |d: &Desired| {
+        let p = &d.programs["web"];
+        [(p.file_name.clone(), p.content.clone())].into()
+    };
+    let as_loaded: BTreeMap<String, String> = [("web".to_string(), running.programs["web"].content.clone())].into();
+    assert!(only_autostart_differs(
+        &running.programs["web"].content,
+        &stopped.programs["web"].content
+    ));
+    assert_eq!(
+        state_only_groups(&stopped, &file(&stopped), &as_loaded)
+            .iter()
+            .collect::<Vec<_>>(),
+        ["web"]
+    );
+    // Anything else changed with it: replaced.
+    assert!(state_only_groups(&changed, &file(&changed), &as_loaded).is_empty());
+    // Unchanged, or loaded by someone else (not known): not for this rule.
+    assert!(state_only_groups(&running, &file(&running), &as_loaded).is_empty());
+    assert!(state_only_groups(&stopped, &file(&stopped), &BTreeMap::new()).is_empty());
 }
 
 fn proc(group: &str, state: ProcState) -> Proc {

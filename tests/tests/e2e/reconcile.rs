@@ -1334,3 +1334,64 @@ async fn a_stop_asked_for_before_the_process_has_exec_d_is_not_lost() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn stopping_and_starting_keeps_the_program_loaded_and_its_log() -> anyhow::Result<()> {
+    // A change of desired state rewrites autostart in the file; supervisord would replace the
+    // group for it, giving the processes new automatic log files and leaving the old ones
+    // (with the output of the run just stopped) behind. The agent stops and starts instead.
+    let host = Host::start().await?;
+    let mut r = host.reconciler()?;
+    let web = |generation, state| {
+        assignment("web", generation, move |s| {
+            s.command = "/bin/sh -c 'echo run-started; exec sleep 1000'".into();
+            s.startsecs = Some(0);
+            s.state = state;
+        })
+    };
+    let log_files = || -> anyhow::Result<usize> { Ok(std::fs::read_dir(host.sd.dir.join("logs"))?.count()) };
+    converge(&mut r, &[web(1, DesiredState::Running)].into()).await?;
+    let before = host.client.get_process_info("web").await?;
+    let files = log_files()?;
+
+    let stopped = converge(&mut r, &[web(2, DesiredState::Stopped)].into()).await?;
+    let info = host.client.get_process_info("web").await?;
+    assert!(matches!(info.state, ProcessState::Stopped), "{info:?}");
+    assert_eq!(info.stdout_logfile, before.stdout_logfile, "the same log file");
+    assert_eq!(stopped.statuses["web"].observed_generation, 2);
+    assert!(std::fs::read_to_string(&info.stdout_logfile)?.contains("run-started"));
+
+    let started = converge(&mut r, &[web(3, DesiredState::Running)].into()).await?;
+    let info = host.client.get_process_info("web").await?;
+    assert!(
+        matches!(info.state, ProcessState::Running) && info.pid != before.pid,
+        "{info:?}"
+    );
+    assert_eq!(info.stdout_logfile, before.stdout_logfile, "the same log file");
+    assert_eq!(started.statuses["web"].observed_generation, 3);
+    // (supervisord writes a child's output as its loop reads it: wait a moment for it.)
+    let runs = || std::fs::read_to_string(&info.stdout_logfile).map(|t| t.matches("run-started").count());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while runs()? < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(runs()?, 2, "both runs in one log");
+    assert_eq!(log_files()?, files, "no log file left behind");
+
+    // The file on disk says stopped: a supervisord restarted from it would not start it.
+    converge(&mut r, &[web(4, DesiredState::Stopped)].into()).await?;
+    let conf = std::fs::read_to_string(host.sd.conf_dir.join(corral_proto::render::program_file_name("web")))?;
+    assert!(conf.contains("autostart=false"), "{conf}");
+
+    // Any other change still replaces the group.
+    let changed = assignment("web", 5, |s| {
+        s.command = "/bin/sh -c 'echo v2; exec sleep 1001'".into();
+        s.startsecs = Some(0);
+    });
+    converge(&mut r, &[changed].into()).await?;
+    let info = host.client.get_process_info("web").await?;
+    assert!(matches!(info.state, ProcessState::Running), "{info:?}");
+    let conf = std::fs::read_to_string(host.sd.conf_dir.join(corral_proto::render::program_file_name("web")))?;
+    assert!(conf.contains("sleep 1001"), "{conf}");
+    Ok(())
+}
