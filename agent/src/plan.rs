@@ -1070,6 +1070,36 @@ pub fn plan_runtime(input: &RuntimeInput<'_>, memory: &mut Memory) -> RuntimePla
     plan
 }
 
+/// How long after its start a process may still be between supervisord's fork and its exec
+/// (supervisord reports whole seconds; the window itself is milliseconds).
+pub const EXEC_WINDOW_SECS: i64 = 2;
+
+fn recently_started(p: &Proc, now_ms: i64) -> bool {
+    p.pid > 0
+        && matches!(p.state, ProcState::Starting | ProcState::Running)
+        && now_ms / 1000 - p.start <= EXEC_WINDOW_SECS
+}
+
+/// Whether any process started in the last [`EXEC_WINDOW_SECS`] (only then may a stop or
+/// signal need [`Proc::exec_pending`]).
+pub fn any_recently_started(observed: &Observed, now_ms: i64) -> bool {
+    observed.values().any(|p| recently_started(p, now_ms))
+}
+
+/// The processes `plan` stops or signals that started in the last [`EXEC_WINDOW_SECS`]: those
+/// whose [`Proc::exec_pending`] the adapter looks up before they are sent anything.
+pub fn signalled_recently_started(plan: &RuntimePlan, observed: &Observed, now_ms: i64) -> BTreeSet<String> {
+    plan.actions
+        .iter()
+        .filter_map(|(a, _)| match a {
+            Action::Stop(ns) | Action::Signal(ns, _) => Some(ns),
+            _ => None,
+        })
+        .filter(|ns| observed.get(*ns).is_some_and(|p| recently_started(p, now_ms)))
+        .cloned()
+        .collect()
+}
+
 /// Holds back every stop and signal of a process that has not exec'd yet (a signal would
 /// reach supervisord's handlers in the child and be lost), and a program's other signals with
 /// it, so a signal request reaches all its processes in one pass. The next pass comes in

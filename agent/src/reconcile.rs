@@ -320,7 +320,6 @@ impl Reconciler {
         let probes = self.prober.snapshot();
         let infos = self.client.get_all_process_info().await?;
         let mut observed = observe(&infos);
-        mark_exec_pending(&mut observed, now);
         self.stop_orphans(&infos, &observed, desired, now, &mut report);
         let loaded: BTreeSet<String> = desired
             .programs
@@ -338,19 +337,32 @@ impl Reconciler {
             // ask supervisord again next pass.
             self.reload_due = true;
         }
-        let input = RuntimeInput {
-            desired,
-            loaded: &loaded,
-            pending: &self.pending,
-            observed: &observed,
-            applied: plan::Applied {
-                markers: &self.state.applied_markers,
-                signals: &self.state.applied_signals,
-            },
-            probes: &probes,
-            now_ms: now,
+        let plan_with = |observed: &Observed, memory: &mut plan::Memory| {
+            let input = RuntimeInput {
+                desired,
+                loaded: &loaded,
+                pending: &self.pending,
+                observed,
+                applied: plan::Applied {
+                    markers: &self.state.applied_markers,
+                    signals: &self.state.applied_signals,
+                },
+                probes: &probes,
+                now_ms: now,
+            };
+            plan::plan_runtime(&input, memory)
         };
-        let runtime = plan::plan_runtime(&input, &mut self.memory);
+        // A stop or signal for a process started in the last seconds: has it exec'd yet?
+        // Looked up (in /proc) only then, and the pass planned again from the same memory.
+        let before = plan::any_recently_started(&observed, now).then(|| self.memory.clone());
+        let mut runtime = plan_with(&observed, &mut self.memory);
+        if let Some(before) = before {
+            let check = plan::signalled_recently_started(&runtime, &observed, now);
+            if mark_exec_pending(&mut observed, &check) {
+                self.memory = before;
+                runtime = plan_with(&observed, &mut self.memory);
+            }
+        }
         let program_of_target = |target: &str| -> Vec<String> {
             desired
                 .programs
@@ -816,23 +828,21 @@ fn tolerate<T>(r: Result<T, supervisor::Error>, fine: FaultCode) -> Result<(), s
     }
 }
 
-/// How long after its start a process may still be between supervisord's fork and its exec
-/// (supervisord reports whole seconds; the window itself is milliseconds).
-const EXEC_WINDOW_SECS: i64 = 2;
-
-/// Marks the processes that started in the last seconds and have not exec'd their command
-/// yet: the child still runs supervisord's own code, so its command line is still
-/// supervisord's (its parent's). A process whose `/proc` cannot be read (supervisord in
-/// another pid namespace) is taken as exec'd, as before this check.
-pub fn mark_exec_pending(observed: &mut Observed, now_ms: i64) {
-    for p in observed.values_mut() {
-        if p.pid > 0
-            && matches!(p.state, ProcState::Starting | ProcState::Running)
-            && now_ms / 1000 - p.start <= EXEC_WINDOW_SECS
+/// Marks those of `check` that have not exec'd their command yet: the child still runs
+/// supervisord's own code, so its command line is still supervisord's (its parent's). A
+/// process whose `/proc` cannot be read (supervisord in another pid namespace) is taken as
+/// exec'd, as before this check. Returns whether any was marked.
+pub fn mark_exec_pending(observed: &mut Observed, check: &BTreeSet<String>) -> bool {
+    let mut any = false;
+    for ns in check {
+        if let Some(p) = observed.get_mut(ns)
+            && p.pid > 0
         {
             p.exec_pending = not_yet_exec(p.pid);
+            any |= p.exec_pending;
         }
     }
+    any
 }
 
 /// Whether `pid` runs its parent's command line (a forked child that has not exec'd).
@@ -930,12 +940,13 @@ mod tests {
         let mut observed: Observed = [
             ("forked".to_string(), proc(pids[0], ProcState::Starting, now)),
             ("exec".to_string(), proc(pids[1], ProcState::Starting, now)),
-            // Started long ago: not looked at.
-            ("old".to_string(), proc(pids[0], ProcState::Running, now - 60)),
             ("gone".to_string(), proc(999_999_999, ProcState::Starting, now)),
+            // Not asked about.
+            ("other".to_string(), proc(pids[0], ProcState::Running, now)),
         ]
         .into();
-        mark_exec_pending(&mut observed, now * 1000);
+        let check: BTreeSet<String> = ["forked", "exec", "gone"].map(String::from).into();
+        assert!(mark_exec_pending(&mut observed, &check));
         for pid in pids.iter().chain([&i64::from(parent.id())]) {
             let _ = std::process::Command::new("kill").arg(pid.to_string()).status();
         }
@@ -943,7 +954,7 @@ mod tests {
         let marked: BTreeMap<&str, bool> = observed.iter().map(|(n, p)| (n.as_str(), p.exec_pending)).collect();
         assert_eq!(
             marked,
-            [("exec", false), ("forked", true), ("gone", false), ("old", false)].into()
+            [("exec", false), ("forked", true), ("gone", false), ("other", false)].into()
         );
         Ok(())
     }

@@ -1378,6 +1378,21 @@ fn a_stop_or_signal_waits_until_the_process_has_exec_d() {
     // program said deferred, and looked at again soon.
     let w = World::new(vec![assignment("down", |s| s.state = DesiredState::Stopped)]);
     let mut m = Memory::default();
+    // Only a stop or signal of a process started in the last seconds is looked up at all.
+    let mut just = observed(&[("down", Starting)]);
+    if let Some(p) = just.get_mut("down") {
+        p.start = 1;
+    }
+    let first = w.run(&just, &mut m.clone(), 1_000);
+    assert!(any_recently_started(&just, 1_000));
+    assert_eq!(
+        signalled_recently_started(&first, &just, 1_000)
+            .iter()
+            .collect::<Vec<_>>(),
+        ["down"]
+    );
+    assert!(!any_recently_started(&just, 60_000));
+    assert!(signalled_recently_started(&first, &just, 60_000).is_empty());
     let plan = w.run(&forked(&[("down", Starting)], &["down"]), &mut m, 1_000);
     assert_eq!(plan.actions, []);
     assert_eq!(plan.deferred.iter().collect::<Vec<_>>(), ["down"]);
