@@ -296,7 +296,7 @@ async fn read_file_piece(path: &str, offset: i64, known: Option<&str>, bytes: i6
     Ok(Piece {
         data,
         offset: size,
-        skipped: lost || skipped || (!same && start > 0),
+        skipped: lost || skipped,
         file,
     })
 }

@@ -323,6 +323,18 @@ fn latency_line(what: &str, samples: Vec<f64>, own_ms: f64, target_ms: Option<f6
     );
 }
 
+/// Prints p50/p99 of `samples` (seconds) against a p99 target.
+fn p99_line(what: &str, samples: Vec<f64>, target_ms: f64) {
+    let s = sorted(samples);
+    let (p50, p99) = (pct(&s, 50.0) * 1e3, pct(&s, 99.0) * 1e3);
+    line(
+        what,
+        format!("p50 {p50:.0} ms, p99 {p99:.0} ms"),
+        &format!("p99 <= {target_ms:.0} ms"),
+        Some(p99 <= target_ms),
+    );
+}
+
 /// The latest of some times.
 fn last(times: Vec<f64>) -> f64 {
     times.into_iter().fold(0.0, f64::max)
@@ -1059,16 +1071,13 @@ async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
                 .await?,
         ));
     }
-    let s = sorted(samples);
-    let p99 = pct(&s, 99.0);
-    line(
+    p99_line(
         &format!(
             "4c. one program changed on {hosts} hosts, among {} assignments, written (20 changes)",
             programs * hosts
         ),
-        format!("p50 {:.0} ms, p99 {:.0} ms", pct(&s, 50.0) * 1e3, p99 * 1e3),
-        "p99 <= 200 ms",
-        Some(p99 <= 0.2),
+        samples,
+        200.0,
     );
     if let Some(pid) = controller.id() {
         let (_, rss) = proc_stat(pid)?;
@@ -1127,16 +1136,13 @@ async fn controller_scale(hosts: usize, programs: usize) -> anyhow::Result<()> {
             names[rep % programs]
         );
     }
-    let s = sorted(samples);
-    let p99 = pct(&s, 99.0);
-    line(
+    p99_line(
         &format!(
             "4c. one program's status (rollout status), {} reports stored (100 reads)",
             programs * hosts
         ),
-        format!("p50 {:.0} ms, p99 {:.0} ms", pct(&s, 50.0) * 1e3, p99 * 1e3),
-        "p99 <= 150 ms",
-        Some(p99 <= 0.15),
+        samples,
+        150.0,
     );
     let t0 = Instant::now();
     let all = api.programs().await?;
